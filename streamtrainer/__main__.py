@@ -1,0 +1,3 @@
+from streamtrainer.cli import main
+
+main()

@@ -1,0 +1,259 @@
+"""The `streamtrainer` command. Its flags are built from the fields of the settings classes.
+
+Each flag defaults to "not given", so that pydantic-settings applies the one
+precedence rule (flag, then ``STREAMTRAINER_*`` environment variable, then the
+default) in one place: :mod:`streamtrainer.settings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeVar
+
+import click
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from streamtrainer import __version__
+from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
+from streamtrainer.producer.exceptions import ProducerError
+from streamtrainer.settings import DemoSettings, ProducerSettings, WorkerSettings, _Settings, env_name
+from streamtrainer.training.exceptions import TrainingError
+
+logger = logging.getLogger("streamtrainer")
+
+S = TypeVar("S", bound=_Settings)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- flags from settings ---------------------------------------------------------
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option_for(name: str, field: FieldInfo) -> click.Option:
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    required = field.is_required()
+    default = None if required else field.get_default(call_default_factory=True)
+    shown = "" if default is None or default == {} else f"; default: {default}"
+    help_text = f"{field.description or ''} [env: {env_name(name)}{shown}{'; required' if required else ''}]"
+    flag = _flag(name)
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text)
+    if origin is Literal:
+        choices = [str(c) for c in typing.get_args(annotation)]
+        return click.Option([flag, name], type=click.Choice(choices), default=None, help=help_text)
+    if origin is dict:
+        return click.Option([flag, name], multiple=True, metavar="KEY=VALUE", default=None, help=help_text)
+    if origin is list:
+        return click.Option([flag, name], metavar="A,B,...", default=None, help=help_text)
+    click_type: Any = {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
+    return click.Option([flag, name], type=click_type, default=None, help=help_text)
+
+
+def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    def decorate(function: F) -> F:
+        command_params = getattr(function, "__click_params__", [])
+        fields = settings_class.model_fields
+        # The command's own options first, then the shared ones (connection, metrics, logging).
+        own = [name for name in settings_class.__annotations__ if name in fields]
+        ordered = own + [name for name in fields if name not in own]
+        for name in reversed(ordered):
+            if name not in exclude:
+                command_params.append(_option_for(name, fields[name]))
+        function.__click_params__ = command_params  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
+    """Settings from the flags actually given (the rest come from the environment or defaults)."""
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        if value is None or value == ():
+            continue
+        field = settings_class.model_fields.get(name)
+        origin = typing.get_origin(_unwrap_optional(field.annotation)) if field else None
+        if origin is dict:
+            values[name] = _key_values(name, value)
+        elif origin is list:
+            values[name] = [item.strip() for item in str(value).split(",") if item.strip()]
+        else:
+            values[name] = value
+    try:
+        return settings_class(**values)
+    except ValidationError as error:
+        raise ConfigurationError(_describe_validation(error)) from None
+
+
+def _key_values(name: str, items: tuple[str, ...]) -> dict[str, str]:
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"{_flag(name)} expects KEY=VALUE, got {item!r}")
+        result[key.strip()] = value
+    return result
+
+
+def _describe_validation(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            problems.append(f"{_flag(location)} is required (or set {env_name(location)})")
+        elif location:
+            problems.append(f"{_flag(location)}: {message}")
+        else:
+            problems.append(message)
+    return "; ".join(problems)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # librdkafka repeats every connection failure; error callbacks already report what matters.
+    logging.getLogger("streamtrainer.librdkafka").setLevel(
+        logging.DEBUG if level == "debug" else logging.CRITICAL
+    )
+
+
+# -- commands ------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="streamtrainer")
+def cli() -> None:
+    """Train PyTorch models on a Kafka stream, one record at a time."""
+
+
+@cli.command()
+@settings_options(ProducerSettings)
+def produce(**given: Any) -> None:
+    """Publish training samples to a topic (synthetic, CSV, JSON lines or stdin)."""
+    settings = build_settings(ProducerSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.producer.command import run_producer
+
+    summary = run_producer(settings)
+    click.echo(
+        f"produced {summary.delivered} record(s) to {settings.topic}, failed {summary.failed}, "
+        f"in {summary.seconds:.1f}s ({summary.delivered / max(summary.seconds, 1e-9):,.0f} records/s)"
+    )
+    if not summary.ok:
+        raise SystemExit(1)
+
+
+@cli.command()
+@settings_options(WorkerSettings)
+def worker(**given: Any) -> None:
+    """Run the worker: learn online from every record of a topic, in a consumer group."""
+    settings = build_settings(WorkerSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.consumer import Worker
+
+    status = Worker(settings).run()
+    click.echo(
+        f"trained {status.records_trained} record(s) ({status.records_invalid} invalid) in "
+        f"{status.elapsed_s:.1f}s, {status.records_per_second:,.0f} records/s; prequential loss "
+        f"first {status.first_window_loss:.4f} -> last {status.last_window_loss:.4f}; "
+        f"{status.score_name} {status.score:.4f}"
+    )
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9092, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--storage-engine",
+    default="memory://tansu/",
+    show_default=True,
+    help="Tansu storage (memory:// or s3://).",
+)
+def broker(host: str, port: int, storage_engine: str) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu) in the foreground."""
+    _configure_logging("info")
+    import signal
+
+    from streamtrainer.broker import EmbeddedBroker
+
+    embedded = EmbeddedBroker(host=host, port=port, storage_engine=storage_engine)
+
+    def stop(signum: int, frame: object) -> None:
+        embedded.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    with embedded:
+        click.echo(f"broker listening on {embedded.bootstrap_servers} (Ctrl-C stops it)")
+        with contextlib.suppress(KeyboardInterrupt):
+            embedded.wait()
+
+
+@cli.command()
+@settings_options(DemoSettings)
+def demo(**given: Any) -> None:
+    """Produce a drifting synthetic stream and watch a worker learn from it (embedded broker)."""
+    settings = build_settings(DemoSettings, given)
+    _configure_logging(settings.log_level if settings.log_level != "info" else "warning")
+    from streamtrainer.demo import run_demo
+
+    result = run_demo(settings)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+# -- entry point ------------------------------------------------------------------
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"streamtrainer: error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="streamtrainer", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except click.UsageError as error:
+        hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+        _fail(f"{error.format_message()}{hint}", 2)
+    except click.Abort:
+        _fail("aborted", 130)
+    except StreamtrainerError as error:
+        _fail(str(error), error.exit_code)
+    except (ProducerError, TrainingError) as error:
+        _fail(str(error), 1)
+    except KafkaException as error:
+        _fail(f"kafka: {error}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,9 @@
+"""Errors of the consumer layer."""
+
+from __future__ import annotations
+
+from streamtrainer.exceptions import StreamtrainerError
+
+
+class ConsumerError(StreamtrainerError):
+    """The worker cannot go on consuming."""

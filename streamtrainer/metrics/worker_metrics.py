@@ -1,0 +1,98 @@
+"""The worker's metrics. Every one takes a registry; labels are bounded (never a record key).
+
+Label cardinality: ``topic`` and ``partition`` are bounded by the topics and
+partitions assigned; ``reason`` by :data:`streamtrainer.records.exceptions.DECODE_REASONS`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Per-record update latency spans microseconds (fused updates) to milliseconds (autograd).
+UPDATE_LATENCY_BUCKETS = (
+    1e-6,
+    2.5e-6,
+    5e-6,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    0.1,
+    1.0,
+)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.records_consumed = Counter(
+            "streamtrainer_records_consumed",
+            "Records taken from Kafka.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.records_trained = Counter(
+            "streamtrainer_records_trained",
+            "Records the model learned from.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.records_invalid = Counter(
+            "streamtrainer_records_invalid",
+            "Records that could not be decoded or trained on, by reason.",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.model_updates = Counter(
+            "streamtrainer_model_updates", "Optimizer steps taken.", registry=registry
+        )
+        self.prequential_loss = Gauge(
+            "streamtrainer_prequential_loss",
+            "Exponentially weighted loss, measured on each record before learning from it.",
+            registry=registry,
+        )
+        self.prequential_accuracy = Gauge(
+            "streamtrainer_prequential_accuracy",
+            "Exponentially weighted accuracy before learning (classification tasks).",
+            registry=registry,
+        )
+        self.prequential_mae = Gauge(
+            "streamtrainer_prequential_mae",
+            "Exponentially weighted absolute error before learning (regression tasks).",
+            registry=registry,
+        )
+        self.throughput = Gauge(
+            "streamtrainer_throughput_records_per_second",
+            "Records trained per second over the last few seconds.",
+            registry=registry,
+        )
+        self.update_latency = Histogram(
+            "streamtrainer_update_latency_seconds",
+            "Time to predict, measure and learn from one record (averaged within a polled batch).",
+            buckets=UPDATE_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "streamtrainer_consumer_lag_records",
+            "High watermark minus the next offset to train, per assigned partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.offsets_committed = Counter(
+            "streamtrainer_offset_commits", "Offset commits to Kafka.", registry=registry
+        )
+        self.assigned_partitions = Gauge(
+            "streamtrainer_assigned_partitions", "Partitions assigned to this worker.", registry=registry
+        )
+        self.last_trained_timestamp = Gauge(
+            "streamtrainer_last_trained_timestamp_seconds",
+            "Unix time at which the last record was trained.",
+            registry=registry,
+        )
+        self.info = Info("streamtrainer_worker", "Worker configuration.", registry=registry)

@@ -1,0 +1,24 @@
+"""Errors raised by the producer side (sources of samples, sending them)."""
+
+from __future__ import annotations
+
+
+class ProducerError(Exception):
+    """Base class of the producer layer, so a CLI can report any of them in one line."""
+
+
+class SourceError(ProducerError):
+    """A source spec is wrong, or its data cannot be read.
+
+    For a bad row the message is one line naming the file, the line number and
+    the problem (``data.csv:12: column 'x': 'abc' is not a number``), so that a
+    user can fix the input without a traceback.
+    """
+
+
+class SyntheticSpecError(ProducerError, ValueError):
+    """A :class:`SyntheticSpec` parameter is out of range.
+
+    Also a ValueError (an invalid argument), and a ProducerError so that a CLI
+    reports it in one line like any other producer error.
+    """

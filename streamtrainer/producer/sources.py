@@ -1,0 +1,384 @@
+"""Where the producer's samples come from: synthetic, a CSV or JSON-lines file, or stdin.
+
+Files are streamed row by row (never loaded whole), so a source can be larger
+than memory or a pipe that never ends. Every bad row is a :class:`SourceError`
+naming the file and line: a producer that silently skipped rows would train
+models on data that differs from what the user believes they sent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import itertools
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import BinaryIO, Final, Self, TextIO, TypeGuard
+
+import numpy as np
+import orjson
+
+from streamtrainer.producer.exceptions import SourceError
+from streamtrainer.producer.synthetic import SyntheticSpec, generate
+from streamtrainer.records.sample import Sample
+
+logger = logging.getLogger(__name__)
+
+SPEC_FORMS: Final = ("synthetic", "csv:PATH", "jsonl:PATH", "-")
+STDIN_NAME: Final = "<stdin>"
+_SPEC_HELP: Final = "synthetic, csv:PATH, jsonl:PATH, or - (JSON lines on stdin); PATH may be - for stdin"
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
+_MAX_SHOWN: Final = 40  # characters of a bad value quoted in an error message
+
+
+class _Reader:
+    """One kind of input; ``samples()`` is called once."""
+
+    name: str
+    feature_names: tuple[str, ...] | None = None
+
+    def samples(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the reader opened (nothing by default)."""
+
+
+class SampleSource:
+    """A single-pass iterator of :class:`Sample`, to be closed (or used with ``with``).
+
+    ``feature_names`` is the CSV header minus the label and key columns, or the
+    names of the first JSON record whose ``features`` is an object (known once
+    that record has been read), or None when the features are unnamed.
+    """
+
+    def __init__(self, reader: _Reader, count: int | None = None) -> None:
+        self._reader = reader
+        self.name = reader.name
+        self._generator = reader.samples()
+        self._samples: Iterator[Sample] = (
+            self._generator if count is None else itertools.islice(self._generator, count)
+        )
+        self._closed = False
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        return self._reader.feature_names
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Sample:
+        try:
+            return next(self._samples)
+        except StopIteration:
+            # Exhausted (or the count reached): release the file right away.
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        close = getattr(self._generator, "close", None)
+        if close is not None:
+            close()
+        self._reader.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SampleSource({self.name!r})"
+
+
+def open_source(
+    spec: str,
+    *,
+    label: str | None = None,
+    key_column: str | None = None,
+    synthetic: SyntheticSpec | None = None,
+    count: int | None = None,
+    stdin: TextIO | None = None,
+) -> SampleSource:
+    """Open the source named by ``spec`` (see :data:`SPEC_FORMS`).
+
+    ``label`` (required) and ``key_column`` name CSV columns; ``synthetic`` is
+    the generator spec for ``synthetic`` (ignored otherwise); ``count`` caps the
+    number of samples (None: all, which is forever for ``synthetic``);
+    ``stdin`` replaces ``sys.stdin`` (it is never closed). Raises
+    :class:`SourceError` for a bad spec, a missing file or a bad CSV header.
+    """
+    if count is not None and count < 0:
+        raise SourceError(f"count must be >= 0, got {count}")
+    kind, colon, path = spec.partition(":")
+    is_csv = kind == "csv" and bool(colon)
+    if not is_csv and (label is not None or key_column is not None):
+        raise SourceError(f"label and key_column name CSV columns; source {spec!r} is not csv:PATH")
+    reader: _Reader
+    if spec == "synthetic":
+        reader = _SyntheticReader(synthetic or SyntheticSpec())
+    elif spec == "-":
+        reader = _JsonLinesReader(_stdin(stdin), STDIN_NAME, owned=False)
+    elif is_csv or (kind == "jsonl" and colon):
+        if not path:
+            raise SourceError(f"source {spec!r} has no path; expected {kind}:PATH")
+        reader = _open_csv(path, label, key_column, stdin) if is_csv else _open_jsonl(path, stdin)
+    else:
+        raise SourceError(f"unknown source {spec!r}; expected {_SPEC_HELP}")
+    logger.debug("opened source %s", reader.name)
+    return SampleSource(reader, count)
+
+
+def _stdin(stdin: TextIO | None) -> TextIO:
+    return stdin if stdin is not None else sys.stdin
+
+
+def _open_text(path: str) -> TextIO:
+    try:
+        # newline="" as the csv module requires; utf-8-sig drops a spreadsheet's BOM.
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as error:
+        raise SourceError(f"{path}: cannot open: {error.strerror or error}") from None
+
+
+def _open_binary(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise SourceError(f"{path}: cannot open: {error.strerror or error}") from None
+
+
+def _open_csv(path: str, label: str | None, key_column: str | None, stdin: TextIO | None) -> _CsvReader:
+    name = STDIN_NAME if path == "-" else path
+    if label is None:
+        raise SourceError(f"{name}: a CSV source needs the name of its label column (label=...)")
+    if path == "-":
+        return _CsvReader(_stdin(stdin), name, label=label, key_column=key_column, owned=False)
+    stream = _open_text(path)
+    try:
+        return _CsvReader(stream, name, label=label, key_column=key_column, owned=True)
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _open_jsonl(path: str, stdin: TextIO | None) -> _JsonLinesReader:
+    if path == "-":
+        return _JsonLinesReader(_stdin(stdin), STDIN_NAME, owned=False)
+    return _JsonLinesReader(_open_binary(path), path, owned=True)
+
+
+class _SyntheticReader(_Reader):
+    def __init__(self, spec: SyntheticSpec) -> None:
+        self.name = "synthetic"
+        self._spec = spec
+
+    def samples(self) -> Iterator[Sample]:
+        return generate(self._spec, None)
+
+
+class _CsvReader(_Reader):
+    """CSV with a header row; every column but the key column must be numeric."""
+
+    def __init__(self, stream: TextIO, name: str, *, label: str, key_column: str | None, owned: bool) -> None:
+        self.name = name
+        self._stream = stream
+        self._owned = owned
+        self._rows = csv.reader(stream)
+        header = self._read_header()
+        self._columns = header
+        positions = {column: i for i, column in enumerate(header)}
+        if len(positions) != len(header):
+            duplicates = sorted({c for c in header if header.count(c) > 1})
+            raise SourceError(f"{name}:{self._rows.line_num}: duplicate columns {duplicates}")
+        if label not in positions:
+            raise SourceError(f"{name}: label column {label!r} is not in the header {header}")
+        if key_column is not None and key_column not in positions:
+            raise SourceError(f"{name}: key column {key_column!r} is not in the header {header}")
+        if key_column == label:
+            raise SourceError(f"{name}: column {label!r} cannot be both the label and the key")
+        self._label_index = positions[label]
+        self._key_index = positions[key_column] if key_column is not None else None
+        skip = {self._label_index, self._key_index}
+        self._feature_index = [i for i in range(len(header)) if i not in skip]
+        if not self._feature_index:
+            raise SourceError(f"{name}: no feature columns besides the label and key")
+        self.feature_names = tuple(header[i] for i in self._feature_index)
+
+    def _next_row(self) -> list[str] | None:
+        """The next non-blank row, or None at the end."""
+        while True:
+            try:
+                row = next(self._rows)
+            except StopIteration:
+                return None
+            except UnicodeDecodeError:
+                line = self._rows.line_num + 1
+                raise SourceError(f"{self.name}:{line}: not valid UTF-8") from None
+            except csv.Error as error:
+                raise SourceError(f"{self.name}:{self._rows.line_num}: {error}") from None
+            if any(cell.strip() for cell in row):
+                return row
+
+    def _read_header(self) -> list[str]:
+        row = self._next_row()
+        if row is None:
+            raise SourceError(f"{self.name}: empty file, expected a header row")
+        return [cell.strip() for cell in row]
+
+    def samples(self) -> Iterator[Sample]:
+        width = len(self._columns)
+        features_at = self._feature_index
+        label_at = self._label_index
+        key_at = self._key_index
+        while (row := self._next_row()) is not None:
+            line = self._rows.line_num
+            if len(row) != width:
+                raise SourceError(f"{self.name}:{line}: {len(row)} fields, expected {width} as in the header")
+            try:
+                values = [float(row[i]) for i in features_at]
+                label = float(row[label_at])
+            except ValueError:
+                raise self._bad_cell(row, line) from None
+            if not (_in_range(label) and all(map(_in_range, values))):
+                raise self._bad_cell(row, line)
+            key = row[key_at].encode() if key_at is not None and row[key_at] else None
+            yield Sample(np.asarray(values, dtype=np.float32), label, key)
+
+    def _bad_cell(self, row: Sequence[str], line: int) -> SourceError:
+        for i, cell in enumerate(row):
+            if i == self._key_index:
+                continue
+            problem = _number_problem(cell)
+            if problem is not None:
+                return SourceError(f"{self.name}:{line}: column {self._columns[i]!r}: {problem}")
+        return SourceError(f"{self.name}:{line}: bad row")  # not reached: some cell was bad
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+
+
+def _number_problem(cell: str) -> str | None:
+    """Why ``cell`` is not a usable float32 number, or None if it is one."""
+    shown = repr(cell[:_MAX_SHOWN])
+    if not cell.strip():
+        return "empty value, expected a number"
+    try:
+        value = float(cell)
+    except ValueError:
+        return f"{shown} is not a number"
+    if not math.isfinite(value):
+        return f"{shown} is not a finite number"
+    if not _in_range(value):
+        return f"{shown} is out of the float32 range"
+    return None
+
+
+class _JsonLinesReader(_Reader):
+    """One JSON wire-format object per line, plus an optional string ``key``."""
+
+    def __init__(self, lines: Iterable[str | bytes], name: str, *, owned: bool) -> None:
+        self.name = name
+        self._lines = lines
+        self._owned = owned
+        self._n_features: int | None = None
+        self._first_line = 0  # the line that fixed the feature count
+        self._names_line = 0  # the line that fixed the feature names
+
+    def samples(self) -> Iterator[Sample]:
+        for number, raw in enumerate(self._lines, start=1):
+            line = raw.removeprefix(codecs.BOM_UTF8) if isinstance(raw, bytes) else raw
+            if line.strip():
+                yield self._parse(line, number)
+
+    def _parse(self, line: str | bytes, number: int) -> Sample:
+        where = f"{self.name}:{number}"
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            raise SourceError(f"{where}: invalid JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise SourceError(f"{where}: expected a JSON object, got {_kind(document)}")
+        for field in ("features", "label"):
+            if field not in document:
+                raise SourceError(f"{where}: field {field!r} is missing")
+        label = document["label"]
+        if not _is_number(label):
+            raise SourceError(f"{where}: label is {_kind(label)}, expected a number")
+        values = self._feature_values(document["features"], where, number)
+        if self._n_features is None:
+            if not values:
+                raise SourceError(f"{where}: features is empty")
+            self._n_features, self._first_line = len(values), number
+        elif len(values) != self._n_features:
+            raise SourceError(
+                f"{where}: {len(values)} features, expected {self._n_features}"
+                f" (fixed by line {self._first_line})"
+            )
+        if not (_in_range(label) and all(map(_in_range, values))):
+            raise SourceError(f"{where}: a value is out of the float32 range")
+        features = np.asarray(values, dtype=np.float32)
+        raw_key = document.get("key")
+        if raw_key is not None and not isinstance(raw_key, str):
+            raise SourceError(f"{where}: key is {_kind(raw_key)}, expected a string")
+        return Sample(features, float(label), raw_key.encode() if raw_key else None)
+
+    def _feature_values(self, raw: object, where: str, number: int) -> list[float]:
+        if isinstance(raw, list):
+            values: list[object] = raw
+        elif isinstance(raw, dict):
+            if self.feature_names is None:
+                # The first named record fixes the order for the rest of the stream.
+                self.feature_names = tuple(raw)
+                self._names_line = number
+            names = self.feature_names
+            if len(raw) != len(names) or any(name not in raw for name in names):
+                missing = [name for name in names if name not in raw][:5]
+                extra = [name for name in raw if name not in names][:5]
+                raise SourceError(
+                    f"{where}: feature names differ from line {self._names_line}'s"
+                    f" (missing {missing}, extra {extra})"
+                )
+            values = [raw[name] for name in names]
+        else:
+            raise SourceError(f"{where}: features is {_kind(raw)}, expected a list or object")
+        numbers: list[float] = []
+        for value in values:
+            if not _is_number(value):
+                raise SourceError(f"{where}: features must all be numbers, got {_kind(value)}")
+            numbers.append(float(value))
+        return numbers
+
+    def close(self) -> None:
+        if self._owned:
+            close = getattr(self._lines, "close", None)
+            if close is not None:
+                close()
+
+
+def _in_range(value: float) -> bool:
+    """Finite and representable as float32 (the dtype of training and the binary codec)."""
+    return -_FLOAT32_MAX <= value <= _FLOAT32_MAX  # False for NaN too
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    # bool is an int subclass, but true/false is not a feature value.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)

@@ -1,0 +1,288 @@
+"""Wire formats of a sample.
+
+Two codecs, named per record by the ``streamtrainer.codec`` header:
+
+* ``json`` (the default, and what a record without the header is taken to be):
+  ``{"features": [1.0, 2.0], "label": 0.5}``, or ``features`` as an object of
+  name -> number. Any Kafka client can produce it.
+* ``binary``: float32 little-endian ``[label, f1, ..., fd]``. No parsing at all:
+  a polled batch of binary records becomes one ``numpy.frombuffer`` call.
+
+Decoding works on whole polled batches (no Python object per record on the
+binary path) and keeps the records' order, which per-record training needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from streamtrainer.records.exceptions import DecodeError, EncodeError
+from streamtrainer.records.sample import Sample
+
+CODEC_HEADER: Final = "streamtrainer.codec"
+JSON_CODEC: Final = "json"
+BINARY_CODEC: Final = "binary"
+CODECS: Final = (JSON_CODEC, BINARY_CODEC)
+
+_BINARY_DTYPE: Final = np.dtype("<f4")
+_NUMBER_TYPES: Final = (int, float)
+
+
+def encode_json(sample: Sample, feature_names: Sequence[str] | None = None) -> bytes:
+    """Encode as the JSON wire format; with names, ``features`` becomes an object."""
+    values = sample.features.tolist()
+    features: object = values
+    if feature_names is not None:
+        if len(feature_names) != len(values):
+            raise EncodeError(f"{len(feature_names)} feature names for {len(values)} features")
+        features = dict(zip(feature_names, values, strict=True))
+    return orjson.dumps({"features": features, "label": sample.label})
+
+
+def encode_binary(sample: Sample) -> bytes:
+    """Encode as float32 little-endian ``[label, features...]``."""
+    row = np.empty(sample.features.shape[0] + 1, dtype=_BINARY_DTYPE)
+    row[0] = sample.label
+    row[1:] = sample.features
+    return row.tobytes()
+
+
+def encode_sample(sample: Sample, codec: str) -> bytes:
+    if codec == JSON_CODEC:
+        return encode_json(sample)
+    if codec == BINARY_CODEC:
+        return encode_binary(sample)
+    raise EncodeError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+
+
+def codec_headers(codec: str) -> list[tuple[str, bytes]]:
+    """The record headers that name ``codec`` to consumers."""
+    if codec not in CODECS:
+        raise EncodeError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    return [(CODEC_HEADER, codec.encode())]
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The decodable part of a polled batch, in the records' order.
+
+    ``index[i]`` is the position in the input of the record in row ``i``;
+    ``errors`` lists ``(position, error)`` for the records that did not decode.
+    """
+
+    features: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.float32]
+    index: npt.NDArray[np.intp]
+    errors: list[tuple[int, DecodeError]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class BatchDecoder:
+    """Decodes batches of record values into feature and label arrays.
+
+    The feature dimension is ``n_features`` when given, else fixed by the first
+    record that decodes. For object-form ``features`` the order is
+    ``feature_names`` when given, else the key order of the first such record.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_features: int | None = None,
+        feature_names: Sequence[str] | None = None,
+    ) -> None:
+        if feature_names is not None:
+            if n_features is not None and n_features != len(feature_names):
+                raise ValueError(f"n_features={n_features} but {len(feature_names)} feature names")
+            n_features = len(feature_names)
+        self._n_features = n_features
+        self._feature_names: tuple[str, ...] | None = (
+            tuple(feature_names) if feature_names is not None else None
+        )
+
+    @property
+    def n_features(self) -> int | None:
+        return self._n_features
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        return self._feature_names
+
+    def decode_one(self, value: bytes | None, codec: str | None = None) -> Sample:
+        """Decode a single value (convenience for tools and tests)."""
+        batch = self.decode([value], [codec])
+        if batch.errors:
+            raise batch.errors[0][1]
+        return Sample(batch.features[0].copy(), float(batch.labels[0]))
+
+    def decode(
+        self, values: Sequence[bytes | None], codecs: Sequence[str | None] | None = None
+    ) -> DecodedBatch:
+        """Decode ``values``; ``codecs[i]`` is the header codec of record i (None: JSON)."""
+        n = len(values)
+        errors: list[tuple[int, DecodeError]] = []
+        binary_positions: list[int] = []
+        json_positions: list[int] = []
+        json_rows: list[npt.NDArray[np.float64]] = []
+        json_labels: list[float] = []
+        for position in range(n):
+            codec = codecs[position] if codecs is not None else None
+            value = values[position]
+            if not value:
+                errors.append((position, DecodeError("empty_value", "record has no value")))
+            elif codec is None or codec == JSON_CODEC:
+                try:
+                    row, label = self._decode_json(value)
+                except DecodeError as error:
+                    errors.append((position, error))
+                else:
+                    json_positions.append(position)
+                    json_rows.append(row)
+                    json_labels.append(label)
+            elif codec == BINARY_CODEC:
+                binary_positions.append(position)
+            else:
+                errors.append((position, DecodeError("unknown_codec", f"codec header {codec[:40]!r}")))
+
+        binary_rows, binary_ok = self._decode_binary(values, binary_positions, errors)
+
+        positions = np.asarray(json_positions + binary_ok, dtype=np.intp)
+        d = self._n_features or 0
+        features = np.empty((positions.shape[0], d), dtype=np.float32)
+        labels = np.empty(positions.shape[0], dtype=np.float32)
+        n_json = len(json_positions)
+        if n_json:
+            # Values beyond float32's range become Inf here and are rejected as non-finite below.
+            with np.errstate(over="ignore"):
+                features[:n_json] = np.stack(json_rows)
+            labels[:n_json] = json_labels
+        if binary_ok:
+            labels[n_json:] = binary_rows[:, 0]
+            features[n_json:] = binary_rows[:, 1:]
+        # A record with a non-finite value cannot be trained on: report it like a decode error.
+        finite = np.isfinite(features).all(axis=1) & np.isfinite(labels)
+        if not finite.all():
+            for position in positions[~finite]:
+                errors.append((int(position), DecodeError("non_finite", "NaN or Inf value")))
+            positions, features, labels = positions[finite], features[finite], labels[finite]
+        if binary_ok and n_json:
+            # Mixed codecs in one batch: restore the records' order.
+            order = np.argsort(positions, kind="stable")
+            positions, features, labels = positions[order], features[order], labels[order]
+        errors.sort(key=lambda item: item[0])
+        return DecodedBatch(features, labels, positions, errors)
+
+    def _decode_binary(
+        self,
+        values: Sequence[bytes | None],
+        positions: list[int],
+        errors: list[tuple[int, DecodeError]],
+    ) -> tuple[npt.NDArray[np.float32], list[int]]:
+        if not positions:
+            return np.empty((0, 0), dtype=np.float32), []
+        if self._n_features is None:
+            first = values[positions[0]] or b""
+            if len(first) % 4 or len(first) < 8:
+                self._reject_binary(values, positions[:1], errors)
+                return self._decode_binary(values, positions[1:], errors)
+            self._n_features = len(first) // 4 - 1
+        width = (self._n_features + 1) * 4
+        good = [p for p in positions if len(values[p] or b"") == width]
+        if len(good) != len(positions):
+            good_set = set(good)
+            self._reject_binary(values, [p for p in positions if p not in good_set], errors)
+        if not good:
+            return np.empty((0, self._n_features + 1), dtype=np.float32), []
+        buffer = b"".join(values[p] or b"" for p in good)
+        rows = np.frombuffer(buffer, dtype=_BINARY_DTYPE).reshape(len(good), self._n_features + 1)
+        return rows.astype(np.float32, copy=False), good
+
+    def _reject_binary(
+        self,
+        values: Sequence[bytes | None],
+        positions: list[int],
+        errors: list[tuple[int, DecodeError]],
+    ) -> None:
+        expected = "a multiple of 4 bytes, at least 8"
+        if self._n_features is not None:
+            expected = f"{(self._n_features + 1) * 4} bytes ({self._n_features} features + label)"
+        for position in positions:
+            size = len(values[position] or b"")
+            detail = f"binary value of {size} bytes, expected {expected}"
+            errors.append((position, DecodeError("bad_binary_length", detail)))
+
+    def _decode_json(self, value: bytes) -> tuple[npt.NDArray[np.float64], float]:
+        try:
+            document = orjson.loads(value)
+        except orjson.JSONDecodeError as error:
+            raise DecodeError("invalid_json", str(error)[:200]) from None
+        if not isinstance(document, dict):
+            raise DecodeError("not_an_object", f"expected a JSON object, got {_kind(document)}")
+        try:
+            raw_features = document["features"]
+            label = document["label"]
+        except KeyError as error:
+            raise DecodeError("missing_field", f"field {error.args[0]!r} is missing") from None
+        if not _is_number(label):
+            raise DecodeError("non_numeric", f"label is {_kind(label)}, expected a number")
+        if isinstance(raw_features, dict):
+            row = self._ordered_features(raw_features)
+        elif isinstance(raw_features, list):
+            if not all(_is_number(v) for v in raw_features):
+                raise DecodeError("non_numeric", "features must all be numbers")
+            row = raw_features
+        else:
+            raise DecodeError("non_numeric", f"features is {_kind(raw_features)}, expected a list or object")
+        if self._n_features is None:
+            if not row:
+                raise DecodeError("wrong_feature_count", "features is empty")
+            self._n_features = len(row)
+        elif len(row) != self._n_features:
+            raise DecodeError("wrong_feature_count", f"{len(row)} features, expected {self._n_features}")
+        if not math.isfinite(label):
+            raise DecodeError("non_finite", "label is NaN or Inf")
+        return np.asarray(row, dtype=np.float64), float(label)
+
+    def _ordered_features(self, named: dict[str, object]) -> list[object]:
+        if self._feature_names is None:
+            if not named:
+                raise DecodeError("wrong_feature_count", "features is empty")
+            if self._n_features is not None and len(named) != self._n_features:
+                raise DecodeError(
+                    "wrong_feature_count", f"{len(named)} features, expected {self._n_features}"
+                )
+            # The first named record fixes the order for the rest of the stream.
+            self._feature_names = tuple(named)
+            self._n_features = len(named)
+        names = self._feature_names
+        if len(named) != len(names) or any(name not in named for name in names):
+            missing = [name for name in names if name not in named][:5]
+            extra = [name for name in named if name not in names][:5]
+            raise DecodeError(
+                "unknown_feature_names",
+                f"feature names differ from the declared ones (missing {missing}, extra {extra})",
+            )
+        row = [named[name] for name in names]
+        if not all(_is_number(v) for v in row):
+            raise DecodeError("non_numeric", "features must all be numbers")
+        return row
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, but true/false is not a feature value.
+    return isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )

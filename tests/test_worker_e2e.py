@@ -1,0 +1,140 @@
+"""Producer -> Kafka -> worker, on a real broker (never a mock)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamtrainer.consumer import Worker
+from streamtrainer.producer.synthetic import SyntheticSpec, generate
+from streamtrainer.records import Sample
+from tests.helpers import committed_offsets, produce, worker_settings
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_METRICS = {
+    "streamtrainer_records_consumed_total",
+    "streamtrainer_records_trained_total",
+    "streamtrainer_records_invalid_total",
+    "streamtrainer_prequential_loss",
+    "streamtrainer_prequential_accuracy",
+    "streamtrainer_throughput_records_per_second",
+    "streamtrainer_update_latency_seconds_bucket",
+    "streamtrainer_consumer_lag_records",
+    "streamtrainer_model_updates_total",
+}
+
+
+@pytest.mark.parametrize("codec", ["json", "binary"])
+def test_worker_trains_exactly_the_produced_records_and_loss_falls(
+    bootstrap: str, topic_factory, group_id: str, codec: str
+) -> None:
+    topic = topic_factory(partitions=3)
+    n = 6000
+    spec = SyntheticSpec(task="binary", n_features=6, noise=0.02, seed=3)
+    produce(bootstrap, topic, generate(spec, n), codec=codec)
+    registry = CollectorRegistry()
+    settings = worker_settings(
+        bootstrap, topic, group_id, model="logistic", lr=0.05, max_records=n, prequential_window=500
+    )
+    status = Worker(settings, registry=registry).run()
+
+    assert status.records_trained == n
+    assert status.records_invalid == 0
+    assert status.last_window_loss < 0.7 * status.first_window_loss
+    assert status.score > 0.9
+    trained = sum(
+        registry.get_sample_value(
+            "streamtrainer_records_trained_total", {"topic": topic, "partition": str(p)}
+        )
+        or 0
+        for p in range(3)
+    )
+    assert trained == n
+    assert registry.get_sample_value("streamtrainer_model_updates_total") == n
+    # Every trained record's offset is committed, and nothing beyond.
+    assert sum(committed_offsets(bootstrap, topic, group_id).values()) == n
+
+
+def test_undecodable_records_are_counted_by_reason_and_never_crash_the_worker(
+    bootstrap: str, topic_factory, group_id: str
+) -> None:
+    from confluent_kafka import Producer
+
+    topic = topic_factory(partitions=1)
+    good = [Sample.of([1.0, 2.0], 1.0)] * 10
+    produce(bootstrap, topic, good[:5])
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for value in [b"not json", b'{"features": [1, 2]}', b'{"features": [1, 2, 3], "label": 1}', b""]:
+        producer.produce(topic, value=value)
+    producer.produce(topic, value=b"\x00\x00", headers=[("streamtrainer.codec", b"binary")])
+    assert producer.flush(10) == 0
+    produce(bootstrap, topic, good[5:])
+
+    registry = CollectorRegistry()
+    settings = worker_settings(bootstrap, topic, group_id, max_records=10)
+    status = Worker(settings, registry=registry).run()
+    assert status.records_trained == 10
+    assert status.records_invalid == 5
+    reasons = {"invalid_json", "missing_field", "wrong_feature_count", "empty_value", "bad_binary_length"}
+    for reason in reasons:
+        assert (
+            registry.get_sample_value(
+                "streamtrainer_records_invalid_total", {"topic": topic, "reason": reason}
+            )
+            == 1
+        )
+    # Invalid records are done too: the committed offset is past all 15.
+    assert committed_offsets(bootstrap, topic, group_id) == {0: 15}
+
+
+def test_metrics_endpoint_serves_every_metric_during_a_run(
+    bootstrap: str, topic_factory, group_id: str
+) -> None:
+    topic = topic_factory(partitions=2)
+    produce(bootstrap, topic, generate(SyntheticSpec(task="binary", n_features=4, seed=1), 3000))
+    settings = worker_settings(
+        bootstrap, topic, group_id, model="logistic", metrics_port=0, max_seconds=60.0, max_records=None
+    )
+    worker = Worker(settings)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        names: set[str] = set()
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            url = worker.metrics_server.url
+            if url is not None and worker.records_trained >= 3000:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body = response.read().decode()
+                names = {s.name for family in text_string_to_metric_families(body) for s in family.samples}
+                if names >= REQUIRED_METRICS:
+                    break
+            time.sleep(0.5)
+        assert names >= REQUIRED_METRICS, REQUIRED_METRICS - names
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert worker.records_trained == 3000
+
+
+def test_sigterm_style_stop_commits_what_was_trained(bootstrap: str, topic_factory, group_id: str) -> None:
+    topic = topic_factory(partitions=1)
+    produce(bootstrap, topic, generate(SyntheticSpec(n_features=3, seed=2), 2000))
+    worker = Worker(worker_settings(bootstrap, topic, group_id, commit_interval_s=3600.0, max_records=None))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while worker.records_trained < 2000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker.stop()
+    thread.join(timeout=30)
+    assert worker.records_trained == 2000
+    # No periodic commit happened (interval of an hour): the final commit on exit did it.
+    assert committed_offsets(bootstrap, topic, group_id) == {0: 2000}
