@@ -127,6 +127,11 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
     optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
     lr: float = Field(default=0.01, gt=0, description="Learning rate.")
     hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
+    update_batch: int = Field(
+        default=1,
+        ge=1,
+        description="Records per optimizer step: 1 is strict per-record learning; B>1 micro-batches.",
+    )
     n_features: int | None = Field(
         default=None, ge=1, description="Feature dimension (default: from the first record)."
     )

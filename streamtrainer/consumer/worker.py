@@ -316,13 +316,13 @@ class Worker:
             return
 
         started = time.perf_counter()
-        result = self.learner.learn_many(features, labels)
+        result = self.learner.learn_many(features, labels, batch_size=self.settings.update_batch)
         elapsed = time.perf_counter() - started
         trained = int(index.shape[0])
         self.metrics.update_latency.observe(elapsed / trained)
         self.records_trained += trained
         self.prequential.update(result.losses, result.predictions, labels.astype(np.float64))
-        self.metrics.model_updates.inc(trained)
+        self.metrics.model_updates.inc(-(-trained // self.settings.update_batch))
         self.metrics.prequential_loss.set(self.prequential.loss.value)
         if self.prequential.score_name == "mae":
             self.metrics.prequential_mae.set(self.prequential.score.value)
