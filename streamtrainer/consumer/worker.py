@@ -315,6 +315,7 @@ class Worker:
         if self.learner is None or not len(index):
             return
 
+        updates_before = self.learner.updates
         started = time.perf_counter()
         result = self.learner.learn_many(features, labels, batch_size=self.settings.update_batch)
         elapsed = time.perf_counter() - started
@@ -322,7 +323,7 @@ class Worker:
         self.metrics.update_latency.observe(elapsed / trained)
         self.records_trained += trained
         self.prequential.update(result.losses, result.predictions, labels.astype(np.float64))
-        self.metrics.model_updates.inc(-(-trained // self.settings.update_batch))
+        self.metrics.model_updates.inc(self.learner.updates - updates_before)
         self.metrics.prequential_loss.set(self.prequential.loss.value)
         if self.prequential.score_name == "mae":
             self.metrics.prequential_mae.set(self.prequential.score.value)
