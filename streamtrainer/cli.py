@@ -24,7 +24,15 @@ from pydantic.fields import FieldInfo
 from streamtrainer import __version__
 from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
 from streamtrainer.producer.exceptions import ProducerError
-from streamtrainer.settings import DemoSettings, ProducerSettings, WorkerSettings, _Settings, env_name
+from streamtrainer.settings import (
+    DemoSettings,
+    ProducerSettings,
+    ReplaySettings,
+    WorkerSettings,
+    _Settings,
+    env_name,
+    public_name,
+)
 from streamtrainer.training.exceptions import TrainingError
 
 logger = logging.getLogger("streamtrainer")
@@ -45,7 +53,7 @@ def _unwrap_optional(annotation: Any) -> Any:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + public_name(name).replace("_", "-")
 
 
 def _option_for(name: str, field: FieldInfo) -> click.Option:
@@ -225,6 +233,50 @@ def demo(**given: Any) -> None:
     result = run_demo(settings)
     if not result.ok:
         raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("run_log", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PNG to write (default: the run log's path with .png).",
+)
+@click.option(
+    "--run",
+    "run_index",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Which run of an appended run log: 1 is the first, -1 the last.",
+)
+@click.option("--title", default=None, help="Title of the picture (default: records trained and time).")
+def plot(run_log: Path, output: Path | None, run_index: int, title: str | None) -> None:
+    """Plot loss, accuracy/MAE and throughput of a worker's --run-log to a PNG."""
+    from streamtrainer.plot import plot_run
+
+    written = plot_run(run_log, output or run_log.with_suffix(".png"), run=run_index, title=title)
+    click.echo(f"wrote {written}")
+
+
+@cli.command()
+@settings_options(ReplaySettings)
+def replay(**given: Any) -> None:
+    """Train in epochs on a bounded range of a topic; write a checkpoint and a manifest."""
+    settings = build_settings(ReplaySettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.consumer.replay import run_replay
+
+    result = run_replay(settings)
+    holdout = f"{result.holdout_loss:.4f}" if result.holdout_loss is not None else "-"
+    losses = " ".join(f"{loss:.4f}" for loss in result.epoch_losses)
+    click.echo(
+        f"replayed {result.records} record(s) ({result.invalid} invalid) of {result.topic} "
+        f"in {result.elapsed_s:.1f}s; epoch losses {losses}; holdout loss {holdout}; "
+        f"checkpoint {result.checkpoint_version}; manifest {result.manifest_path}"
+    )
 
 
 # -- entry point ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import threading
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -29,6 +30,7 @@ from streamtrainer.settings import DemoSettings, KafkaSettings, OptimizerName, W
 logger = logging.getLogger(__name__)
 
 _SPARK = "▁▂▃▄▅▆▇█"
+DEMO_COMPACTIONS = 6
 _DEMO_MODELS: dict[str, tuple[str, OptimizerName, float]] = {
     "regression": ("linear", "sgd", 0.01),
     "binary": ("logistic", "sgd", 0.05),
@@ -42,6 +44,7 @@ class DemoResult:
     worker: WorkerStatus
     metrics_url: str | None
     run_log: str
+    picture: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -74,8 +77,23 @@ class _LiveView:
         table.add_row("prequential loss", f"{status.loss:.4f}")
         table.add_row(status.score_name, f"{status.score:.4f}")
         table.add_row("loss over time", _sparkline(self.losses[-60:]))
+        table.add_row("compactions", _describe_compactions(status))
         table.add_row("metrics", self.metrics_url or "off")
         return table
+
+
+def _describe_compactions(status: WorkerStatus) -> str:
+    if not status.compactions:
+        return "none yet"
+    text = f"{status.compactions}, last over {status.compaction_records:,} records"
+    if status.compaction_epoch_loss is not None:
+        text += f", epoch loss {status.compaction_epoch_loss:.4f}"
+    if status.compaction_loss_before is not None and status.compaction_loss_after is not None:
+        text += (
+            f"; prequential loss {status.compaction_loss_before:.4f} before -> "
+            f"{status.compaction_loss_after:.4f} after"
+        )
+    return text
 
 
 def _sparkline(values: list[float]) -> str:
@@ -156,7 +174,13 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             metrics_host=settings.metrics_host,
             metrics_port=settings.metrics_port,
             session_timeout_ms=6000,
+            checkpoint_dir=settings.out_dir / "checkpoints",
+            fresh=True,
             run_log=run_log,
+            # Batch epochs over the recent log a few times per run: they pull the model onto the
+            # new concept after the drift faster than per-record steps alone.
+            compaction_every_records=max(1000, settings.records // DEMO_COMPACTIONS),
+            compaction_window=max(1000, settings.records // DEMO_COMPACTIONS),
         )
         view = _LiveView(settings, None)
         live = stack.enter_context(Live(console=console, auto_refresh=False)) if live_enabled else None
@@ -175,9 +199,23 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
         view.metrics_url = worker.metrics_server.url
         if live is not None:
             live.update(view.render(status), refresh=True)
-    result = DemoResult(produced[0] if produced else None, status, worker.metrics_server.url, str(run_log))
+    picture = _plot_run(run_log, settings.out_dir / "run.png")
+    result = DemoResult(
+        produced[0] if produced else None, status, worker.metrics_server.url, str(run_log), picture
+    )
     _print_summary(console, settings, result)
     return result
+
+
+def _plot_run(run_log: Path, output: Path) -> str | None:
+    """The run log as a PNG (``streamtrainer plot``); None, with a warning, if it cannot be drawn."""
+    from streamtrainer.plot import PlotError, plot_run
+
+    try:
+        return str(plot_run(run_log, output))
+    except PlotError as error:
+        logger.warning("no picture of the run: %s", error)
+        return None
 
 
 def _print_summary(console: Console, settings: DemoSettings, result: DemoResult) -> None:
@@ -201,5 +239,8 @@ def _print_summary(console: Console, settings: DemoSettings, result: DemoResult)
     falling = status.last_window_loss < status.first_window_loss
     console.print(f"  {status.score_name:<15} {status.score:.4f} (exponentially weighted, prequential)")
     console.print(f"  loss fell       {'yes' if falling else 'NO'}")
+    console.print(f"  compactions     {_describe_compactions(status)}")
     console.print(f"  run log         {result.run_log}")
+    if result.picture is not None:
+        console.print(f"  picture         {result.picture}")
     console.print("  result          " + ("[green]ok[/green]" if result.ok else "[red]FAILED[/red]"))

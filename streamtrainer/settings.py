@@ -23,7 +23,7 @@ Codec = Literal["json", "binary"]
 Task = Literal["regression", "binary", "multiclass"]
 ModelName = str  # linear | logistic | softmax | mlp | package.module:factory
 OptimizerName = Literal["sgd", "adam", "adagrad"]
-LossName = Literal["auto", "mse", "l1", "bce", "ce"]
+LossName = Literal["auto", "mse", "l1", "bce", "ce", "audit"]
 OffsetReset = Literal["earliest", "latest"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -127,6 +127,10 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
     optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
     lr: float = Field(default=0.01, gt=0, description="Learning rate.")
     hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
+    fused: bool = Field(
+        default=True,
+        description="Compiled per-record loops for the built-in models on the CPU (off: autograd).",
+    )
     update_batch: int = Field(
         default=1,
         ge=1,
@@ -153,16 +157,73 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
         default="earliest", description="Where a partition with no committed offset starts."
     )
     session_timeout_ms: int = Field(default=10000, ge=1000, description="Consumer group session timeout.")
-    commit_interval_s: float = Field(default=5.0, gt=0, description="Commit trained offsets this often.")
+    checkpoint_dir: Path = Field(
+        default=Path("checkpoints"), description="This worker's checkpoints (one directory per worker)."
+    )
+    checkpoint_every_records: int = Field(
+        default=10000, ge=1, description="Checkpoint after this many records."
+    )
+    checkpoint_interval_s: float = Field(default=30.0, gt=0, description="Checkpoint at least this often.")
+    checkpoint_keep: int = Field(default=3, ge=1, description="Checkpoints kept on disk.")
+    fresh: bool = Field(default=False, description="Ignore existing checkpoints and start a new model.")
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = Field(
+        default="cooperative-sticky",
+        description="cooperative-sticky (incremental rebalances), or the eager range / roundrobin.",
+    )
+    group_instance_id: str | None = Field(
+        default=None, description="Static group membership id: a restarted worker gets its partitions back."
+    )
     max_records: int | None = Field(default=None, ge=1, description="Stop after training this many records.")
     max_seconds: float | None = Field(default=None, gt=0, description="Stop after this many seconds.")
     run_log: Path | None = Field(
         default=None, description="Append a JSON line of run statistics here every second."
     )
+    init_from: Path | None = Field(
+        default=None,
+        description="Start a new model from the newest checkpoint in this directory (e.g. a replay's), "
+        "when this worker has no checkpoint of its own.",
+    )
+    compaction: bool = Field(
+        default=True, description="Batch epochs over the consumed log (off: strict online learning only)."
+    )
+    compaction_every_records: int | None = Field(
+        default=20000, ge=1, description="Compact the consumed log into batch epochs every N records."
+    )
+    compaction_interval_s: float | None = Field(
+        default=None, gt=0, description="Also compact at least this often (seconds)."
+    )
+    compaction_window: int = Field(
+        default=20000, ge=1, description="Records per compaction: the last W records consumed."
+    )
+    compaction_since_previous: bool = Field(
+        default=False,
+        description="Compact every record since the previous compaction instead of the last W.",
+    )
+    compaction_dedupe: bool = Field(
+        default=False, description="Keep only the last record per key (Kafka log-compaction semantics)."
+    )
+    compaction_epochs: int = Field(default=2, ge=1, description="Epochs per compaction.")
+    compaction_batch_size: int = Field(default=64, ge=1, description="Mini-batch size in compaction epochs.")
+    compaction_device: str | None = Field(
+        default=None, description="Torch device for compaction epochs (default: --device), e.g. cuda."
+    )
+    compaction_dir: Path | None = Field(
+        default=None,
+        description="Where consumed records spill to disk (default: <checkpoint-dir>/compaction-store).",
+    )
+    compaction_memory_records: int = Field(
+        default=50000, ge=1, description="Consumed records kept in memory before spilling to disk."
+    )
+    compaction_retain_records: int | None = Field(
+        default=1_000_000, ge=1, description="Most consumed records kept on disk for compaction."
+    )
+    compaction_retain_bytes: int | None = Field(
+        default=None, ge=1, description="Most bytes of consumed records kept on disk for compaction."
+    )
 
     @model_validator(mode="after")
     def _check_model(self) -> WorkerSettings:
-        builtin = {"linear", "logistic", "softmax", "mlp"}
+        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
         if self.model not in builtin and ":" not in self.model:
             raise ValueError(
                 f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
@@ -171,6 +232,97 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
         task = self.resolved_task
         if task == "multiclass" and self.n_classes is None:
             raise ValueError("a multiclass model needs n_classes (--n-classes)")
+        if self.model == "audit" and self.compaction:
+            # The audit model's weights are the sum of the records applied once each; batch epochs
+            # would apply them again and hide exactly what it is there to show.
+            raise ValueError("the audit model counts each record exactly once: use --no-compaction")
+        return self
+
+    @property
+    def resolved_task(self) -> Task:
+        if self.task is not None:
+            return self.task
+        return BUILTIN_TASKS.get(self.model, "regression")
+
+
+class ReplaySettings(KafkaSettings):
+    """`streamtrainer replay`: train a model in epochs on a bounded, recorded range of a topic."""
+
+    # Validated by name in code, by STREAMTRAINER_FROM in the environment (`from` is a Python keyword).
+    model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    topic: str | None = Field(default=None, description="Topic to read (required unless --manifest).")
+    from_: str = Field(
+        default="earliest",
+        validation_alias=f"{ENV_PREFIX}FROM",
+        description="Range start: earliest | P:O,... (partition:offset) | ISO-8601 time (no zone: UTC).",
+    )
+    to: str = Field(
+        default="end",
+        description="Range end (exclusive): end (the end of the log when reading finishes) | P:O,... | "
+        "ISO-8601 time.",
+    )
+    epochs: int = Field(default=5, ge=1, description="Passes over the range.")
+    batch_size: int = Field(default=256, ge=1, description="Records per optimizer step.")
+    out: Path = Field(
+        description="Output directory: checkpoints/ and manifest.json (records spill to shards/ meanwhile)."
+    )
+    init_from: Path | None = Field(
+        default=None,
+        description="Start from the newest valid checkpoint in this directory (a worker's or a replay's).",
+    )
+    holdout: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Fraction of the range held out for evaluation."
+    )
+    manifest: Path | None = Field(
+        default=None,
+        description="Replay exactly the topic, range and seed of this manifest.json (config: its "
+        "values unless given).",
+    )
+    model: ModelName = Field(
+        default="linear", description="linear | logistic | softmax | mlp | package.module:factory."
+    )
+    task: Task | None = Field(
+        default=None,
+        description="regression | binary | multiclass (default: from the model; mlp/custom: regression).",
+    )
+    loss: LossName = Field(default="auto", description="Loss (auto: mse, bce or ce by task).")
+    optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
+    lr: float = Field(default=0.01, gt=0, description="Learning rate.")
+    hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
+    n_features: int | None = Field(
+        default=None, ge=1, description="Feature dimension (default: from the first record)."
+    )
+    feature_names: list[str] | None = Field(
+        default=None, description="Feature order for object-form features (default: first record's)."
+    )
+    n_classes: int | None = Field(default=None, ge=2, description="multiclass: number of classes.")
+    standardize: bool = Field(default=True, description="Feature standardization.")
+    seed: int = Field(default=0, description="Seed for model initialisation, shuffling and the holdout.")
+    device: str = Field(default="cpu", description="Torch device.")
+    torch_threads: int = Field(default=1, ge=1, description="Torch intra-op threads.")
+    memory_records: int = Field(
+        default=50000, ge=1, description="Records kept in memory while reading; the rest spill to disk."
+    )
+    end_idle_s: float = Field(
+        default=1.0, gt=0, description="--to end: reading stops once no record arrived for this long."
+    )
+    progress: bool | None = Field(default=None, description="Progress bars (default: when on a terminal).")
+    log_level: LogLevel = Field(default="info", description="Log level.")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ReplaySettings:
+        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
+        if self.model not in builtin and ":" not in self.model:
+            raise ValueError(
+                f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
+                "nor package.module:factory"
+            )
+        if self.manifest is None:
+            if not self.topic:
+                raise ValueError("--topic is required (or --manifest)")
+            if self.resolved_task == "multiclass" and self.n_classes is None:
+                raise ValueError("a multiclass model needs n_classes (--n-classes)")
         return self
 
     @property
@@ -185,7 +337,11 @@ class DemoSettings(MetricsSettings, KafkaSettings):
 
     topic: str = Field(default="streamtrainer-demo", description="Demo topic.")
     records: int = Field(default=60000, ge=1000, description="Records to produce and train.")
-    partitions: int = Field(default=3, ge=1, description="Partitions of the demo topic.")
+    partitions: int = Field(
+        default=1,
+        ge=1,
+        description="Partitions of the demo topic (1 keeps the order: the drift shows where it happens).",
+    )
     task: Task = Field(default="binary", description="Synthetic task of the demo.")
     n_features: int = Field(default=8, ge=1, description="Feature dimension.")
     codec: Codec = Field(default="json", description="Wire format.")
@@ -199,5 +355,10 @@ def cli_fields(settings_class: type[_Settings]) -> dict[str, Any]:
     return dict(settings_class.model_fields)
 
 
+def public_name(field: str) -> str:
+    """The name of a field's flag and environment variable: a trailing ``_`` (``from_``) is dropped."""
+    return field.removesuffix("_")
+
+
 def env_name(field: str) -> str:
-    return f"{ENV_PREFIX}{field.upper()}"
+    return f"{ENV_PREFIX}{public_name(field).upper()}"

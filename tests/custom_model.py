@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import time
+
+import torch
 from torch import nn
 
 
 def make_model(*, n_features: int, n_outputs: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_features, 8), nn.Tanh(), nn.Linear(8, n_outputs))
+
+
+class _SlowInBatches(nn.Module):
+    """A linear model whose mini-batch forward passes take a while: a compaction far longer than
+    max.poll.interval.ms, without making the online (one record per step) path slow."""
+
+    def __init__(self, n_features: int, n_outputs: int, delay_s: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, n_outputs)
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            time.sleep(self.delay_s)
+        return self.linear(x)
+
+
+def make_slow_model(*, n_features: int, n_outputs: int) -> nn.Module:
+    return _SlowInBatches(n_features, n_outputs, delay_s=0.005)

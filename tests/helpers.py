@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -28,6 +30,7 @@ def worker_settings(bootstrap: str, topic: str, group: str, **overrides: object)
         "group": group,
         "metrics_port": -1,
         "max_seconds": 120.0,
+        "checkpoint_dir": Path(tempfile.mkdtemp(prefix="streamtrainer-test-ckpt-")),
         **FAST_GROUP,
     }
     values.update(overrides)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from streamtrainer.settings import DemoSettings, ProducerSettings, WorkerSettings, env_name
+from streamtrainer.settings import (
+    DemoSettings,
+    ProducerSettings,
+    ReplaySettings,
+    WorkerSettings,
+    env_name,
+    public_name,
+)
 from tests.helpers import committed_offsets
 
 CLI = [sys.executable, "-m", "streamtrainer.cli"]
@@ -19,9 +27,17 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTRAINER_")}
     full_env.update(env or {})
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=full_env, check=False
-    )
+    # A scratch working directory keeps default outputs (checkpoints/, runs/) out of the checkout.
+    with tempfile.TemporaryDirectory(prefix="streamtrainer-cli-") as cwd:
+        return subprocess.run(
+            [*CLI, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=cwd,
+            check=False,
+        )
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -113,9 +129,10 @@ def test_every_setting_has_an_env_name_and_a_flag() -> None:
         ("worker", WorkerSettings),
         ("produce", ProducerSettings),
         ("demo", DemoSettings),
+        ("replay", ReplaySettings),
     ):
         help_text = run_cli(command, "--help").stdout
         for name, field in settings_class.model_fields.items():
-            assert "--" + name.replace("_", "-") in help_text, name
+            assert "--" + public_name(name).replace("_", "-") in help_text, name
             assert env_name(name) in help_text.replace("\n", "").replace(" ", ""), name
             assert field.description, name

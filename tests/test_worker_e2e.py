@@ -127,7 +127,16 @@ def test_metrics_endpoint_serves_every_metric_during_a_run(
 def test_sigterm_style_stop_commits_what_was_trained(bootstrap: str, topic_factory, group_id: str) -> None:
     topic = topic_factory(partitions=1)
     produce(bootstrap, topic, generate(SyntheticSpec(n_features=3, seed=2), 2000))
-    worker = Worker(worker_settings(bootstrap, topic, group_id, commit_interval_s=3600.0, max_records=None))
+    worker = Worker(
+        worker_settings(
+            bootstrap,
+            topic,
+            group_id,
+            checkpoint_interval_s=3600.0,
+            checkpoint_every_records=10**9,
+            max_records=None,
+        )
+    )
     thread = threading.Thread(target=worker.run)
     thread.start()
     deadline = time.monotonic() + 60
@@ -136,5 +145,45 @@ def test_sigterm_style_stop_commits_what_was_trained(bootstrap: str, topic_facto
     worker.stop()
     thread.join(timeout=30)
     assert worker.records_trained == 2000
-    # No periodic commit happened (interval of an hour): the final commit on exit did it.
+    # No periodic checkpoint happened (an hour, 10**9 records): the one on exit made it durable.
     assert committed_offsets(bootstrap, topic, group_id) == {0: 2000}
+
+
+def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
+    bootstrap: str, topic_factory, group_id: str, tmp_path
+) -> None:
+    from streamtrainer.training.exceptions import TrainingError
+
+    topic = topic_factory(partitions=1)
+    produce(bootstrap, topic, generate(SyntheticSpec(task="binary", n_features=3, seed=4), 3000))
+    checkpoints = tmp_path / "ckpt"
+    first = Worker(
+        worker_settings(
+            bootstrap, topic, group_id, model="logistic", checkpoint_dir=checkpoints, max_records=1000
+        )
+    ).run()
+    assert (first.records_applied, first.model_version) == (1000, 1)
+    # Same group, same directory: it resumes at offset 1000 with the model that applied 1000 records.
+    second = Worker(
+        worker_settings(
+            bootstrap, topic, group_id, model="logistic", checkpoint_dir=checkpoints, max_records=2000
+        )
+    ).run()
+    assert second.records_trained == 2000 and second.records_applied == 3000
+    assert committed_offsets(bootstrap, topic, group_id) == {0: 3000}
+    # Another model cannot silently load these weights...
+    with pytest.raises(TrainingError, match="checkpoint was made for"):
+        Worker(worker_settings(bootstrap, topic, group_id, model="mlp", checkpoint_dir=checkpoints)).run()
+    # ...but --fresh starts a new one (a new group here, so it reads from the beginning).
+    fresh = Worker(
+        worker_settings(
+            bootstrap,
+            topic,
+            f"{group_id}-b",
+            model="mlp",
+            checkpoint_dir=checkpoints,
+            fresh=True,
+            max_records=3000,
+        )
+    ).run()
+    assert fresh.records_applied == 3000 and fresh.model_version > second.model_version

@@ -18,9 +18,8 @@ class OffsetTracker:
         self._committed: dict[Partition, int] = {}
 
     def done(self, topic: str, partition: int, offset: int) -> None:
-        key = (topic, partition)
-        if offset + 1 > self._next.get(key, -1):
-            self._next[key] = offset + 1
+        """Record ``offset`` as processed: the partition's next offset becomes ``offset + 1``."""
+        self._next[(topic, partition)] = offset + 1
 
     def next_offset(self, topic: str, partition: int) -> int | None:
         return self._next.get((topic, partition))
@@ -35,6 +34,7 @@ class OffsetTracker:
         ]
 
     def mark_committed(self, offsets: list[TopicPartition]) -> None:
+        """Record a successful commit (an empty list: nothing is known to be committed)."""
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
 
@@ -45,3 +45,7 @@ class OffsetTracker:
 
     def partitions(self) -> list[Partition]:
         return list(self._next)
+
+    def positions(self) -> dict[Partition, int]:
+        """Next offset to read per partition ever seen (kept after a revocation, for checkpoints)."""
+        return dict(self._next)

@@ -4,10 +4,12 @@ Shape of ``run()`` (after quix-streams' Application.run): resources live in an
 ExitStack, the loop is ``while self._running``, SIGTERM/SIGINT only flip that
 flag, and the trained offsets are committed once more on the way out.
 
-Offsets: auto-commit and auto offset store are off. A record's offset is
-committed only after the record has been trained on (or counted as invalid),
-so a crash re-reads records rather than skipping them. (Checkpoints that move
-model state and offsets together are the job of the checkpoint layer.)
+Model state and offsets move together. Auto-commit and the automatic offset
+store are off. A checkpoint holds the model, optimizer and scaler state *and*,
+per partition, the next offset to read; offsets are committed to Kafka only
+after the checkpoint that contains them is durable. On assignment a partition
+starts at the later of its checkpointed and its committed offset, so a
+restarted worker neither re-applies nor skips a record. See docs/semantics.md.
 """
 
 from __future__ import annotations
@@ -21,23 +23,28 @@ from collections import Counter as CountOf
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
 import numpy as np
 import orjson
 import torch
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
+from streamtrainer.consumer.compactor import HTTP, SIGNAL, CompactionResult, Compactor
+from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
 from streamtrainer.exceptions import TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
-from streamtrainer.records import CODEC_HEADER, BatchDecoder, DecodeError
+from streamtrainer.records import BatchDecoder, DecodeError
 from streamtrainer.records.exceptions import DECODE_REASONS
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import LearnerConfig, OnlineLearner, PrequentialMetrics
+from streamtrainer.training import LearnerConfig, OnlineLearner, PrequentialMetrics, kernels
+from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
+from streamtrainer.training.exceptions import CheckpointError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,8 @@ _PROGRESS_INTERVAL_S = 0.5
 _LAG_INTERVAL_S = 5.0
 _RUN_LOG_INTERVAL_S = 1.0
 _INVALID_LOG_INTERVAL_S = 5.0
+# During compaction epochs the consumer is polled this often: far inside any max.poll.interval.ms.
+_SERVE_GROUP_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +70,16 @@ class WorkerStatus:
     score: float
     first_window_loss: float
     last_window_loss: float
+    mean_loss: float
     updates: int
     assigned: int
+    model_version: int
+    records_applied: int
+    compactions: int
+    compaction_records: int
+    compaction_epoch_loss: float | None
+    compaction_loss_before: float | None
+    compaction_loss_after: float | None
 
     def as_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -94,14 +111,25 @@ class Worker:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
+        self.compactor = Compactor(settings, self.metrics) if settings.compaction else None
         self.metrics_server = MetricsServer(
-            self.registry, host=settings.metrics_host, port=settings.metrics_port
+            self.registry,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            actions={"/compact": self._compact_on_request} if self.compactor is not None else None,
         )
         self.on_progress = on_progress
         self.decoder = BatchDecoder(n_features=settings.n_features, feature_names=settings.feature_names)
         self.learner: OnlineLearner | None = None
         self.prequential = PrequentialMetrics(settings.resolved_task, settings.prequential_window)
         self.offsets = OffsetTracker()
+        self.store = CheckpointStore(settings.checkpoint_dir, keep=settings.checkpoint_keep)
+        # Records applied to the model, per partition, over the model's whole history.
+        self.applied: dict[Partition, int] = {}
+        self.model_version = 0
+        self._dirty = False
+        self._since_checkpoint = 0
+        self._last_checkpoint = 0.0
         self.records_consumed = 0
         self.records_trained = 0
         self.records_invalid = 0
@@ -114,6 +142,13 @@ class Worker:
         self._rate = 0.0
         self._invalid_logged_at = 0.0
         self._invalid_since_log = 0
+        self._kafka_errors: dict[str, tuple[float, int]] = {}
+        # Messages a poll returned while a compaction had the partitions paused: trained next.
+        self._held: list[Message] = []
+        self._last_compaction: CompactionResult | None = None
+        self._compacting = False
+        self._abort_compaction = False
+        self._served_group_at = 0.0
         # Export every reason from the start (at zero): a rate over a missing series shows no data.
         for reason in DECODE_REASONS:
             self.metrics.records_invalid.labels(settings.topic, reason)
@@ -131,6 +166,17 @@ class Worker:
         with ExitStack() as stack:
             stack.enter_context(self._signals_stop_the_loop())
             self._check_topic()
+            if settings.fused and settings.device == "cpu":
+                kernels.prepare(settings.model, settings.optimizer)  # compiles in the background meanwhile
+            stack.enter_context(self.store)
+            if settings.fresh:
+                logger.info("--fresh: ignoring checkpoints in %s", settings.checkpoint_dir)
+            else:
+                self._restore(self.store.load_latest())
+            if self.learner is None and settings.init_from is not None:
+                self._initialise_from(settings.init_from)
+            if self.compactor is not None:
+                stack.enter_context(self.compactor)
             stack.enter_context(self.metrics_server)
             consumer = self._create_consumer()
             stack.callback(self._close_consumer)
@@ -150,9 +196,10 @@ class Worker:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+            logger.info("joining group %s on topic %s", settings.group, settings.topic)
             self._started = time.monotonic()
             self._running = not self._stop_requested.is_set()
-            next_progress = next_lag = next_log = next_commit = self._started
+            next_progress = next_lag = next_log = self._last_checkpoint = self._started
             try:
                 while self._running:
                     now = time.monotonic()
@@ -163,15 +210,21 @@ class Worker:
                         budget = min(budget, settings.max_records - self.records_trained)
                         if budget <= 0:
                             break
-                    messages = consumer.consume(num_messages=budget, timeout=0.2)
+                    messages = self._take_held(budget) or consumer.consume(num_messages=budget, timeout=0.2)
                     if messages:
                         self._process(messages)
+                    if self.compactor is not None and (reason := self.compactor.due()) is not None:
+                        self._compact(reason)
                     now = time.monotonic()
-                    if now >= next_commit:
-                        self._commit()
-                        next_commit = now + settings.commit_interval_s
+                    if self._dirty and (
+                        self._since_checkpoint >= settings.checkpoint_every_records
+                        or now - self._last_checkpoint >= settings.checkpoint_interval_s
+                    ):
+                        self._checkpoint_and_commit()
                     if now >= next_lag:
                         self._refresh_lag()
+                        if self.compactor is not None:
+                            self.compactor.publish_store_size()
                         next_lag = now + _LAG_INTERVAL_S
                     if now >= next_progress:
                         self._rate = self._throughput.add(now, self.records_trained)
@@ -185,7 +238,8 @@ class Worker:
                         next_log = now + _RUN_LOG_INTERVAL_S
             finally:
                 self._running = False
-                self._commit(final=True)
+                # Clean shutdown: everything trained becomes durable, then committed.
+                self._checkpoint_and_commit()
             status = self.status()
             if run_log is not None:
                 run_log.write(orjson.dumps(status.as_json()) + b"\n")
@@ -193,6 +247,8 @@ class Worker:
 
     def status(self) -> WorkerStatus:
         elapsed = time.monotonic() - self._started if self._started else 0.0
+        compactor = self.compactor
+        last = compactor.last if compactor is not None else None
         return WorkerStatus(
             elapsed_s=elapsed,
             records_consumed=self.records_consumed,
@@ -204,8 +260,16 @@ class Worker:
             score=self.prequential.score.value,
             first_window_loss=self.prequential.first_window_loss,
             last_window_loss=self.prequential.last_window_loss,
+            mean_loss=self.prequential.mean_loss,
             updates=self.learner.updates if self.learner is not None else 0,
             assigned=len(self._assigned),
+            model_version=self.model_version,
+            records_applied=sum(self.applied.values()),
+            compactions=compactor.count if compactor is not None else 0,
+            compaction_records=last.records if last is not None else 0,
+            compaction_epoch_loss=last.epoch_losses[-1] if last is not None and last.epoch_losses else None,
+            compaction_loss_before=last.loss_before if last is not None else None,
+            compaction_loss_after=compactor.loss_after if compactor is not None else None,
         )
 
     # -- setup ----------------------------------------------------------------
@@ -227,6 +291,8 @@ class Worker:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": settings.auto_offset_reset,
+                # cooperative-sticky: a member keeps training the partitions it keeps during a rebalance.
+                "partition.assignment.strategy": settings.assignment_strategy,
                 "session.timeout.ms": settings.session_timeout_ms,
                 "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 5),
                 # The default 1 s fetch backoff caps a fast consumer at ~150k records/s.
@@ -235,6 +301,8 @@ class Worker:
                 "error_cb": self._on_kafka_error,
             },
         )
+        if settings.group_instance_id:
+            config["group.instance.id"] = settings.group_instance_id
         self._consumer = Consumer(config)
         return self._consumer
 
@@ -256,6 +324,13 @@ class Worker:
             self.stop()
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        compactor = self.compactor
+        if compactor is not None:
+
+            def compact(signum: int, frame: FrameType | None) -> None:
+                compactor.request(SIGNAL)
+
+            previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, compact)
         try:
             yield
         finally:
@@ -279,6 +354,10 @@ class Worker:
         values: list[bytes | None] = []
         codecs: list[str | None] = []
         partitions: list[int] = []
+        record_offsets: list[int] = []
+        keys: list[bytes | None] = []
+        timestamps: list[int] = []
+        keep = self.compactor is not None
         offsets = self.offsets
         for message in messages:
             error = message.error()
@@ -289,10 +368,17 @@ class Worker:
             partitions.append(partition)
             offsets.done(message.topic() or topic_name, partition, offset)
             values.append(message.value())
-            codecs.append(_codec_of(message))
+            codecs.append(codec_of(message))
+            if keep:
+                record_offsets.append(offset)
+                keys.append(key_bytes(message))
+                timestamps.append(timestamp_of(message))
         if not values:
             return
         n = len(values)
+        # Offsets moved (even for invalid records): the next checkpoint has something to record.
+        self._dirty = True
+        self._since_checkpoint += n
         self.records_consumed += n
         for partition, count in CountOf(partitions).items():
             self.metrics.records_consumed.labels(topic_name, str(partition)).inc(count)
@@ -329,10 +415,113 @@ class Worker:
             self.metrics.prequential_mae.set(self.prequential.score.value)
         else:
             self.metrics.prequential_accuracy.set(self.prequential.score.value)
-        trained_partitions = np.asarray(partitions)[index] if len(index) != n else partitions
-        for partition, count in CountOf(np.asarray(trained_partitions).tolist()).items():
+        trained_partitions = np.asarray(partitions, dtype=np.int32)[index]
+        for partition, count in CountOf(trained_partitions.tolist()).items():
             self.metrics.records_trained.labels(topic_name, str(partition)).inc(count)
+            key = (topic_name, partition)
+            self.applied[key] = self.applied.get(key, 0) + count
         self.metrics.last_trained_timestamp.set(time.time())
+        if self.compactor is not None:
+            self.compactor.keep(
+                features,
+                labels,
+                trained_partitions,
+                np.asarray(record_offsets, dtype=np.int64)[index],
+                [keys[i] for i in index.tolist()],
+                np.asarray(timestamps, dtype=np.int64)[index],
+                result.losses,
+            )
+
+    def _take_held(self, budget: int) -> list[Message]:
+        if not self._held:
+            return []
+        taken, self._held = self._held[:budget], self._held[budget:]
+        return taken
+
+    # -- compaction ---------------------------------------------------------------
+
+    def _compact_on_request(self) -> str:
+        """``POST /compact`` on the metrics server (runs in its thread: only flags the request)."""
+        if self.compactor is None:
+            return "compaction is off"
+        self.compactor.request(HTTP)
+        return "compaction requested"
+
+    def _compact(self, reason: str) -> None:
+        """Batch epochs over the consumed log, while staying a live member of the group.
+
+        The assigned partitions are paused and the consumer is polled between
+        mini-batches, so heartbeats, rebalance callbacks and max.poll.interval.ms
+        are all served however long the epochs take. A record that a poll still
+        returns is held and trained after the compaction, in order; nothing is
+        skipped and nothing applied twice.
+        """
+        compactor, consumer, learner = self.compactor, self._consumer, self.learner
+        if compactor is None or consumer is None or learner is None:
+            if compactor is not None:
+                compactor.trigger.reset()
+            return
+        paused = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
+        if paused:
+            consumer.pause(paused)
+        self._compacting, self._abort_compaction = True, False
+        try:
+            result = compactor.run(
+                learner,
+                reason,
+                loss_before=self.prequential.loss.value,
+                between_batches=self._serve_group,
+                should_stop=lambda: not self._running or self._abort_compaction,
+            )
+        finally:
+            self._compacting = False
+            still_ours = [tp for tp in paused if (tp.topic, tp.partition) in self._assigned]
+            if still_ours:
+                consumer.resume(still_ours)
+        if result is None or self._abort_compaction:
+            return
+        # The model changed: the next checkpoint records it, and which offsets the epochs covered.
+        self._last_compaction = result
+        self._dirty = True
+        self._checkpoint_and_commit()
+
+    def _serve_group(self) -> None:
+        """Poll during compaction epochs: heartbeats, rebalances and the poll interval stay served."""
+        now = time.monotonic()
+        if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or self._consumer is None:
+            return
+        self._served_group_at = now
+        message = self._consumer.poll(0)
+        if message is not None:
+            self._held.append(message)
+
+    def _initialise_from(self, directory: Path) -> None:
+        """Adopt the model of another run's newest checkpoint (a replay's, say), but not its offsets."""
+        if not directory.is_dir():
+            raise CheckpointError(f"--init-from {directory}: no such directory")
+        # Read only: no lock taken, so the source may belong to a running worker or replay.
+        checkpoint = CheckpointStore(directory).load_latest()
+        if checkpoint is None:
+            raise CheckpointError(f"--init-from {directory}: no valid checkpoint there")
+        n_features = checkpoint.metadata.get("n_features")
+        if not isinstance(n_features, int):
+            raise CheckpointError(f"--init-from {directory}: checkpoint {checkpoint.version} holds no model")
+        learner = self._create_learner(n_features)
+        try:
+            learner.load_state(checkpoint.tensors, checkpoint.metadata)
+        except TrainingError as error:
+            raise CheckpointError(f"--init-from {directory}: {error}") from None
+        self.learner = learner
+        names = checkpoint.metadata.get("feature_names")
+        self.decoder = BatchDecoder(
+            n_features=n_features, feature_names=names if isinstance(names, list) else None
+        )
+        logger.info(
+            "initialised the model from %s checkpoint %d (%s records applied there)",
+            directory,
+            checkpoint.version,
+            checkpoint.metadata.get("records_applied", "?"),
+        )
 
     def _create_learner(self, n_features: int) -> OnlineLearner:
         s = self.settings
@@ -347,6 +536,7 @@ class Worker:
             standardize=s.standardize,
             seed=s.seed,
             device=s.device,
+            fused=s.fused,
         )
         learner = OnlineLearner(config, n_features)
         logger.info(
@@ -378,18 +568,95 @@ class Worker:
 
     # -- offsets, lag, rebalances -------------------------------------------------
 
-    def _commit(self, partitions: list[Partition] | None = None, *, final: bool = False) -> None:
+    def _restore(self, checkpoint: Checkpoint | None) -> None:
+        """Adopt a checkpoint's model and positions (None: start from nothing)."""
+        self.offsets = OffsetTracker()
+        self.applied = {}
+        if checkpoint is None:
+            self.learner = None
+            self.decoder = BatchDecoder(
+                n_features=self.settings.n_features, feature_names=self.settings.feature_names
+            )
+            logger.info("no checkpoint in %s: starting a new model", self.settings.checkpoint_dir)
+            return
+        metadata = checkpoint.metadata
+        n_features = metadata.get("n_features")
+        if isinstance(n_features, int):
+            self.learner = self._create_learner(n_features)
+            self.learner.load_state(checkpoint.tensors, metadata)
+            names = metadata.get("feature_names")
+            self.decoder = BatchDecoder(
+                n_features=n_features, feature_names=names if isinstance(names, list) else None
+            )
+        for key, offset in dict(metadata.get("positions", {})).items():
+            topic, _, partition = str(key).rpartition(":")
+            self.offsets.done(topic, int(partition), int(offset) - 1)
+        self.offsets.mark_committed([])
+        for key, count in dict(metadata.get("applied", {})).items():
+            topic, _, partition = str(key).rpartition(":")
+            self.applied[(topic, int(partition))] = int(count)
+        if self.compactor is not None:
+            self.compactor.restore(metadata.get("compaction"))
+        self.model_version = checkpoint.version
+        self.metrics.model_version.set(checkpoint.version)
+        logger.info(
+            "resumed from checkpoint %d (%d records applied; positions %s)",
+            checkpoint.version,
+            sum(self.applied.values()),
+            metadata.get("positions"),
+        )
+
+    def _checkpoint_and_commit(self) -> None:
+        """Make everything applied so far durable, then tell Kafka (never the other way round)."""
+        if not self._dirty:
+            return
+        started = time.perf_counter()
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, object] = {}
+        if self.learner is not None:
+            tensors, metadata = self.learner.state()
+            metadata["feature_names"] = (
+                list(self.decoder.feature_names) if self.decoder.feature_names is not None else None
+            )
+        metadata.update(
+            positions={f"{t}:{p}": o for (t, p), o in self.offsets.positions().items()},
+            applied={f"{t}:{p}": n for (t, p), n in self.applied.items()},
+            records_applied=sum(self.applied.values()),
+            config_digest=self.settings.digest(),
+            group=self.settings.group,
+        )
+        if self.compactor is not None and self.compactor.last is not None:
+            metadata["compaction"] = self.compactor.last.as_metadata(self.settings.topic)
+        try:
+            checkpoint = self.store.save(tensors, metadata)
+        except (CheckpointError, OSError) as error:
+            # Not fatal: offsets stay uncommitted, so nothing is lost; the next attempt may succeed.
+            self.metrics.checkpoint_failures.inc()
+            logger.error("checkpoint failed, offsets not committed: %s", error)
+            return
+        self.model_version = checkpoint.version
+        self._dirty = False
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._commit()
+        self.metrics.checkpoints.inc()
+        self.metrics.model_version.set(checkpoint.version)
+        self.metrics.last_checkpoint_timestamp.set(time.time())
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+
+    def _commit(self) -> None:
+        """Commit the checkpointed positions of the partitions this worker owns."""
         consumer = self._consumer
         if consumer is None:
             return
-        pending = self.offsets.pending(partitions)
+        pending = self.offsets.pending(sorted(self._assigned))
         if not pending:
             return
         try:
             consumer.commit(offsets=pending, asynchronous=False)
         except KafkaException as error:
-            # Not fatal: the records were trained and will be committed next time (at worst re-read).
-            logger.warning("offset commit failed%s: %s", " at exit" if final else "", error)
+            # Not fatal: the checkpoint is the source of truth; Kafka's offsets catch up next time.
+            logger.warning("offset commit failed: %s", error)
             return
         self.offsets.mark_committed(pending)
         self.metrics.offsets_committed.inc()
@@ -416,28 +683,80 @@ class Worker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in consumer.committed(partitions, timeout=self.settings.startup_timeout_s)
+            if tp.offset >= 0
+        }
+        starts = []
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            known = [o for o in (self.offsets.next_offset(*key), committed.get(key)) if o is not None]
+            # The later of the two: records before the checkpoint's position are in our model;
+            # records before the committed offset are durably in some member's model.
+            if known:
+                tp.offset = max(known)
+                self.offsets.done(tp.topic, tp.partition, tp.offset - 1)
+            else:
+                tp.offset = OFFSET_INVALID  # neither: the reset policy decides
+            starts.append(
+                f"{tp.topic}[{tp.partition}]@{tp.offset if known else self.settings.auto_offset_reset}"
+            )
+        # Offsets set on these partitions only take effect if we assign them ourselves.
+        if self.settings.assignment_strategy == "cooperative-sticky":
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self._assigned.update(keys)
         for topic, partition in keys:
             self.metrics.records_consumed.labels(topic, str(partition))
             self.metrics.records_trained.labels(topic, str(partition))
         self.metrics.assigned_partitions.set(len(self._assigned))
-        logger.info("assigned %s", _describe(keys))
+        logger.info("assigned %s", ", ".join(starts))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        # Everything trained from these partitions is committed before another member takes them.
-        self._commit(keys)
+        # Before another member takes them: checkpoint, then commit (cooperative: only these are revoked).
+        self._checkpoint_and_commit()
         self._release(keys)
         logger.info("revoked %s", _describe(keys))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        # Another member may already own them: committing now could move its offsets backwards.
+        # Another member may already own them and have applied their records: never commit, and
+        # discard what we applied since the last checkpoint by going back to it.
         self._release(keys)
-        logger.warning("lost %s without a clean revocation", _describe(keys))
+        logger.warning(
+            "lost %s without a clean revocation: rolling back to the last checkpoint", _describe(keys)
+        )
+        self._rollback(consumer)
+
+    def _rollback(self, consumer: Consumer) -> None:
+        checkpoint = self.store.load_latest()
+        self._restore(checkpoint)
+        # Whatever was consumed since that checkpoint is read again: forget the copies kept of it.
+        self._held.clear()
+        self._abort_compaction = True
+        if self.compactor is not None:
+            self.compactor.forget()
+        self._dirty = False
+        self._since_checkpoint = 0
+        self.metrics.rollbacks.inc()
+        for topic, partition in sorted(self._assigned):
+            position = self.offsets.next_offset(topic, partition)
+            if position is None:
+                committed = consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
+                position = committed if committed >= 0 else None
+            if position is not None:
+                consumer.seek(TopicPartition(topic, partition, position))
+                self.offsets.done(topic, partition, position - 1)
 
     def _release(self, keys: list[Partition]) -> None:
-        self.offsets.forget(keys)
+        if self.compactor is not None:
+            # Another member trains these now; our copies of their records would go stale.
+            self.compactor.forget([partition for _, partition in keys])
+        released = set(keys)
+        self._held = [m for m in self._held if (m.topic(), m.partition()) not in released]
         for topic, partition in keys:
             self._assigned.discard((topic, partition))
             with contextlib.suppress(KeyError):
@@ -452,20 +771,16 @@ class Worker:
         logger.warning("consumer error: %s", error.str())
 
     def _on_kafka_error(self, error: KafkaError) -> None:
-        logger.warning("kafka: %s", error.str())
-
-
-def _codec_of(message: Message) -> str | None:
-    headers = message.headers()
-    if not headers:
-        return None
-    for header in headers:
-        name, value = header[0], header[1]
-        if name == CODEC_HEADER:
-            if isinstance(value, bytes):
-                return value.decode(errors="replace")
-            return value or ""
-    return None
+        # The same error repeats many times a second while a broker is down: report it every few seconds.
+        now = time.monotonic()
+        text = error.str()
+        last, suppressed = self._kafka_errors.get(text, (0.0, 0))
+        if now - last < _INVALID_LOG_INTERVAL_S:
+            self._kafka_errors[text] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more like it)" if suppressed else ""
+        logger.warning("kafka: %s%s", text, more)
+        self._kafka_errors[text] = (now, 0)
 
 
 def _describe(keys: list[Partition]) -> str:

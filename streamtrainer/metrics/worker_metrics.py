@@ -1,7 +1,8 @@
 """The worker's metrics. Every one takes a registry; labels are bounded (never a record key).
 
 Label cardinality: ``topic`` and ``partition`` are bounded by the topics and
-partitions assigned; ``reason`` by :data:`streamtrainer.records.exceptions.DECODE_REASONS`.
+partitions assigned; ``reason`` by :data:`streamtrainer.records.exceptions.DECODE_REASONS`
+(and, for compactions, by the fixed set of triggers); ``location`` is memory or disk.
 """
 
 from __future__ import annotations
@@ -93,6 +94,64 @@ class WorkerMetrics:
         self.last_trained_timestamp = Gauge(
             "streamtrainer_last_trained_timestamp_seconds",
             "Unix time at which the last record was trained.",
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "streamtrainer_checkpoints", "Checkpoints written durably.", registry=registry
+        )
+        self.checkpoint_failures = Counter(
+            "streamtrainer_checkpoint_failures", "Checkpoints that could not be written.", registry=registry
+        )
+        self.checkpoint_duration = Histogram(
+            "streamtrainer_checkpoint_duration_seconds",
+            "Time to write a checkpoint durably and commit its offsets.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=registry,
+        )
+        self.last_checkpoint_timestamp = Gauge(
+            "streamtrainer_last_checkpoint_timestamp_seconds",
+            "Unix time of the last durable checkpoint.",
+            registry=registry,
+        )
+        self.model_version = Gauge(
+            "streamtrainer_model_version", "Version of the last durable checkpoint.", registry=registry
+        )
+        self.rollbacks = Counter(
+            "streamtrainer_rollbacks",
+            "Times the model was reset to its last checkpoint (e.g. partitions lost).",
+            registry=registry,
+        )
+        self.compactions = Counter(
+            "streamtrainer_compactions",
+            "Compactions of the consumed log into batch epochs, by trigger.",
+            ["reason"],
+            registry=registry,
+        )
+        self.compaction_duration = Histogram(
+            "streamtrainer_compaction_duration_seconds",
+            "Time to build a compaction's dataset and train its epochs.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
+            registry=registry,
+        )
+        self.compaction_records = Gauge(
+            "streamtrainer_compaction_records",
+            "Records in the last compaction's epoch dataset (after deduplication).",
+            registry=registry,
+        )
+        self.compaction_epoch_loss = Gauge(
+            "streamtrainer_compaction_epoch_loss",
+            "Mean training loss of the last epoch of the last compaction.",
+            registry=registry,
+        )
+        self.compaction_store_records = Gauge(
+            "streamtrainer_compaction_store_records",
+            "Consumed records held for compaction, in memory or spilled to disk.",
+            ["location"],
+            registry=registry,
+        )
+        self.compaction_store_bytes = Gauge(
+            "streamtrainer_compaction_store_bytes",
+            "Bytes of consumed records spilled to disk for compaction.",
             registry=registry,
         )
         self.info = Info("streamtrainer_worker", "Worker configuration.", registry=registry)

@@ -9,3 +9,11 @@ class TrainingError(Exception):
 
 class ModelSpecError(TrainingError):
     """A model name or factory cannot be turned into a model."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint cannot be written, or one on disk is invalid."""
+
+
+class CompactionError(TrainingError):
+    """The compaction store cannot keep, spill or read back records, or is misused."""

@@ -5,11 +5,20 @@ mode (the default) ``learn_many`` applies the records one at a time, exactly as
 ``learn_one`` would in a loop: the loss of each record is measured with the
 model as it was before that record (test-then-train). Micro-batch mode
 (``batch_size > 1``) takes one step per group of records instead.
+
+For the built-in models on the CPU, ``learn_many`` runs the whole loop in the
+compiled kernels of :mod:`streamtrainer.training.kernels` once they are ready
+(they compile in the background; until then, and for anything they do not
+cover, it takes the autograd path). Both paths agree to float32 rounding and
+share the model's parameters and the optimizer's state, so a learner may switch
+between them at any batch; ``LearnerConfig.fused=False`` keeps it on autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +27,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
+from streamtrainer.training import kernels
 from streamtrainer.training.exceptions import ModelSpecError, TrainingError
 from streamtrainer.training.models import build_model, n_outputs_for
 from streamtrainer.training.scaler import RunningStandardizer
 
 logger = logging.getLogger(__name__)
 
-TASK_LOSSES = {"regression": ("mse", "l1"), "binary": ("bce",), "multiclass": ("ce",)}
+TASK_LOSSES = {"regression": ("mse", "l1", "audit"), "binary": ("bce",), "multiclass": ("ce",)}
 DEFAULT_LOSS = {"regression": "mse", "binary": "bce", "multiclass": "ce"}
+# Built-in models the fused kernels may train (kernels.fused_supported checks the rest);
+# a user's factory stays on autograd even when its module happens to fit.
+FUSED_MODELS = frozenset({"linear", "logistic", "softmax", "mlp"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,10 +53,26 @@ class LearnerConfig:
     standardize: bool = True
     seed: int = 0
     device: str = "cpu"
+    # Strict and micro-batch learning through the compiled loops when they fit (False: autograd).
+    fused: bool = True
 
     @property
     def resolved_loss(self) -> str:
+        if self.model == "audit":
+            return "audit"
         return DEFAULT_LOSS[self.task] if self.loss == "auto" else self.loss
+
+    def digest_fields(self) -> dict[str, object]:
+        """What a checkpoint must agree on to be loaded into this learner (the lr may change)."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "loss": self.resolved_loss,
+            "optimizer": self.optimizer,
+            "hidden": self.hidden,
+            "n_classes": self.n_classes,
+            "standardize": self.standardize,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +107,7 @@ class OnlineLearner:
         self.scaler = RunningStandardizer(n_features) if config.standardize else None
         self.updates = 0
         self._loss_name = loss
+        self._dtype = next(self.model.parameters()).dtype
 
     # -- public API ---------------------------------------------------------
 
@@ -96,10 +126,32 @@ class OnlineLearner:
         n = features.shape[0]
         if features.ndim != 2 or features.shape[1] != self.n_features:
             raise TrainingError(f"expected features of shape (n, {self.n_features}), got {features.shape}")
+        if batch_size < 1:
+            raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
+        fused = self._fused_ready(n, labels)
         if self.scaler is not None:
-            features = self.scaler.learn_transform(features)
-        x_all = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)).to(self.device)
+            if fused:
+                features = kernels.fused_standardize(self.scaler, features)
+            else:
+                features = self.scaler.learn_transform(features)
+        if fused:
+            try:
+                losses, predictions = kernels.fused_learn(
+                    self.model,
+                    self.optimizer,
+                    features,
+                    labels,
+                    loss=self._loss_name,
+                    task=self.config.task,
+                    batch_size=batch_size,
+                )
+            except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
+                logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+            else:
+                self.updates += -(-n // batch_size)
+                return StepResult(losses, predictions)
+        x_all = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self._dtype)
+        y_all = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device, self._dtype)
         losses = np.empty(n, dtype=np.float64)
         predictions = np.empty(n, dtype=np.float64)
         self.model.train()
@@ -116,13 +168,74 @@ class OnlineLearner:
         if self.scaler is not None:
             features = self.scaler.transform(features)
         self.model.eval()
-        outputs = self.model(
-            torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        )
+        outputs = self.model(torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self._dtype))
         return self._predictions(outputs).cpu().numpy().astype(np.float64)
+
+    def _fused_ready(self, n: int, labels: npt.NDArray[np.float32]) -> bool:
+        """Whether this batch takes the compiled loop: a built-in model on the CPU, loop compiled.
+
+        Never blocks: the first call for a model schedules its loop's compilation.
+        """
+        config = self.config
+        if not config.fused or config.model not in FUSED_MODELS or self.device.type != "cpu":
+            return False
+        if labels.shape != (n,):
+            return False
+        if config.task == "multiclass" and not self.valid_labels(labels).all():
+            return False  # autograd raises on a class index out of range; the loop does not check
+        return kernels.kernels_ready(self.model, self.optimizer, loss=self._loss_name, task=config.task)
 
     def predict_one(self, features: npt.NDArray[np.float32]) -> float:
         return float(self.predict_many(features.reshape(1, -1))[0])
+
+    # -- batch epochs (compaction, replay) ---------------------------------------
+
+    def standardize(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Features as the model sees them, scaled by the running statistics without updating them."""
+        return self.scaler.transform(features) if self.scaler is not None else features
+
+    def as_tensors(
+        self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardized features and labels on the learner's device and dtype."""
+        x = torch.from_numpy(np.ascontiguousarray(self.standardize(features)))
+        y = torch.from_numpy(np.ascontiguousarray(labels))
+        return x.to(self.device, self._dtype), y.to(self.device, self._dtype)
+
+    def fit_batch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One mini-batch step on tensors from ``as_tensors``; returns the mean loss before the step."""
+        self.model.train()
+        losses, _ = self._learn(x, y)
+        return float(losses.mean())
+
+    @torch.no_grad()
+    def batch_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-record losses on prepared tensors, without learning (for held-out evaluation)."""
+        self.model.eval()
+        return self._per_record_loss(self.model(x), y)
+
+    @contextlib.contextmanager
+    def on_device(self, device: str | torch.device) -> Iterator[None]:
+        """Move the model and optimizer state to ``device`` for a while (batch epochs on a GPU)."""
+        target, home = torch.device(device), self.device
+        if target == home:
+            yield
+            return
+        self._move(target)
+        try:
+            yield
+        finally:
+            self._move(home)
+
+    def _move(self, device: torch.device) -> None:
+        # Module.to keeps the Parameter objects, so the optimizer still holds the right ones;
+        # its per-parameter state (momentum, Adam moments) is moved alongside.
+        self.model.to(device)
+        for entries in self.optimizer.state.values():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    entries[key] = value.to(device)
+        self.device = device
 
     # -- the one training step ---------------------------------------------
 
@@ -149,6 +262,8 @@ class OnlineLearner:
             return F.mse_loss(scores, y, reduction="none")
         if name == "l1":
             return F.l1_loss(scores, y, reduction="none")
+        if name == "audit":
+            return -scores
         return F.binary_cross_entropy_with_logits(scores, y, reduction="none")
 
     def _predictions(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -159,6 +274,64 @@ class OnlineLearner:
         if task == "binary":
             return (scores > 0).to(scores.dtype)
         return scores
+
+    # -- state, for checkpoints ---------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """Model, optimizer and scaler state as tensors (for safetensors) plus JSON-able metadata."""
+        tensors: dict[str, torch.Tensor] = {
+            f"model.{name}": value.detach().clone() for name, value in self.model.state_dict().items()
+        }
+        optimizer_state = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, float]] = {}
+        for index, entries in optimizer_state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().clone()
+                else:
+                    scalars.setdefault(str(index), {})[key] = float(value)
+        if self.scaler is not None:
+            for key, value in self.scaler.state_dict().items():
+                tensors[f"scaler.{key}"] = torch.from_numpy(value.copy())
+        metadata: dict[str, object] = {
+            "n_features": self.n_features,
+            "learner": self.config.digest_fields(),
+            "updates": self.updates,
+            "optimizer_param_groups": optimizer_state["param_groups"],
+            "optimizer_scalars": scalars,
+        }
+        return tensors, metadata
+
+    def load_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
+        expected = self.config.digest_fields()
+        if metadata.get("learner") != expected or metadata.get("n_features") != self.n_features:
+            raise TrainingError(
+                f"checkpoint was made for {metadata.get('learner')} with {metadata.get('n_features')} "
+                f"features, not {expected} with {self.n_features}"
+            )
+        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state)
+        state: dict[int, dict[str, object]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        scalars = metadata.get("optimizer_scalars") or {}
+        if isinstance(scalars, dict):
+            for index, entries in scalars.items():
+                state.setdefault(int(index), {}).update(entries)
+        groups = metadata.get("optimizer_param_groups")
+        if not isinstance(groups, list):
+            raise TrainingError("checkpoint has no optimizer parameter groups")
+        for group in groups:
+            group["lr"] = self.config.lr  # a restarted worker takes the learning rate it is given now
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if self.scaler is not None:
+            self.scaler.load_state_dict(
+                {k.removeprefix("scaler."): v.numpy() for k, v in tensors.items() if k.startswith("scaler.")}
+            )
+        updates = metadata.get("updates", 0)
+        self.updates = updates if isinstance(updates, int) else 0
 
     def valid_labels(self, labels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
         """Which labels the task can train on (0/1 for binary, a class index for multiclass)."""

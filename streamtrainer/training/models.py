@@ -15,7 +15,7 @@ from torch import nn
 
 from streamtrainer.training.exceptions import ModelSpecError
 
-BUILTIN_MODELS = ("linear", "logistic", "softmax", "mlp")
+BUILTIN_MODELS = ("linear", "logistic", "softmax", "mlp", "audit")
 
 
 def n_outputs_for(task: str, n_classes: int | None) -> int:
@@ -44,10 +44,19 @@ def build_model(
         torch.random.set_rng_state(generator_state)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if name == "audit":
+        return model
     return model.to(dtype)
 
 
 def _construct(name: str, *, n_features: int, n_outputs: int, hidden: int) -> nn.Module:
+    if name == "audit":
+        # Test-mode model: float64 weights from zero, no bias. Trained with the "audit" loss
+        # (-w.x) and SGD at lr=1, each record adds exactly its features to w, so w is the sum
+        # of the applied records: a duplicate or a lost record shows as a difference.
+        model = nn.Linear(n_features, 1, bias=False).double()
+        nn.init.zeros_(model.weight)
+        return model
     if name in ("linear", "logistic", "softmax"):
         return nn.Linear(n_features, n_outputs)
     if name == "mlp":

@@ -1,0 +1,1 @@
+"""Benchmarks of streamtrainer: ``python -m bench.run --quick`` (see bench/README.md)."""

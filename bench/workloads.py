@@ -1,0 +1,287 @@
+"""What the benchmark measures, one function per way of training (or just reading) a stream.
+
+Every function returns a :class:`Timing`: records and seconds of the steady
+part of the run (startup such as a consumer-group join is reported apart, not
+averaged in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import torch
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from torch.nn import functional as F  # noqa: N812 - the conventional name
+
+from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
+from streamtrainer.records import CODEC_HEADER, BatchDecoder
+from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC
+from streamtrainer.training import kernels
+from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer
+from streamtrainer.training.models import build_model
+from streamtrainer.training.scaler import RunningStandardizer
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+
+# model name -> (task, loss) of the benchmark; the MLP is d -> 64 -> 1 on the regression task.
+MODELS: dict[str, tuple[str, str]] = {
+    "linear": ("regression", "mse"),
+    "logistic": ("binary", "bce"),
+    "mlp": ("regression", "mse"),
+}
+HIDDEN = 64
+
+
+def lr_for(d: int) -> float:
+    """Plain SGD (the worker's default optimizer) at its default 0.01, or 0.001 for wide inputs.
+
+    Per-record SGD on d standardized features diverges once lr * d nears 2 (the
+    linear model at d=128 does at 0.01, to NaN): a diverged model would make the
+    worker refuse its checkpoints and measure something else.
+    """
+    return 0.01 if d <= 32 else 0.001
+
+
+@dataclass
+class Timing:
+    records: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else float("nan")
+
+
+# -- data -----------------------------------------------------------------------
+
+
+def dataset(task: str, d: int, n: int, seed: int = 7) -> tuple[F32, F32]:
+    return generate_arrays(SyntheticSpec(task=task, n_features=d, seed=seed, noise=0.1), n)
+
+
+def encode(features: F32, labels: F32, codec: str) -> list[bytes]:
+    """Record values in the wire format (the same bytes the producer command writes)."""
+    if codec == BINARY_CODEC:
+        rows = np.empty((labels.shape[0], features.shape[1] + 1), dtype="<f4")
+        rows[:, 0] = labels
+        rows[:, 1:] = features
+        buffer = rows.tobytes()
+        width = rows.shape[1] * 4
+        return [buffer[i : i + width] for i in range(0, len(buffer), width)]
+    return [
+        orjson.dumps({"features": row, "label": label})
+        for row, label in zip(features.tolist(), labels.tolist(), strict=True)
+    ]
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes], codec: str) -> float:
+    """Publish ``values`` to partition 0 of ``topic``; returns the seconds it took."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+            "acks": 1,
+        }
+    )
+    headers: list[tuple[str, str | bytes | None]] = [(CODEC_HEADER, codec.encode())]
+    failed = 0
+
+    def on_delivery(error: object, _message: object) -> None:
+        nonlocal failed
+        if error is not None:
+            failed += 1
+
+    started = time.perf_counter()
+    for value in values:
+        while True:
+            try:
+                producer.produce(topic, value=value, partition=0, headers=headers, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    remaining = producer.flush(120)
+    if remaining or failed:
+        raise RuntimeError(f"producing to {topic}: {failed} failed, {remaining} undelivered")
+    return time.perf_counter() - started
+
+
+# -- 1. the naive loop ---------------------------------------------------------------
+
+
+def naive_loop(model_name: str, values: list[bytes]) -> Timing:
+    """What a PyTorch user writes first: json.loads, standardize, one autograd step, per record."""
+    _task, loss_name = MODELS[model_name]
+    first = json.loads(values[0])
+    d = len(first["features"])
+    model = build_model(model_name, n_features=d, n_outputs=1, hidden=HIDDEN)
+    optimizer = make_optimizer("sgd", model.parameters(), lr_for(d))
+    scaler = RunningStandardizer(d)
+    loss_fn = F.mse_loss if loss_name == "mse" else F.binary_cross_entropy_with_logits
+    started = time.perf_counter()
+    for value in values:
+        document = json.loads(value)
+        row = np.asarray(document["features"], dtype=np.float32).reshape(1, d)
+        x = torch.from_numpy(scaler.learn_transform(row))
+        y = torch.tensor([float(document["label"])])
+        loss = loss_fn(model(x).reshape(-1), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return Timing(len(values), time.perf_counter() - started)
+
+
+# -- 2. River --------------------------------------------------------------------
+
+
+def river_available() -> bool:
+    try:
+        import river  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def river_loop(model_name: str, features: F32, labels: F32) -> Timing:
+    """River's test-then-train (predict_one, learn_one) with its StandardScaler, on ready dicts."""
+    from river import linear_model, optim, preprocessing
+
+    rows = [dict(enumerate(row)) for row in features.tolist()]
+    targets = labels.tolist()
+    lr = lr_for(features.shape[1])
+    if model_name == "linear":
+        estimator: Any = linear_model.LinearRegression(optimizer=optim.SGD(lr), intercept_lr=lr)
+        predict = "predict_one"
+    else:
+        estimator = linear_model.LogisticRegression(optimizer=optim.SGD(lr), intercept_lr=lr)
+        predict = "predict_proba_one"
+    pipeline = preprocessing.StandardScaler() | estimator
+    predict_one = getattr(pipeline, predict)
+    learn_one = pipeline.learn_one
+    started = time.perf_counter()
+    for row, target in zip(rows, targets, strict=True):
+        predict_one(row)
+        learn_one(row, target if model_name == "linear" else bool(target))
+    return Timing(len(rows), time.perf_counter() - started)
+
+
+# -- the learner alone, in memory (fused kernels) ------------------------------------------
+
+
+def learner_loop(
+    model_name: str, features: F32, labels: F32, *, batch_size: int = 1, chunk: int = 2000
+) -> Timing:
+    """``OnlineLearner.learn_many`` on in-memory arrays, ``chunk`` records per call as the worker's polls.
+
+    The learner's own path: the fused kernels once compiled (waited for here, as the
+    worker's ``kernels.prepare`` would have them ready by its first batch).
+    """
+    task, loss = MODELS[model_name]
+    d = features.shape[1]
+    config = LearnerConfig(model=model_name, task=task, optimizer="sgd", lr=lr_for(d), hidden=HIDDEN)
+    learner = OnlineLearner(config, d)
+    if not kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300):
+        raise RuntimeError(f"the fused loop for {model_name} did not get ready")
+    started = time.perf_counter()
+    for start in range(0, features.shape[0], chunk):
+        learner.learn_many(
+            features[start : start + chunk], labels[start : start + chunk], batch_size=batch_size
+        )
+    return Timing(features.shape[0], time.perf_counter() - started)
+
+
+def minibatch_loop(model_name: str, features: F32, labels: F32, *, batch_size: int = 32) -> Timing:
+    """Plain in-memory mini-batch training through autograd (what compaction epochs compare to)."""
+    _task, loss = MODELS[model_name]
+    d = features.shape[1]
+    model = build_model(model_name, n_features=d, n_outputs=1, hidden=HIDDEN)
+    optimizer = make_optimizer("sgd", model.parameters(), lr_for(d))
+    x = torch.from_numpy(RunningStandardizer(d).learn_transform(features))
+    y = torch.from_numpy(labels)
+    loss_fn = F.mse_loss if loss == "mse" else F.binary_cross_entropy_with_logits
+    started = time.perf_counter()
+    for start in range(0, x.shape[0], batch_size):
+        out = model(x[start : start + batch_size]).reshape(-1)
+        value = loss_fn(out, y[start : start + batch_size])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    return Timing(x.shape[0], time.perf_counter() - started)
+
+
+# -- 5. raw consume + decode: the ceiling ----------------------------------------------------
+
+
+def raw_consume(
+    bootstrap: str, topic: str, n: int, poll_batch: int = 2000, *, read_headers: bool = True
+) -> Timing:
+    """Read and decode ``n`` records of partition 0, no training, no group (assigned directly).
+
+    The same librdkafka settings as the worker and the same per-message work the
+    worker cannot avoid (error check, value, codec header), then one BatchDecoder
+    call per polled batch. ``read_headers=False`` takes the codec as known (from
+    configuration) instead: ``Message.headers()`` converts librdkafka's headers
+    to Python on first access, ~1-2 us per record, the largest per-record cost
+    after polling itself.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-raw",  # required by librdkafka; nothing is committed
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "fetch.queue.backoff.ms": 5,
+            "queued.min.messages": 200000,
+        }
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    decoder = BatchDecoder()
+    done = 0
+    first_batch_done = 0
+    started = math.nan
+    try:
+        while done < n:
+            messages = consumer.consume(num_messages=min(poll_batch, n - done), timeout=1.0)
+            values: list[bytes | None] = []
+            codecs: list[str | None] = []
+            for message in messages:
+                if message.error() is not None:
+                    continue
+                values.append(message.value())
+                codecs.append(_codec_of(message) if read_headers else BINARY_CODEC)
+            if not values:
+                continue
+            batch = decoder.decode(values, codecs)
+            done += len(values)
+            if batch.errors:
+                raise RuntimeError(f"{len(batch.errors)} records of {topic} did not decode")
+            if math.isnan(started):
+                # Steady state from the end of the first batch, as for the worker.
+                started = time.perf_counter()
+                first_batch_done = done
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.close()
+    return Timing(done - first_batch_done, elapsed)
+
+
+def _codec_of(message: Message) -> str:
+    headers = message.headers()
+    if isinstance(headers, list):
+        for name, value in headers:
+            if name == CODEC_HEADER and isinstance(value, bytes):
+                return value.decode()
+    return JSON_CODEC

@@ -1,0 +1,256 @@
+"""The worker's side of compaction: keep what it consumed, and turn it into batch epochs when due.
+
+Online learning takes one small step per record; a compaction takes the last
+W records the worker consumed (already decoded, from the compaction store),
+optionally keeps only the last record per key, and trains E shuffled epochs of
+mini-batches into the same model. The worker stays in its consumer group
+meanwhile (see ``Worker._compact``: partitions paused, ``poll`` served between
+batches).
+
+Whether it helped is measured, not assumed: the prequential loss (measured on
+each record *before* learning from it) of the next records after a compaction
+is compared with the loss just before it, and both are logged and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from streamtrainer.metrics import WorkerMetrics
+from streamtrainer.settings import WorkerSettings
+from streamtrainer.training import OnlineLearner
+from streamtrainer.training.compaction.epochs import train_epochs
+from streamtrainer.training.compaction.store import CompactionStore
+from streamtrainer.training.compaction.trigger import INTERVAL, ON_DEMAND, RECORDS, CompactionTrigger
+
+logger = logging.getLogger(__name__)
+
+SIGNAL = "signal"
+HTTP = "http"
+DRIFT = "drift"
+# Metric label values must stay a small fixed set, whatever a caller passes to request().
+REASONS = (RECORDS, INTERVAL, ON_DEMAND, SIGNAL, HTTP, DRIFT)
+_OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    number: int
+    reason: str
+    records: int
+    dropped_duplicates: int
+    ranges: dict[int, tuple[int, int]]
+    epoch_losses: list[float]
+    duration_s: float
+    device: str
+    stopped: bool
+    loss_before: float
+
+    def as_metadata(self, topic: str) -> dict[str, object]:
+        """What the checkpoint after this compaction records (JSON)."""
+        return {
+            "number": self.number,
+            "reason": self.reason,
+            "records": self.records,
+            "dropped_duplicates": self.dropped_duplicates,
+            "ranges": {f"{topic}:{p}": [first, last] for p, (first, last) in sorted(self.ranges.items())},
+            "epoch_losses": self.epoch_losses,
+            "duration_s": round(self.duration_s, 6),
+            "device": self.device,
+            "stopped": self.stopped,
+            "loss_before": self.loss_before,
+            "finished_at": time.time(),
+        }
+
+
+class Compactor:
+    """Owns the compaction store and trigger of one worker."""
+
+    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.directory = settings.compaction_dir or Path(settings.checkpoint_dir) / "compaction-store"
+        self.trigger = CompactionTrigger(
+            every_records=settings.compaction_every_records, every_seconds=settings.compaction_interval_s
+        )
+        self.store: CompactionStore | None = None
+        self.count = 0
+        self.last: CompactionResult | None = None
+        # Offsets of the previous compaction's end, per partition (for --compaction-since-previous).
+        self._since: dict[int, int] = {}
+        # The effect of the last compaction: prequential losses of the records trained after it.
+        self.effect_window = min(settings.compaction_window, 2000)
+        self._after_sum = 0.0
+        self._after_count = 0
+        self.loss_after: float | None = None
+        for reason in (*REASONS, _OTHER):
+            metrics.compactions.labels(reason)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def open(self) -> Compactor:
+        self.store = CompactionStore(
+            self.directory,
+            memory_records=self.settings.compaction_memory_records,
+            retain_records=self.settings.compaction_retain_records,
+            retain_bytes=self.settings.compaction_retain_bytes,
+        )
+        return self
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> Compactor:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- fed by the worker's hot path ---------------------------------------------
+
+    def keep(  # noqa: PLR0917 - one column per argument, as the worker holds them
+        self,
+        features: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.float32],
+        partitions: npt.NDArray[np.int32],
+        offsets: npt.NDArray[np.int64],
+        keys: Sequence[bytes | None] | None,
+        timestamps: npt.NDArray[np.int64] | None,
+        losses: npt.NDArray[np.float64],
+    ) -> None:
+        """Records just trained: keep them for later compactions, count them toward the trigger."""
+        if self.store is None:
+            return
+        self.store.append(features, labels, partitions, offsets, keys, timestamps)
+        self.trigger.observe(len(labels))
+        if self.last is not None and self.loss_after is None:
+            take = min(len(losses), self.effect_window - self._after_count)
+            self._after_sum += float(losses[:take].sum())
+            self._after_count += take
+            if self._after_count >= self.effect_window:
+                self.loss_after = self._after_sum / self._after_count
+                logger.info(
+                    "compaction %d effect: prequential loss %.4f over the next %d records (%.4f before)",
+                    self.last.number,
+                    self.loss_after,
+                    self._after_count,
+                    self.last.loss_before,
+                )
+
+    def forget(self, partitions: Sequence[int] | None = None) -> None:
+        """Drop kept records: of revoked partitions (another member trains them now), or all (rollback)."""
+        if self.store is None:
+            return
+        if partitions is None:
+            self.store.clear()
+            self._since = {}
+        else:
+            self.store.drop_partitions(partitions)
+            for partition in partitions:
+                self._since.pop(partition, None)
+
+    def request(self, reason: str = ON_DEMAND) -> None:
+        """Ask for a compaction at the next poll (thread- and signal-safe)."""
+        self.trigger.request(reason)
+
+    def due(self) -> str | None:
+        return self.trigger.due()
+
+    def publish_store_size(self) -> None:
+        if self.store is None:
+            return
+        self.metrics.compaction_store_records.labels("memory").set(self.store.records_in_memory)
+        self.metrics.compaction_store_records.labels("disk").set(self.store.records_on_disk)
+        self.metrics.compaction_store_bytes.set(self.store.bytes_on_disk)
+
+    # -- a compaction ---------------------------------------------------------------
+
+    def run(
+        self,
+        learner: OnlineLearner,
+        reason: str,
+        *,
+        loss_before: float,
+        between_batches: Callable[[], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CompactionResult | None:
+        """Build the window's dataset and train its epochs; None when there was nothing to train."""
+        store = self.store
+        self.trigger.reset()
+        if store is None:
+            return None
+        settings = self.settings
+        started = time.perf_counter()
+        if settings.compaction_since_previous:
+            data = store.window(since=self._since, dedupe_by_key=settings.compaction_dedupe)
+        else:
+            data = store.window(last=settings.compaction_window, dedupe_by_key=settings.compaction_dedupe)
+        if data.count == 0:
+            logger.info("compaction (%s): no records kept since the last one, nothing to do", reason)
+            return None
+        number = self.count + 1
+        report = train_epochs(
+            learner,
+            data,
+            epochs=settings.compaction_epochs,
+            batch_size=settings.compaction_batch_size,
+            seed=settings.seed + number,
+            device=settings.compaction_device,
+            between_batches=between_batches,
+            should_stop=should_stop,
+        )
+        duration = time.perf_counter() - started
+        result = CompactionResult(
+            number=number,
+            reason=reason,
+            records=data.count,
+            dropped_duplicates=data.dropped_duplicates,
+            ranges=dict(data.ranges),
+            epoch_losses=[float(loss) for loss in report.epoch_losses],
+            duration_s=duration,
+            device=report.device,
+            stopped=report.stopped,
+            loss_before=loss_before,
+        )
+        self.count = number
+        self.last = result
+        self._since = {partition: last + 1 for partition, (_, last) in data.ranges.items()}
+        self._after_sum, self._after_count, self.loss_after = 0.0, 0, None
+        self.metrics.compactions.labels(reason if reason in REASONS else _OTHER).inc()
+        self.metrics.compaction_duration.observe(duration)
+        self.metrics.compaction_records.set(data.count)
+        if result.epoch_losses:
+            self.metrics.compaction_epoch_loss.set(result.epoch_losses[-1])
+        losses = ", ".join(f"{loss:.4f}" for loss in result.epoch_losses)
+        logger.info(
+            "compaction %d (%s): %d records%s, %d epoch(s) on %s in %.2f s, epoch loss %s%s",
+            number,
+            reason,
+            data.count,
+            f" ({data.dropped_duplicates} duplicate keys dropped)" if data.dropped_duplicates else "",
+            len(result.epoch_losses),
+            report.device,
+            duration,
+            losses or "-",
+            " (stopped early)" if report.stopped else "",
+        )
+        return result
+
+    def restore(self, metadata: object) -> None:
+        """Continue the numbering of a checkpoint's last compaction."""
+        if isinstance(metadata, dict):
+            number = metadata.get("number")
+            if isinstance(number, int):
+                self.count = number

@@ -1,0 +1,854 @@
+"""`streamtrainer replay`: train in epochs on a bounded, recorded range of a topic.
+
+Reading never disturbs a live worker group. Partitions are assigned directly
+(``Consumer.assign``) under a throwaway group id, with auto-commit off and no
+commit at all; ``auto.offset.reset=error`` turns an offset outside the log into
+an error instead of a silent jump. Records are decoded by the worker's
+:class:`BatchDecoder` (codec from the record header) and kept in a
+:class:`CompactionStore` under ``OUT/shards``, which spills to disk so memory
+stays bounded while reading.
+
+Then the records are put in a canonical order (partition, then offset: arrival
+order across partitions is not reproducible), a seeded holdout is split off,
+the scaler is fitted on the training part (a new model only), and the model is
+trained ``epochs`` shuffled epochs of mini-batch SGD with
+``torch.use_deterministic_algorithms(True)``: the same records, config and
+seed give a bitwise-identical model. The checkpoint is written by
+:class:`CheckpointStore` in the worker's layout (a worker can resume from it:
+its positions are the ends of the range), and ``OUT/manifest.json`` records
+what was read and how it was trained, so ``--manifest`` can replay it exactly.
+
+``--to end`` means the end of the log when reading *finishes*: the reader keeps
+going past the high watermark it saw at the start until every partition reported
+its end and no record arrived for ``--end-idle-s``. (The embedded Tansu broker
+reports high watermarks that are too low, so they cannot bound the read.) The
+manifest records the actual end offsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streamtrainer import __version__
+from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
+from streamtrainer.consumer.exceptions import ConsumerError
+from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
+from streamtrainer.consumer.ranges import (
+    Bound,
+    PartitionRange,
+    RangeError,
+    describe_ranges,
+    parse_bound,
+    resolve_ranges,
+)
+from streamtrainer.exceptions import ConfigurationError, TopicError
+from streamtrainer.records import BatchDecoder, DecodeError
+from streamtrainer.settings import ReplaySettings
+from streamtrainer.training import LearnerConfig, OnlineLearner
+from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
+from streamtrainer.training.compaction.epochs import evaluate, split_holdout, train_epochs
+from streamtrainer.training.compaction.store import CompactionStore, EpochData
+from streamtrainer.training.exceptions import CheckpointError, TrainingError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT: Final = "streamtrainer-replay-manifest/1"
+MANIFEST_NAME: Final = "manifest.json"
+_POLL_BATCH: Final = 5000
+_INVALID_LOG_INTERVAL_S: Final = 5.0
+_SCALER_CHUNK: Final = 65_536
+# Config a manifest fixes unless the flag is given explicitly.
+_CONFIG_FIELDS: Final = (
+    "model",
+    "task",
+    "loss",
+    "optimizer",
+    "lr",
+    "hidden",
+    "n_classes",
+    "standardize",
+    "epochs",
+    "batch_size",
+    "holdout",
+    "n_features",
+    "feature_names",
+)
+
+
+class ReplayError(ConsumerError):
+    """A replay cannot be done as asked (no valid records, a manifest mismatch, a bad checkpoint...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    topic: str
+    records: int
+    invalid: int
+    epoch_losses: list[float]
+    holdout_loss: float | None
+    checkpoint_version: int
+    manifest_path: Path
+    manifest: dict[str, Any]
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to read and how to train: the settings, or an earlier manifest plus explicit flags."""
+
+    topic: str
+    start: Bound
+    end: Bound
+    seed: int
+    model: str
+    task: str
+    loss: str
+    optimizer: str
+    lr: float
+    hidden: int
+    n_classes: int | None
+    standardize: bool
+    epochs: int
+    batch_size: int
+    holdout: float
+    n_features: int | None
+    feature_names: list[str] | None
+    expected_sha256: str | None = None
+    init_from: Path | None = None
+    init_version: int | None = None
+
+    def learner_config(self, device: str) -> LearnerConfig:
+        return LearnerConfig(
+            model=self.model,
+            task=self.task,
+            loss=self.loss,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            hidden=self.hidden,
+            n_classes=self.n_classes,
+            standardize=self.standardize,
+            seed=self.seed,
+            device=device,
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _CONFIG_FIELDS}
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _PartitionRead:
+    partition: int
+    start: int
+    end: int | None
+    next_offset: int
+    records: int = 0
+    eof_at: int | None = None  # end-of-log position reported since the last record
+    done: bool = False
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSummary:
+    """What a read covered: ``ends`` are exclusive, ``records`` counts every record, valid or not."""
+
+    starts: dict[int, int]
+    ends: dict[int, int]
+    records: dict[int, int]
+    content_sha256: str
+
+
+class RangeReader:
+    """Reads ranges of one topic by direct partition assignment; never commits, never joins a group."""
+
+    def __init__(self, settings: ReplaySettings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.partitions: list[int] = []
+        self._consumer: Consumer | None = None
+
+    def __enter__(self) -> RangeReader:
+        admin = admin_client(self.settings)
+        check_reachable(admin, self.settings)
+        count = topic_partitions(admin, self.topic, self.settings.startup_timeout_s)
+        if count is None:
+            raise TopicError(f"topic {self.topic!r} does not exist on {self.settings.bootstrap_servers}")
+        self.partitions = list(range(count))
+        self._consumer = Consumer(
+            client_config(  # type: ignore[arg-type]
+                self.settings,
+                **{
+                    # A group id nobody else uses: nothing is ever committed under it.
+                    "group.id": f"streamtrainer-replay-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "error",  # an offset outside the log is an error, not a jump
+                    "enable.partition.eof": True,
+                    "fetch.queue.backoff.ms": 5,
+                    "queued.min.messages": 200000,
+                },
+            )
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            with contextlib.suppress(KafkaException, RuntimeError):
+                consumer.close()
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("RangeReader used outside its context")
+        return self._consumer
+
+    def resolve(self, start: Bound, end: Bound) -> list[PartitionRange]:
+        timeout = self.settings.startup_timeout_s
+        watermarks = {}
+        named = set(start.offsets) | set(end.offsets)
+        for partition in self.partitions:
+            if named and partition not in named:
+                continue
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=timeout, cached=False
+            )
+            watermarks[partition] = (int(low), int(high))
+
+        def offset_for_time(partition: int, timestamp_ms: int) -> int:
+            found = self.consumer.offsets_for_times(
+                [TopicPartition(self.topic, partition, timestamp_ms)], timeout=timeout
+            )
+            return int(found[0].offset)
+
+        return resolve_ranges(
+            start,
+            end,
+            topic=self.topic,
+            existing=self.partitions,
+            watermarks=watermarks,
+            offset_for_time=offset_for_time,
+        )
+
+    def read(
+        self,
+        ranges: Sequence[PartitionRange],
+        on_batch: Callable[[list[Message]], None],
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> ReadSummary:
+        """Feed every record of ``ranges`` to ``on_batch`` (per partition in offset order)."""
+        states = {r.partition: _PartitionRead(r.partition, r.start, r.end, r.start) for r in ranges}
+        for state in states.values():
+            if state.end is not None and state.start >= state.end:
+                state.done = True
+        consumer = self.consumer
+        wanted = [TopicPartition(self.topic, s.partition, s.start) for s in states.values() if not s.done]
+        if wanted:
+            consumer.assign(wanted)
+        idle_s = self.settings.end_idle_s
+        stall_s = max(self.settings.startup_timeout_s, 2 * idle_s)
+        last_record = last_activity = time.monotonic()
+        total = 0
+        while not all(s.done for s in states.values()):
+            messages = consumer.consume(num_messages=_POLL_BATCH, timeout=0.2)
+            now = time.monotonic()
+            kept: list[Message] = []
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if self._on_error(error, message, states):
+                        last_activity = now
+                    continue
+                found = states.get(message.partition() or 0)
+                offset = message.offset() or 0
+                if found is None or found.done or offset < found.next_offset:
+                    continue
+                state = found
+                if state.end is not None and offset >= state.end:
+                    self._finish(state)
+                    continue
+                value = message.value()
+                state.hasher.update(struct.pack("<q", -1 if value is None else len(value)))
+                if value:
+                    state.hasher.update(value)
+                state.next_offset = offset + 1
+                state.records += 1
+                state.eof_at = None
+                kept.append(message)
+                if state.end is not None and state.next_offset >= state.end:
+                    self._finish(state)
+            if kept:
+                on_batch(kept)
+                total += len(kept)
+                last_record = last_activity = now
+                if on_progress is not None:
+                    on_progress(total)
+            idle = now - last_record
+            for state in states.values():
+                if state.done or state.eof_at is None or idle < idle_s:
+                    continue
+                if state.end is not None and state.eof_at < state.end:
+                    raise RangeError(
+                        f"partition {state.partition} of {self.topic!r}: the log ends at offset "
+                        f"{state.eof_at}, before the end of the range {state.end}"
+                    )
+                # The end of the log: nothing new for a while after the broker said so.
+                if state.end is None:
+                    state.next_offset = max(state.next_offset, state.eof_at)
+                self._finish(state)
+            if now - last_activity > stall_s:
+                stuck = [s for s in states.values() if not s.done]
+                raise RangeError(
+                    f"no record and no end of log from {self.topic!r} "
+                    + ", ".join(f"[{s.partition}] at offset {s.next_offset}" for s in stuck)
+                    + f" within {stall_s:g}s (does the range start beyond the end of the log?)"
+                )
+        with contextlib.suppress(KafkaException):
+            consumer.unassign()
+        return _summary(states)
+
+    def _finish(self, state: _PartitionRead) -> None:
+        state.done = True
+        with contextlib.suppress(KafkaException):
+            self.consumer.pause([TopicPartition(self.topic, state.partition)])
+
+    def _on_error(self, error: KafkaError, message: Message, states: dict[int, _PartitionRead]) -> bool:
+        """Handle a consumer event; True when it is news from a partition (its end of log)."""
+        code = error.code()
+        partition = message.partition()
+        state = states.get(partition) if partition is not None else None
+        if code == KafkaError._PARTITION_EOF:
+            if state is not None and not state.done:
+                state.eof_at = int(message.offset() or 0)
+            return True
+        if code in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+            where = f"partition {partition} of {self.topic!r}"
+            at = f" at offset {state.next_offset}" if state is not None else ""
+            raise RangeError(
+                f"{where}: the range{at} is outside the log (below its start offset, "
+                f"or beyond its end): {error.str()}"
+            )
+        if error.fatal():
+            raise KafkaException(error)
+        logger.warning("consumer error: %s", error.str())
+        return False
+
+
+def _summary(states: dict[int, _PartitionRead]) -> ReadSummary:
+    content = hashlib.sha256()
+    for partition in sorted(states):
+        state = states[partition]
+        content.update(struct.pack("<iq", partition, state.records))
+        content.update(state.hasher.digest())
+    return ReadSummary(
+        starts={p: s.start for p, s in sorted(states.items())},
+        ends={p: s.end if s.end is not None else s.next_offset for p, s in sorted(states.items())},
+        records={p: s.records for p, s in sorted(states.items())},
+        content_sha256=content.hexdigest(),
+    )
+
+
+# -- decoding into the store ---------------------------------------------------------------
+
+
+class _Collector:
+    """Decodes polled batches as the worker does and appends the valid records to the store."""
+
+    def __init__(
+        self,
+        store: CompactionStore,
+        decoder: BatchDecoder,
+        topic: str,
+        make_learner: Callable[[int], OnlineLearner],
+        learner: OnlineLearner | None,
+    ) -> None:
+        self.store = store
+        self.decoder = decoder
+        self.topic = topic
+        self.make_learner = make_learner
+        self.learner = learner
+        self.valid = 0
+        self.invalid: Counter[str] = Counter()
+        self._logged_at = 0.0
+        self._since_log = 0
+
+    def __call__(self, messages: list[Message]) -> None:
+        values = [m.value() for m in messages]
+        codecs = [codec_of(m) for m in messages]
+        batch = self.decoder.decode(values, codecs)
+        errors = list(batch.errors)
+        features, labels, index = batch.features, batch.labels, batch.index
+        if len(batch) and self.learner is None:
+            self.learner = self.make_learner(int(features.shape[1]))
+        if self.learner is not None and len(batch):
+            valid = self.learner.valid_labels(labels)
+            if not valid.all():
+                for position in index[~valid]:
+                    errors.append(
+                        (int(position), DecodeError("label_out_of_range", "label does not fit the task"))
+                    )
+                features, labels, index = features[valid], labels[valid], index[valid]
+        if errors:
+            self._count_invalid(errors, messages)
+        if not len(index):
+            return
+        kept = [messages[int(i)] for i in index]
+        self.store.append(
+            features,
+            labels,
+            np.fromiter((m.partition() or 0 for m in kept), dtype=np.int32, count=len(kept)),
+            np.fromiter((m.offset() or 0 for m in kept), dtype=np.int64, count=len(kept)),
+            keys=[key_bytes(m) for m in kept],
+            timestamps=np.fromiter((timestamp_of(m) for m in kept), dtype=np.int64, count=len(kept)),
+        )
+        self.valid += len(kept)
+
+    def _count_invalid(self, errors: list[tuple[int, DecodeError]], messages: list[Message]) -> None:
+        self.invalid.update(error.reason for _, error in errors)
+        self._since_log += len(errors)
+        now = time.monotonic()
+        if now - self._logged_at >= _INVALID_LOG_INTERVAL_S:
+            position, error = errors[-1]
+            message = messages[position]
+            logger.warning(
+                "%d invalid record(s) in the range since last report; latest %s[%s]@%s: %s",
+                self._since_log,
+                self.topic,
+                message.partition(),
+                message.offset(),
+                error,
+            )
+            self._logged_at = now
+            self._since_log = 0
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def run_replay(settings: ReplaySettings) -> ReplayResult:
+    """Read the range, train, write the checkpoint and the manifest (see the module docstring)."""
+    started = time.monotonic()
+    torch.set_num_threads(settings.torch_threads)
+    if settings.device.startswith("cuda"):
+        # Deterministic cuBLAS needs this before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    plan = _plan(settings)
+    out = settings.out
+    show = settings.progress if settings.progress is not None else sys.stderr.isatty()
+    start_model = _initial_checkpoint(plan)
+    learner: OnlineLearner | None = None
+    decoder = BatchDecoder(n_features=plan.n_features, feature_names=plan.feature_names)
+    if start_model is not None:
+        learner, decoder = _learner_from_checkpoint(plan, settings.device, start_model)
+
+    def make_learner(n_features: int) -> OnlineLearner:
+        config = plan.learner_config(settings.device)
+        logger.info(
+            "model %s (%s, %d features, loss %s, %s lr=%g)",
+            plan.model,
+            plan.task,
+            n_features,
+            config.resolved_loss,
+            plan.optimizer,
+            plan.lr,
+        )
+        return OnlineLearner(config, n_features)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(_remove_shards, out)  # runs last: after the store has closed
+        store = stack.enter_context(
+            CompactionStore(out / "shards", memory_records=settings.memory_records, retain_records=None)
+        )
+        reader = stack.enter_context(RangeReader(settings, plan.topic))
+        ranges = reader.resolve(plan.start, plan.end)
+        logger.info("replaying %s: %s", plan.topic, describe_ranges(ranges))
+        collector = _Collector(store, decoder, plan.topic, make_learner, learner)
+        known = [r.end - r.start for r in ranges if r.end is not None]
+        total = sum(known) if len(known) == len(ranges) else None
+        with _progress(show, "reading", total, records=True) as advance:
+            read = reader.read(ranges, collector, on_progress=advance)
+        read_records = sum(read.records.values())
+        invalid_total = sum(collector.invalid.values())
+        if read_records == 0:
+            raise RangeError(
+                f"the range {plan.start}..{plan.end} of {plan.topic!r} holds no records: "
+                + ", ".join(f"[{p}] {read.starts[p]}..{read.ends[p]}" for p in read.starts)
+            )
+        if invalid_total:
+            logger.warning(
+                "%d invalid record(s) in the range (%s)",
+                invalid_total,
+                ", ".join(f"{reason}: {n}" for reason, n in sorted(collector.invalid.items())),
+            )
+        if plan.expected_sha256 is not None and read.content_sha256 != plan.expected_sha256:
+            raise ReplayError(
+                f"the records read from {plan.topic!r} differ from the manifest's (content sha256 "
+                f"{read.content_sha256[:16]}..., manifest {plan.expected_sha256[:16]}...): the topic "
+                "was rewritten, or it is another topic of the same name"
+            )
+        learner = collector.learner
+        if learner is None or collector.valid == 0:
+            raise ReplayError(
+                f"the range of {plan.topic!r} holds {read_records} record(s), none valid "
+                f"({', '.join(f'{r}: {n}' for r, n in sorted(collector.invalid.items()))})"
+            )
+        data = store.window()
+        # Canonical order: arrival order across partitions differs from run to run.
+        data = data.subset(np.lexsort((data.offsets, data.partitions)))
+    train, held = split_holdout(data, plan.holdout, plan.seed)
+    del data
+    if learner.scaler is not None and (start_model is None or learner.scaler.count == 0):
+        for begin in range(0, train.count, _SCALER_CHUNK):
+            learner.scaler.learn_transform(train.features[begin : begin + _SCALER_CHUNK])
+    epoch_losses = _train(learner, train, plan, show)
+    holdout_loss = evaluate(learner, held) if held.count else math.nan
+    checkpoint = _save_checkpoint(
+        out, learner=learner, decoder=decoder, plan=plan, read=read, train=train, settings=settings
+    )
+    manifest = _manifest(
+        plan,
+        read=read,
+        collector=collector,
+        train=train,
+        held=held,
+        epoch_losses=epoch_losses,
+        holdout_loss=holdout_loss,
+        checkpoint=checkpoint,
+        start_model=start_model,
+    )
+    manifest_path = out / MANIFEST_NAME
+    _write_json(manifest_path, manifest)
+    elapsed = time.monotonic() - started
+    logger.info(
+        "replayed %d record(s) of %s in %.1fs: epoch losses %s, holdout loss %s, checkpoint %d",
+        collector.valid,
+        plan.topic,
+        elapsed,
+        [round(v, 5) for v in epoch_losses],
+        manifest["holdout_loss"],
+        checkpoint.version,
+    )
+    return ReplayResult(
+        topic=plan.topic,
+        records=collector.valid,
+        invalid=invalid_total,
+        epoch_losses=epoch_losses,
+        holdout_loss=manifest["holdout_loss"],
+        checkpoint_version=checkpoint.version,
+        manifest_path=manifest_path,
+        manifest=manifest,
+        elapsed_s=elapsed,
+    )
+
+
+def _train(learner: OnlineLearner, train: EpochData, plan: _Plan, show: bool) -> list[float]:
+    """Epochs of mini-batch SGD, deterministic: seeded shuffles, deterministic kernels."""
+    losses: list[float] = []
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _progress(show, "training", plan.epochs, records=False) as advance:
+            for epoch in range(plan.epochs):
+                # One epoch per call, seeded seed + epoch: the same shuffles as one call for all epochs.
+                report = train_epochs(
+                    learner, train, epochs=1, batch_size=plan.batch_size, seed=plan.seed + epoch
+                )
+                losses.extend(report.epoch_losses)
+                advance(epoch + 1, losses[-1] if losses else math.nan)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    return losses
+
+
+# -- plan, checkpoints, manifest -------------------------------------------------------------
+
+
+def _plan(settings: ReplaySettings) -> _Plan:
+    given = settings.model_fields_set
+    if settings.manifest is None:
+        assert settings.topic is not None  # the settings validator requires one
+        return _Plan(
+            topic=settings.topic,
+            start=parse_bound(settings.from_, "from"),
+            end=parse_bound(settings.to, "to"),
+            seed=settings.seed,
+            model=settings.model,
+            task=settings.resolved_task,
+            loss=settings.loss,
+            optimizer=settings.optimizer,
+            lr=settings.lr,
+            hidden=settings.hidden,
+            n_classes=settings.n_classes,
+            standardize=settings.standardize,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            holdout=settings.holdout,
+            n_features=settings.n_features,
+            feature_names=settings.feature_names,
+            init_from=settings.init_from,
+        )
+    manifest = read_manifest(settings.manifest)
+    topic = str(manifest["topic"])
+    if settings.topic is not None and settings.topic != topic:
+        raise ConfigurationError(f"--topic {settings.topic} differs from the manifest's topic {topic}")
+    for name in ("from_", "to"):
+        if name in given:
+            raise ConfigurationError(
+                f"--{name.rstrip('_')} cannot be combined with --manifest (it fixes the range)"
+            )
+    seed = int(manifest["seed"])
+    if "seed" in given and settings.seed != seed:
+        raise ConfigurationError(f"--seed {settings.seed} differs from the manifest's seed {seed}")
+    partitions = manifest["partitions"]
+    start = Bound(
+        "offsets", offsets={int(p): int(r["start"]) for p, r in partitions.items()}, text="manifest"
+    )
+    end = Bound("offsets", offsets={int(p): int(r["end"]) for p, r in partitions.items()}, text="manifest")
+    config = dict(manifest["config"])
+    for name in _CONFIG_FIELDS:
+        if name in given:
+            config[name] = settings.resolved_task if name == "task" else getattr(settings, name)
+    init = manifest.get("init_from")
+    init_from, init_version = settings.init_from, None
+    if init_from is None and isinstance(init, dict):
+        init_from, init_version = Path(str(init["directory"])), int(init["version"])
+    if config.get("task") == "multiclass" and config.get("n_classes") is None:
+        raise ConfigurationError("a multiclass model needs n_classes (--n-classes)")
+    return _Plan(
+        topic=topic,
+        start=start,
+        end=end,
+        seed=seed,
+        model=str(config["model"]),
+        task=str(config["task"]),
+        loss=str(config["loss"]),
+        optimizer=str(config["optimizer"]),
+        lr=float(config["lr"]),
+        hidden=int(config["hidden"]),
+        n_classes=None if config.get("n_classes") is None else int(config["n_classes"]),
+        standardize=bool(config["standardize"]),
+        epochs=int(config["epochs"]),
+        batch_size=int(config["batch_size"]),
+        holdout=float(config["holdout"]),
+        n_features=None if config.get("n_features") is None else int(config["n_features"]),
+        feature_names=None if config.get("feature_names") is None else list(config["feature_names"]),
+        expected_sha256=str(manifest["content_sha256"]),
+        init_from=init_from,
+        init_version=init_version,
+    )
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """An earlier replay's manifest (``path`` may be the file or its directory)."""
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"--manifest {path}: cannot read it ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        raise ConfigurationError(f"--manifest {path} is not a {MANIFEST_FORMAT} document")
+    for key in ("topic", "partitions", "seed", "config", "content_sha256"):
+        if key not in document:
+            raise ConfigurationError(f"--manifest {path} has no {key!r}")
+    return document
+
+
+def _initial_checkpoint(plan: _Plan) -> Checkpoint | None:
+    if plan.init_from is None:
+        return None
+    # Read only, without the store's lock: the directory may belong to a running worker.
+    store = CheckpointStore(plan.init_from)
+    if not plan.init_from.is_dir():
+        raise ReplayError(f"--init-from {plan.init_from}: no such directory")
+    if plan.init_version is not None:
+        try:
+            return store.load(plan.init_version)
+        except CheckpointError as error:
+            raise ReplayError(
+                f"the manifest starts from checkpoint {plan.init_version} in {plan.init_from}, "
+                f"which cannot be loaded: {error}"
+            ) from None
+    checkpoint = store.load_latest()
+    if checkpoint is None:
+        raise ReplayError(f"--init-from {plan.init_from}: no valid checkpoint there")
+    return checkpoint
+
+
+def _learner_from_checkpoint(
+    plan: _Plan, device: str, checkpoint: Checkpoint
+) -> tuple[OnlineLearner, BatchDecoder]:
+    metadata = checkpoint.metadata
+    n_features = metadata.get("n_features")
+    where = f"--init-from {plan.init_from}: checkpoint {checkpoint.version}"
+    if not isinstance(n_features, int):
+        raise ReplayError(f"{where} holds no model")
+    if plan.n_features is not None and plan.n_features != n_features:
+        raise ReplayError(f"{where} has {n_features} features, not {plan.n_features}")
+    learner = OnlineLearner(plan.learner_config(device), n_features)
+    try:
+        learner.load_state(checkpoint.tensors, metadata)
+    except (TrainingError, RuntimeError, KeyError, ValueError) as error:
+        raise ReplayError(f"{where} does not fit this model: {error}") from None
+    names = metadata.get("feature_names")
+    decoder = BatchDecoder(n_features=n_features, feature_names=names if isinstance(names, list) else None)
+    logger.info("starting from checkpoint %d of %s", checkpoint.version, plan.init_from)
+    return learner, decoder
+
+
+def _save_checkpoint(
+    out: Path,
+    *,
+    learner: OnlineLearner,
+    decoder: BatchDecoder,
+    plan: _Plan,
+    read: ReadSummary,
+    train: EpochData,
+    settings: ReplaySettings,
+) -> Checkpoint:
+    tensors, metadata = learner.state()
+    applied = Counter(train.partitions.tolist())
+    metadata.update(
+        feature_names=list(decoder.feature_names) if decoder.feature_names is not None else None,
+        # The worker's layout: a worker resuming from this checkpoint continues after the range.
+        positions={f"{plan.topic}:{p}": end for p, end in read.ends.items()},
+        applied={f"{plan.topic}:{p}": int(applied.get(p, 0)) for p in read.ends},
+        records_applied=int(train.count),
+        config_digest=settings.digest(),
+        replay={"topic": plan.topic, "content_sha256": read.content_sha256, "seed": plan.seed},
+    )
+    with CheckpointStore(out / "checkpoints") as store:
+        return store.save(tensors, metadata)
+
+
+def _manifest(
+    plan: _Plan,
+    *,
+    read: ReadSummary,
+    collector: _Collector,
+    train: EpochData,
+    held: EpochData,
+    epoch_losses: list[float],
+    holdout_loss: float,
+    checkpoint: Checkpoint,
+    start_model: Checkpoint | None,
+) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "topic": plan.topic,
+        "from": str(plan.start),
+        "to": str(plan.end),
+        "partitions": {
+            str(p): {"start": read.starts[p], "end": read.ends[p], "records": read.records[p]}
+            for p in read.starts
+        },
+        "records": collector.valid,
+        "records_read": sum(read.records.values()),
+        "invalid": dict(sorted(collector.invalid.items())),
+        "invalid_total": sum(collector.invalid.values()),
+        "content_sha256": read.content_sha256,
+        "content_hash": "sha256 over the partitions in order: partition, record count and the sha256 "
+        "of its record values (each prefixed by its length) in offset order",
+        "seed": plan.seed,
+        "deterministic": True,
+        "config": plan.config(),
+        "n_features": train.n_features,
+        "train_records": train.count,
+        "holdout_records": held.count,
+        "epoch_losses": epoch_losses,
+        "holdout_loss": None if math.isnan(holdout_loss) else holdout_loss,
+        "checkpoint": {
+            "directory": "checkpoints",
+            "version": checkpoint.version,
+            "tensors_sha256": checkpoint.metadata.get("tensors_sha256"),
+        },
+        "init_from": None
+        if start_model is None
+        else {
+            "directory": str(plan.init_from.resolve()) if plan.init_from is not None else None,
+            "version": start_model.version,
+            "tensors_sha256": start_model.metadata.get("tensors_sha256"),
+        },
+        "created_at": datetime.now(UTC).isoformat(),
+        "streamtrainer_version": __version__,
+    }
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress(
+    enabled: bool, label: str, total: int | None, *, records: bool
+) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr (records and records/s, or epochs and loss); no-op when off."""
+    if not enabled:
+        yield lambda *args: None
+        return
+    if records:
+        columns: tuple[Any, ...] = (
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rec/s"),
+            TimeElapsedColumn(),
+        )
+    else:
+        columns = (
+            TextColumn(label),
+            BarColumn(),
+            TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+        )
+    started = time.monotonic()
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(label, total=total, rate="-", loss="-")
+
+        def advance(done: int, loss: float | None = None) -> None:
+            if records:
+                rate = done / max(time.monotonic() - started, 1e-9)
+                progress.update(task, completed=done, rate=f"{rate:,.0f}")
+            else:
+                progress.update(task, completed=done, loss=f"{loss:.4f}" if loss is not None else "-")
+
+        yield advance
+
+
+def _remove_shards(out: Path) -> None:
+    """Remove ``out/shards`` once the store (which deletes its shards when it closes) left it empty."""
+    directory = out / "shards"
+    with contextlib.suppress(OSError):
+        (directory / ".lock").unlink(missing_ok=True)
+        directory.rmdir()  # only when empty: never anything the store did not write

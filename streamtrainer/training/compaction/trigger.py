@@ -1,0 +1,117 @@
+"""When to compact: every N trained records, every T seconds, or on request.
+
+The worker asks :meth:`CompactionTrigger.due` once per poll (it is a few
+attribute reads), runs a compaction when it names a reason, then calls
+:meth:`CompactionTrigger.reset`.
+
+Requests come from outside the training loop: an HTTP handler thread, a
+``SIGUSR1`` handler, or a drift detector. :meth:`CompactionTrigger.request`
+therefore takes no lock — a signal handler runs on the main thread between two
+bytecodes, possibly while that thread holds the very lock it would wait for.
+It writes the reason and then bumps a sequence number (``next`` on an
+``itertools.count`` and attribute stores are atomic under the GIL). ``due``
+notes the sequence number it has seen and ``reset`` marks only requests up to
+that one as served, so a request that arrives while a compaction runs is not
+lost: it makes the next poll compact again.
+
+A drift detector plugs in through :class:`CompactionRequester`: give it the
+trigger and let it call ``request("drift")`` when it fires, e.g.::
+
+    class PageHinkley:
+        def __init__(self, requester: CompactionRequester) -> None: ...
+        def update(self, losses: np.ndarray) -> None:
+            if self._statistic() > self.threshold:
+                self.requester.request("drift")
+
+The worker feeds it the pre-update losses of each batch; the compaction then
+replays the recent window, the records that best describe the new concept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from streamtrainer.training.exceptions import CompactionError
+
+logger = logging.getLogger(__name__)
+
+RECORDS: Final = "records"
+INTERVAL: Final = "interval"
+ON_DEMAND: Final = "on_demand"
+
+
+class CompactionRequester(Protocol):
+    """What a drift detector, a signal handler or an HTTP endpoint needs: a way to ask for a compaction."""
+
+    def request(self, reason: str = ON_DEMAND) -> None: ...
+
+
+class CompactionTrigger:
+    """Decides when a compaction is due (see the module docstring).
+
+    ``every_records``: after that many records trained since the last
+    compaction. ``every_seconds``: that long after the last compaction (or the
+    creation), but only once a record has been trained since — an idle stream
+    has nothing new to compact. Both None: only on request.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_records: int | None,
+        every_seconds: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if every_records is not None and every_records < 1:
+            raise CompactionError(f"every_records must be >= 1 or None, got {every_records}")
+        if every_seconds is not None and not every_seconds > 0:
+            raise CompactionError(f"every_seconds must be > 0 or None, got {every_seconds}")
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._since = clock()
+        self._records = 0
+        self._sequence = itertools.count(1)
+        self._requested = 0  # number of the newest request
+        self._reason = ON_DEMAND  # reason of the newest request
+        self._seen = 0  # newest request number that due() reported
+        self._served = 0  # newest request number a compaction has served
+
+    @property
+    def records_since_compaction(self) -> int:
+        return self._records
+
+    def observe(self, n_records: int) -> None:
+        """Count records trained since the last compaction (worker thread only)."""
+        self._records += n_records
+
+    def request(self, reason: str = ON_DEMAND) -> None:
+        """Ask for a compaction at the next poll; safe from any thread and from a signal handler."""
+        self._reason = reason
+        self._requested = next(self._sequence)
+
+    def due(self) -> str | None:
+        """The reason a compaction is due now, or None. A request wins over the schedules."""
+        requested = self._requested
+        if requested > self._served:
+            self._seen = requested
+            return self._reason
+        if self.every_records is not None and self._records >= self.every_records:
+            return RECORDS
+        if (
+            self.every_seconds is not None
+            and self._records > 0
+            and self._clock() - self._since >= self.every_seconds
+        ):
+            return INTERVAL
+        return None
+
+    def reset(self) -> None:
+        """A compaction ran: restart both schedules; requests seen by the last ``due`` are served."""
+        self._records = 0
+        self._since = self._clock()
+        self._served = max(self._served, self._seen)

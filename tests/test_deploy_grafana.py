@@ -1,0 +1,152 @@
+"""deploy/grafana: the provisioning and a dashboard a current Grafana loads.
+
+Grafana cannot run here: what its queries return is checked against a live Prometheus in
+test_deploy_prometheus.py. This checks the JSON model and the provisioning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "streamtrainer.json"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "streamtrainer.yml"
+COMPOSE = ROOT / "docker-compose.yml"
+
+# Panel types of current Grafana (no Angular "graph"/"singlestat": Grafana 11+ no longer runs them).
+PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "text", "heatmap", "state-timeline"}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+@pytest.fixture(scope="module")
+def datasource() -> dict[str, Any]:
+    sources = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert len(sources) == 1
+    return dict(sources[0])
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def test_the_dashboard_is_a_current_grafana_model(dashboard: dict[str, Any]) -> None:
+    # Grafana migrates older schema versions forward; 39 is Grafana 10.4/11.x, 41 is 12.x.
+    assert isinstance(dashboard["schemaVersion"], int) and 36 <= dashboard["schemaVersion"] <= 41
+    assert dashboard["uid"] == "streamtrainer" and dashboard["title"]
+    assert dashboard.get("id") is None  # a provisioned dashboard gets its id from Grafana
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["type"] in PANEL_TYPES, panel["title"]
+    # Wrapped ({"dashboard": ...}) JSON is the HTTP API's shape; file provisioning wants the bare model.
+    assert "dashboard" not in dashboard
+
+
+def test_panels_fill_the_grid_without_overlapping(dashboard: dict[str, Any]) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_every_query_names_the_provisioned_datasource_by_uid(
+    dashboard: dict[str, Any], datasource: dict[str, Any]
+) -> None:
+    expected = {"type": datasource["type"], "uid": datasource["uid"]}
+    assert expected == {"type": "prometheus", "uid": "prometheus"}
+    for panel in _panels(dashboard):
+        assert panel["datasource"] == expected, panel["title"]
+        assert panel["targets"], panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == expected, panel["title"]
+            assert target["expr"].strip(), panel["title"]
+    for variable in dashboard["templating"]["list"]:
+        assert variable["datasource"] == expected, variable["name"]
+
+
+def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["job", "instance", "topic"]
+    for name, variable in variables.items():
+        query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        assert re.fullmatch(rf"label_values\(.+,\s*{name}\)", query), query
+        assert variable["includeAll"] and variable["multi"], name
+    for panel in _panels(dashboard):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            # `up` is Prometheus's own series: it knows no topic (a down worker exports nothing).
+            assert "$topic" in expr or expr.startswith("sum(up{"), f"{panel['title']}: not filtered by topic"
+            if "producer" not in expr:
+                assert "$job" in expr and "$instance" in expr, f"{panel['title']}: not filtered by worker"
+            # Grafana's rate window, except for checkpoints: they come every few tens of seconds.
+            windows = set(re.findall(r"\[([^\]]+)\]", expr))
+            allowed = {"$__rate_interval", "5m"} if "checkpoint" in expr else {"$__rate_interval"}
+            assert windows <= allowed, f"{panel['title']}: range {windows}"
+
+
+@pytest.mark.parametrize(
+    ("what", "metric"),
+    [
+        ("records consumed", "streamtrainer_records_consumed_total"),
+        ("records trained", "streamtrainer_records_trained_total"),
+        ("records produced", "streamtrainer_producer_records_delivered_total"),
+        ("prequential loss", "streamtrainer_prequential_loss"),
+        ("accuracy", "streamtrainer_prequential_accuracy"),
+        ("MAE", "streamtrainer_prequential_mae"),
+        ("consumer lag", "streamtrainer_consumer_lag_records"),
+        ("update latency quantiles", "streamtrainer_update_latency_seconds_bucket"),
+        ("checkpoint age", "streamtrainer_last_checkpoint_timestamp_seconds"),
+        ("checkpoint duration", "streamtrainer_checkpoint_duration_seconds_bucket"),
+        ("model version", "streamtrainer_model_version"),
+        ("invalid records", "streamtrainer_records_invalid_total"),
+    ],
+)
+def test_the_dashboard_shows(dashboard: dict[str, Any], what: str, metric: str) -> None:
+    exprs = [t["expr"] for p in _panels(dashboard) for t in p["targets"]]
+    assert any(re.search(rf"\b{metric}\b", e) for e in exprs), f"no panel shows {what}"
+
+
+def test_per_partition_panels_split_by_partition(dashboard: dict[str, Any]) -> None:
+    by_title = {p["title"]: p for p in _panels(dashboard)}
+    for title in ("Trained records/s per partition", "Consumer lag per partition"):
+        expr = by_title[title]["targets"][0]["expr"]
+        assert re.search(r"by \(topic, partition\)", expr), expr
+    latency = [t["expr"] for t in by_title["Update latency"]["targets"]]
+    assert [re.search(r"histogram_quantile\(([\d.]+)", e).group(1) for e in latency] == ["0.5", "0.9", "0.99"]  # type: ignore[union-attr]
+
+
+def test_provisioning_points_at_the_compose_services() -> None:
+    source = yaml.safe_load(DATASOURCES.read_text())
+    assert source["apiVersion"] == 1
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert "prometheus" in compose["services"]
+    assert "9090" in str(compose["services"]["prometheus"]["ports"])
+
+    providers = yaml.safe_load(PROVIDERS.read_text())
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"

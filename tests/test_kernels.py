@@ -1,0 +1,503 @@
+"""The fused per-record loop against the autograd loop it replaces: same parameters, same state."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from streamtrainer.training import kernels
+from streamtrainer.training.kernels import FusedUnsupportedError, fused_learn, fused_supported
+from streamtrainer.training.learner import LearnerConfig, OnlineLearner, StepResult, make_optimizer
+from streamtrainer.training.models import build_model
+from streamtrainer.training.scaler import RunningStandardizer
+
+# (model, task, loss, n_outputs)
+MODELS = [
+    ("linear", "regression", "mse", 1),
+    ("linear", "regression", "l1", 1),
+    ("logistic", "binary", "bce", 1),
+    ("softmax", "multiclass", "ce", 3),
+    ("mlp", "regression", "mse", 1),
+    ("mlp", "binary", "bce", 1),
+    ("mlp", "multiclass", "ce", 3),
+]
+OPTIMIZERS = ["sgd", "adam", "adagrad"]
+# Moderate rates: with large steps the float32 rounding differences between two correct
+# implementations grow chaotically, which would test the data, not the kernel.
+LR = {"sgd": 0.01, "adam": 0.005, "adagrad": 0.05}
+D = 6
+HIDDEN = 16
+VARIANTS = tuple((kind, optimizer) for kind in ("linear", "mlp") for optimizer in OPTIMIZERS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled() -> None:
+    kernels.warm_up(VARIANTS)  # compile (or load) once, outside the timed tests
+
+
+def _data(task: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype(np.float32)  # as the standardizer hands them over
+    z = x @ rng.normal(size=D)
+    if task == "regression":
+        return x, (z + 0.1 * rng.normal(size=n)).astype(np.float32)
+    if task == "binary":
+        return x, (z > 0).astype(np.float32)
+    return x, np.digitize(z, np.quantile(z, [1 / 3, 2 / 3])).astype(np.float32)
+
+
+def _per_record_loss(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if loss == "ce":
+        return F.cross_entropy(out, y.long(), reduction="none")
+    scores = out.reshape(-1)
+    if loss == "mse":
+        return F.mse_loss(scores, y, reduction="none")
+    if loss == "l1":
+        return F.l1_loss(scores, y, reduction="none")
+    return F.binary_cross_entropy_with_logits(scores, y, reduction="none")
+
+
+def _autograd(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss: str, x: np.ndarray, y: np.ndarray, *, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The naive loop, as OnlineLearner._learn runs it: per-record losses and predictions."""
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    losses, predictions = [], []
+    for start in range(0, len(x), batch):
+        out = model(xs[start : start + batch])
+        per_record = _per_record_loss(loss, out, ys[start : start + batch])
+        optimizer.zero_grad(set_to_none=True)
+        per_record.mean().backward()
+        optimizer.step()
+        losses.append(per_record.detach().double().numpy())
+        out = out.detach()
+        if loss == "ce":
+            predictions.append(out.argmax(dim=-1).double().numpy())
+        elif loss == "bce":
+            predictions.append((out.reshape(-1) > 0).double().numpy())
+        else:
+            predictions.append(out.reshape(-1).double().numpy())
+    return np.concatenate(losses), np.concatenate(predictions)
+
+
+def _pair(
+    name: str, n_outputs: int, optimizer: str
+) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, torch.optim.Optimizer]:
+    model = build_model(name, n_features=D, n_outputs=n_outputs, hidden=HIDDEN, seed=3)
+    twin = copy.deepcopy(model)
+    return (
+        model,
+        make_optimizer(optimizer, model.parameters(), LR[optimizer]),
+        twin,
+        make_optimizer(optimizer, twin.parameters(), LR[optimizer]),
+    )
+
+
+def _assert_same_state(
+    a: nn.Module, opt_a: torch.optim.Optimizer, b: nn.Module, opt_b: torch.optim.Optimizer
+) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for index, entries in state_a.items():
+        assert entries.keys() == state_b[index].keys()
+        for key, value in entries.items():
+            other = state_b[index][key]
+            assert value.dtype == other.dtype and value.shape == other.shape, key
+            torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("case", MODELS, ids=lambda case: "-".join(map(str, case)))
+def test_fused_equals_autograd(case: tuple[str, str, str, int], optimizer: str, batch: int) -> None:
+    name, task, loss, n_outputs = case
+    n = 200 if batch == 1 else 205  # 205: the last micro-batch is a partial one
+    x, y = _data(task, n)
+    model, opt, twin, twin_opt = _pair(name, n_outputs, optimizer)
+    assert fused_supported(twin, twin_opt, loss=loss, task=task)
+
+    expected_losses, expected_predictions = _autograd(model, opt, loss, x, y, batch=batch)
+    losses, predictions = fused_learn(twin, twin_opt, x, y, loss=loss, task=task, batch_size=batch)
+
+    _assert_same_state(model, opt, twin, twin_opt)
+    # Losses and predictions are those of the model before each record's (group's) step.
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predictions, expected_predictions, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_state_continuity_fused_then_autograd(name: str, optimizer: str) -> None:
+    """Fused N records, then autograd M == autograd N + M: the optimizer state carries over."""
+    x, y = _data("regression", 150, seed=1)
+    model, opt, twin, twin_opt = _pair(name, 1, optimizer)
+    _autograd(model, opt, "mse", x, y, batch=1)
+    fused_learn(twin, twin_opt, x[:100], y[:100], loss="mse", task="regression")
+    _autograd(twin, twin_opt, "mse", x[100:], y[100:], batch=1)
+    _assert_same_state(model, opt, twin, twin_opt)
+    if optimizer != "sgd":
+        assert all(float(s["step"]) == 150.0 for s in twin_opt.state.values())
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_state_continuity_autograd_then_fused_and_checkpoint(optimizer: str) -> None:
+    """Autograd first, fused after; a state_dict round trip in between changes nothing."""
+    x, y = _data("binary", 120, seed=2)
+    model, opt, twin, twin_opt = _pair("mlp", 1, optimizer)
+    _autograd(model, opt, "bce", x, y, batch=4)
+    _autograd(twin, twin_opt, "bce", x[:40], y[:40], batch=4)
+    # What a checkpoint does: save both state dicts, load them into fresh objects.
+    restored = build_model("mlp", n_features=D, n_outputs=1, hidden=HIDDEN, seed=99)
+    restored.load_state_dict(twin.state_dict())
+    restored_opt = make_optimizer(optimizer, restored.parameters(), LR[optimizer])
+    restored_opt.load_state_dict(twin_opt.state_dict())
+    fused_learn(restored, restored_opt, x[40:], y[40:], loss="bce", task="binary", batch_size=4)
+    _assert_same_state(model, opt, restored, restored_opt)
+
+
+def test_fresh_adam_state_is_created_as_torch_creates_it() -> None:
+    model, opt, twin, twin_opt = _pair("linear", 1, "adam")
+    x, y = _data("regression", 1)
+    _autograd(model, opt, "mse", x, y, batch=1)
+    fused_learn(twin, twin_opt, x, y, loss="mse", task="regression")
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        a, b = opt.state[p], twin_opt.state[q]
+        assert list(a) == list(b) == ["step", "exp_avg", "exp_avg_sq"]
+        assert b["step"].dtype == a["step"].dtype == torch.float32 and b["step"].dim() == 0
+
+
+def test_parameters_are_updated_in_place() -> None:
+    model = build_model("mlp", n_features=D, n_outputs=1, hidden=HIDDEN)
+    opt = make_optimizer("sgd", model.parameters(), 0.1)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _data("regression", 10)
+    fused_learn(model, opt, x, y, loss="mse", task="regression")
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_inputs_of_any_layout_and_empty_batches() -> None:
+    model, opt, twin, twin_opt = _pair("linear", 1, "adam")
+    x, y = _data("regression", 30)
+    # Read-only rows straight from a buffer (as a binary decode gives them), and float64 labels.
+    frozen = np.frombuffer(x.tobytes(), dtype=np.float32).reshape(x.shape)
+    fused_learn(model, opt, frozen, y.astype(np.float64), loss="mse", task="regression")
+    fused_learn(twin, twin_opt, np.asfortranarray(x), y, loss="mse", task="regression")
+    _assert_same_state(model, opt, twin, twin_opt)
+    losses, predictions = fused_learn(
+        twin, twin_opt, np.empty((0, D), np.float32), np.empty(0, np.float32), loss="mse", task="regression"
+    )
+    assert losses.shape == predictions.shape == (0,)
+    _assert_same_state(model, opt, twin, twin_opt)
+
+
+def test_learning_rate_changes_between_calls_are_honoured() -> None:
+    model, opt, twin, twin_opt = _pair("linear", 1, "sgd")
+    x, y = _data("regression", 40)
+    _autograd(model, opt, "mse", x[:20], y[:20], batch=1)
+    fused_learn(twin, twin_opt, x[:20], y[:20], loss="mse", task="regression")
+    for group in (*opt.param_groups, *twin_opt.param_groups):
+        group["lr"] = 0.002  # what a scheduler or a restart with another --lr does
+    _autograd(model, opt, "mse", x[20:], y[20:], batch=1)
+    fused_learn(twin, twin_opt, x[20:], y[20:], loss="mse", task="regression")
+    _assert_same_state(model, opt, twin, twin_opt)
+
+
+def _hooked_model() -> nn.Module:
+    model = nn.Linear(D, 1)
+    model.register_forward_hook(lambda module, args, out: out)
+    return model
+
+
+def _float64_model() -> nn.Module:
+    return nn.Linear(D, 1).double()
+
+
+@pytest.mark.parametrize(
+    ("make_model", "make_opt", "loss", "task"),
+    [
+        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 1)), "sgd", "mse", "regression"),
+        (lambda: nn.Linear(D, 1, bias=False), "sgd", "mse", "regression"),
+        (_float64_model, "sgd", "mse", "regression"),
+        (_hooked_model, "sgd", "mse", "regression"),
+        (lambda: nn.Linear(D, 1), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "mse", "regression"),
+        (
+            lambda: nn.Linear(D, 1),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=1e-4),
+            "mse",
+            "regression",
+        ),
+        (lambda: nn.Linear(D, 1), lambda ps: torch.optim.Adam(ps, amsgrad=True), "mse", "regression"),
+        (lambda: nn.Linear(D, 1), torch.optim.AdamW, "mse", "regression"),
+        (lambda: nn.Linear(D, 1), torch.optim.RMSprop, "mse", "regression"),
+        (lambda: nn.Linear(D, 1), "sgd", "audit", "regression"),
+        (lambda: nn.Linear(D, 1), "sgd", "bce", "regression"),
+        (lambda: nn.Linear(D, 2), "sgd", "mse", "regression"),
+        (lambda: nn.Linear(D, 1), "sgd", "ce", "multiclass"),
+    ],
+)
+def test_unsupported_combinations_keep_the_autograd_path(
+    make_model: Callable[[], nn.Module],
+    make_opt: str | Callable[..., torch.optim.Optimizer],
+    loss: str,
+    task: str,
+) -> None:
+    model = make_model()
+    params = list(model.parameters())
+    opt = make_optimizer(make_opt, params, 0.1) if isinstance(make_opt, str) else make_opt(params)
+    assert not fused_supported(model, opt, loss=loss, task=task)
+    assert kernels.unsupported_reason(model, opt, loss=loss, task=task)
+    with pytest.raises(FusedUnsupportedError):
+        fused_learn(model, opt, *_data(task, 4), loss=loss, task=task)
+
+
+def test_several_parameter_groups_are_not_fused() -> None:
+    model = nn.Linear(D, 1)
+    groups: list[dict[str, Any]] = [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    assert not fused_supported(model, opt, loss="mse", task="regression")
+
+
+def test_background_compile_reports_ready() -> None:
+    kernels.prepare("mlp", "adagrad")
+    kernels.prepare("package.module:factory", "rmsprop")  # not built in: only the common preparation
+    model = nn.Linear(D, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert kernels.wait_until_ready(model, opt, loss="mse", task="regression", timeout_s=120)
+    assert kernels.kernels_ready(model, opt, loss="mse", task="regression")
+    assert kernels.compile_state() == "ready"
+    assert not kernels.kernels_ready(_hooked_model(), opt, loss="mse", task="regression")
+
+
+def test_fused_standardize_equals_the_scaler() -> None:
+    rng = np.random.default_rng(5)
+    reference, fused = RunningStandardizer(D), RunningStandardizer(D)
+    for size in (1, 7, 300, 0, 64):
+        x = (rng.normal(size=(size, D)) * rng.uniform(0.5, 20, D) + rng.uniform(-5, 5, D)).astype(np.float32)
+        np.testing.assert_allclose(
+            kernels.fused_standardize(fused, x), reference.learn_transform(x), atol=1e-5
+        )
+    assert fused.count == reference.count == 372
+    np.testing.assert_allclose(fused.mean, reference.mean, rtol=1e-10)
+    np.testing.assert_allclose(fused.m2, reference.m2, rtol=1e-10)
+    # The state stays the scaler's own: a checkpoint round trip and transform() see it.
+    row = rng.normal(size=(1, D)).astype(np.float32)
+    np.testing.assert_allclose(fused.transform(row), reference.transform(row), atol=1e-6)
+
+
+# -- OnlineLearner.learn_many on the fused path ------------------------------------------
+
+# (model, task, n_classes): the built-in models as a worker names them
+LEARNERS = [
+    ("linear", "regression", None),
+    ("logistic", "binary", None),
+    ("softmax", "multiclass", 3),
+    ("mlp", "regression", None),
+]
+N = 2000
+CHUNK = 500  # records per learn_many call, as a worker's polls hand them over
+
+
+def _config(
+    case: tuple[str, str, int | None], optimizer: str, standardize: bool, **overrides: object
+) -> LearnerConfig:
+    name, task, n_classes = case
+    values: dict[str, object] = {
+        "model": name,
+        "task": task,
+        "n_classes": n_classes,
+        "optimizer": optimizer,
+        "lr": LR[optimizer],
+        "hidden": HIDDEN,
+        "standardize": standardize,
+        "seed": 3,
+    }
+    return LearnerConfig(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+def _wait_for_kernels(learner: OnlineLearner) -> None:
+    """Block until the learner's compiled loop is ready, so that learn_many takes it."""
+    loss, task = learner.config.resolved_loss, learner.config.task
+    assert kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300)
+    assert kernels.kernels_ready(learner.model, learner.optimizer, loss=loss, task=task)
+
+
+def _learn(
+    learner: OnlineLearner, x: np.ndarray, y: np.ndarray, batch: int, chunk: int = CHUNK
+) -> StepResult:
+    results = [
+        learner.learn_many(x[start : start + chunk], y[start : start + chunk], batch_size=batch)
+        for start in range(0, len(x), chunk)
+    ]
+    for result in results:
+        assert result.losses.dtype == result.predictions.dtype == np.float64
+    return StepResult(
+        np.concatenate([r.losses for r in results]), np.concatenate([r.predictions for r in results])
+    )
+
+
+@cache
+def _autograd_reference(
+    case: tuple[str, str, int | None], optimizer: str, standardize: bool, batch: int
+) -> tuple[OnlineLearner, StepResult]:
+    """The same records through autograd (fused=False); shared by the tests below, never modified."""
+    learner = OnlineLearner(_config(case, optimizer, standardize, fused=False), D)
+    x, y = _data(case[1], N, seed=4)
+    return learner, _learn(learner, x, y, batch)
+
+
+def _assert_same_learner(a: OnlineLearner, b: OnlineLearner) -> None:
+    _assert_same_state(a.model, a.optimizer, b.model, b.optimizer)
+    assert a.updates == b.updates
+    assert (a.scaler is None) == (b.scaler is None)
+    if a.scaler is not None and b.scaler is not None:
+        assert a.scaler.count == b.scaler.count
+        np.testing.assert_allclose(a.scaler.mean, b.scaler.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a.scaler.m2, b.scaler.m2, rtol=1e-9, atol=1e-12)
+
+
+def _assert_same_results(result: StepResult, expected: StepResult) -> None:
+    np.testing.assert_allclose(result.losses, expected.losses, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.predictions, expected.predictions, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records per kernels.fused_learn call made by the learner."""
+    calls: list[int] = []
+    original = kernels.fused_learn
+
+    def spy(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(args[2]))  # type: ignore[arg-type]
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "fused_learn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("standardize", [True, False], ids=["standardize", "raw"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("case", LEARNERS, ids=lambda case: case[0])
+def test_learner_fused_equals_autograd_and_checkpoints(
+    case: tuple[str, str, int | None], optimizer: str, standardize: bool, batch: int, fused_calls: list[int]
+) -> None:
+    """learn_many fused == fused=False on 2,000 records; a checkpoint taken halfway resumes the same."""
+    reference, expected = _autograd_reference(case, optimizer, standardize, batch)
+    x, y = _data(case[1], N, seed=4)
+    learner = OnlineLearner(_config(case, optimizer, standardize), D)
+    _wait_for_kernels(learner)
+
+    first = _learn(learner, x[: N // 2], y[: N // 2], batch)
+    # A checkpoint of the fused learner: its optimizer state, updated in place, is the real one.
+    tensors, metadata = learner.state()
+    metadata = json.loads(json.dumps(metadata))  # as the checkpoint stores it
+    restored = OnlineLearner(_config(case, optimizer, standardize, seed=99), D)
+    restored.load_state(tensors, metadata)
+    _wait_for_kernels(restored)
+    second = _learn(learner, x[N // 2 :], y[N // 2 :], batch)
+    resumed = _learn(restored, x[N // 2 :], y[N // 2 :], batch)
+
+    assert fused_calls == [CHUNK] * (3 * N // 2 // CHUNK)  # every call fused: 2 x 1,000 + 1,000 resumed
+    assert learner.updates == reference.updates == (N // CHUNK) * -(-CHUNK // batch)
+    _assert_same_results(
+        StepResult(
+            np.concatenate([first.losses, second.losses]),
+            np.concatenate([first.predictions, second.predictions]),
+        ),
+        expected,
+    )
+    _assert_same_learner(learner, reference)
+    _assert_same_results(resumed, StepResult(expected.losses[N // 2 :], expected.predictions[N // 2 :]))
+    _assert_same_learner(restored, reference)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("case", LEARNERS, ids=lambda case: case[0])
+def test_learner_switches_from_autograd_to_fused_seamlessly(
+    case: tuple[str, str, int | None], optimizer: str, fused_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its loop is compiled a learner trains through autograd; switching over changes nothing."""
+    reference, expected = _autograd_reference(case, optimizer, True, 1)
+    x, y = _data(case[1], N, seed=4)
+    learner = OnlineLearner(_config(case, optimizer, True), D)
+    _wait_for_kernels(learner)
+    asked: list[bool] = []
+    ready = kernels.kernels_ready
+
+    def not_yet_compiled(*args: object, **kwargs: object) -> bool:
+        asked.append(ready(*args, **kwargs))  # type: ignore[arg-type]
+        return len(asked) > 3  # the first three batches: still compiling
+
+    monkeypatch.setattr(kernels, "kernels_ready", not_yet_compiled)
+    result = _learn(learner, x, y, 1, chunk=250)
+
+    assert len(asked) == N // 250 and all(asked)
+    assert fused_calls == [250] * (N // 250 - 3)
+    _assert_same_results(result, expected)
+    _assert_same_learner(learner, reference)
+
+
+def _custom_model_config() -> LearnerConfig:
+    return LearnerConfig(model="tests.custom_model:make_model", task="regression", optimizer="adam", lr=0.01)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LearnerConfig(model="linear", fused=False),
+        LearnerConfig(model="mlp", task="binary", optimizer="adagrad", hidden=HIDDEN, fused=False),
+        _custom_model_config(),
+        LearnerConfig(model="audit", task="regression", optimizer="sgd", lr=1.0, standardize=False),
+    ],
+    ids=["linear-off", "mlp-off", "custom", "audit"],
+)
+def test_learners_the_kernels_do_not_cover_stay_on_autograd(
+    config: LearnerConfig, fused_calls: list[int]
+) -> None:
+    x, y = _data(config.task, 300, seed=5)
+    learner = OnlineLearner(config, D)
+    kernels.wait_until_ready(timeout_s=300)
+    result = learner.learn_many(x, y)
+    assert fused_calls == []
+    assert learner.updates == 300 and np.isfinite(result.losses).all()
+
+
+def test_invalid_class_index_takes_the_autograd_path_and_fails_there(fused_calls: list[int]) -> None:
+    learner = OnlineLearner(_config(LEARNERS[2], "sgd", True), D)
+    _wait_for_kernels(learner)
+    x, y = _data("multiclass", 10)
+    learner.learn_many(x, y)
+    assert fused_calls == [10]
+    y[4] = 3.0  # n_classes is 3: the compiled loop does not check it, torch does
+    with pytest.raises(IndexError):
+        learner.learn_many(x, y)
+    assert fused_calls == [10]
+
+
+def test_learn_one_and_partial_micro_batches_count_updates(fused_calls: list[int]) -> None:
+    fused = OnlineLearner(_config(LEARNERS[3], "adam", True), D)
+    plain = OnlineLearner(_config(LEARNERS[3], "adam", True, fused=False), D)
+    _wait_for_kernels(fused)
+    x, y = _data("regression", 45, seed=6)
+    for learner in (fused, plain):
+        losses = [learner.learn_one(x[i], float(y[i])) for i in range(5)]
+        learner.learn_many(x[5:], y[5:], batch_size=8)  # 40 records: 5 full groups
+        learner.learn_many(x[:3], y[:3], batch_size=8)  # one partial group
+        learner.learn_many(x[:0], y[:0], batch_size=8)  # nothing
+        assert learner.updates == 5 + 5 + 1
+        assert np.isfinite(losses).all()
+    assert fused_calls == [1] * 5 + [40, 3, 0]
+    _assert_same_learner(fused, plain)
