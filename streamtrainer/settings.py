@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,11 +111,9 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
     progress: bool | None = Field(default=None, description="Progress bar (default: when on a terminal).")
 
 
-class WorkerSettings(KafkaSettings, MetricsSettings):
-    """`streamtrainer worker`."""
+class ModelSettings(_Settings):
+    """The model and how it learns: shared by the worker and replay."""
 
-    topic: str = Field(description="Topic to train from.")
-    group: str = Field(default="streamtrainer", description="Consumer group id.")
     model: ModelName = Field(
         default="linear", description="linear | logistic | softmax | mlp | package.module:factory."
     )
@@ -127,6 +125,44 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
     optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
     lr: float = Field(default=0.01, gt=0, description="Learning rate.")
     hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
+    n_features: int | None = Field(
+        default=None, ge=1, description="Feature dimension (default: from the first record)."
+    )
+    feature_names: list[str] | None = Field(
+        default=None, description="Feature order for object-form features (default: first record's)."
+    )
+    n_classes: int | None = Field(default=None, ge=2, description="multiclass: number of classes.")
+    standardize: bool = Field(default=True, description="Feature standardization (running mean/variance).")
+    seed: int = Field(default=0, description="Seed for model initialisation (and replay's shuffles).")
+    device: str = Field(default="cpu", description="Torch device.")
+    torch_threads: int = Field(
+        default=1, ge=1, description="Torch intra-op threads (1 is fastest beside the broker)."
+    )
+
+    @model_validator(mode="after")
+    def _check_model(self) -> Self:
+        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
+        if self.model not in builtin and ":" not in self.model:
+            raise ValueError(
+                f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
+                "nor package.module:factory"
+            )
+        if self.resolved_task == "multiclass" and self.n_classes is None:
+            raise ValueError("a multiclass model needs n_classes (--n-classes)")
+        return self
+
+    @property
+    def resolved_task(self) -> Task:
+        if self.task is not None:
+            return self.task
+        return BUILTIN_TASKS.get(self.model, "regression")
+
+
+class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
+    """`streamtrainer worker`."""
+
+    topic: str = Field(description="Topic to train from.")
+    group: str = Field(default="streamtrainer", description="Consumer group id.")
     fused: bool = Field(
         default=True,
         description="Compiled per-record loops for the built-in models on the CPU (off: autograd).",
@@ -135,19 +171,6 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
         default=1,
         ge=1,
         description="Records per optimizer step: 1 is strict per-record learning; B>1 micro-batches.",
-    )
-    n_features: int | None = Field(
-        default=None, ge=1, description="Feature dimension (default: from the first record)."
-    )
-    feature_names: list[str] | None = Field(
-        default=None, description="Feature order for object-form features (default: first record's)."
-    )
-    n_classes: int | None = Field(default=None, ge=2, description="multiclass: number of classes.")
-    standardize: bool = Field(default=True, description="Online feature standardization.")
-    seed: int = Field(default=0, description="Seed for model initialisation.")
-    device: str = Field(default="cpu", description="Torch device.")
-    torch_threads: int = Field(
-        default=1, ge=1, description="Torch intra-op threads (1 is fastest beside the broker)."
     )
     prequential_window: int = Field(
         default=1000, ge=1, description="Records in the prequential loss window (EW span and summary window)."
@@ -222,30 +245,15 @@ class WorkerSettings(KafkaSettings, MetricsSettings):
     )
 
     @model_validator(mode="after")
-    def _check_model(self) -> WorkerSettings:
-        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
-        if self.model not in builtin and ":" not in self.model:
-            raise ValueError(
-                f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
-                "nor package.module:factory"
-            )
-        task = self.resolved_task
-        if task == "multiclass" and self.n_classes is None:
-            raise ValueError("a multiclass model needs n_classes (--n-classes)")
+    def _check_compaction(self) -> WorkerSettings:
         if self.model == "audit" and self.compaction:
             # The audit model's weights are the sum of the records applied once each; batch epochs
             # would apply them again and hide exactly what it is there to show.
             raise ValueError("the audit model counts each record exactly once: use --no-compaction")
         return self
 
-    @property
-    def resolved_task(self) -> Task:
-        if self.task is not None:
-            return self.task
-        return BUILTIN_TASKS.get(self.model, "regression")
 
-
-class ReplaySettings(KafkaSettings):
+class ReplaySettings(KafkaSettings, ModelSettings):
     """`streamtrainer replay`: train a model in epochs on a bounded, recorded range of a topic."""
 
     # Validated by name in code, by STREAMTRAINER_FROM in the environment (`from` is a Python keyword).
@@ -279,28 +287,6 @@ class ReplaySettings(KafkaSettings):
         description="Replay exactly the topic, range and seed of this manifest.json (config: its "
         "values unless given).",
     )
-    model: ModelName = Field(
-        default="linear", description="linear | logistic | softmax | mlp | package.module:factory."
-    )
-    task: Task | None = Field(
-        default=None,
-        description="regression | binary | multiclass (default: from the model; mlp/custom: regression).",
-    )
-    loss: LossName = Field(default="auto", description="Loss (auto: mse, bce or ce by task).")
-    optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
-    lr: float = Field(default=0.01, gt=0, description="Learning rate.")
-    hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
-    n_features: int | None = Field(
-        default=None, ge=1, description="Feature dimension (default: from the first record)."
-    )
-    feature_names: list[str] | None = Field(
-        default=None, description="Feature order for object-form features (default: first record's)."
-    )
-    n_classes: int | None = Field(default=None, ge=2, description="multiclass: number of classes.")
-    standardize: bool = Field(default=True, description="Feature standardization.")
-    seed: int = Field(default=0, description="Seed for model initialisation, shuffling and the holdout.")
-    device: str = Field(default="cpu", description="Torch device.")
-    torch_threads: int = Field(default=1, ge=1, description="Torch intra-op threads.")
     memory_records: int = Field(
         default=50000, ge=1, description="Records kept in memory while reading; the rest spill to disk."
     )
@@ -311,25 +297,10 @@ class ReplaySettings(KafkaSettings):
     log_level: LogLevel = Field(default="info", description="Log level.")
 
     @model_validator(mode="after")
-    def _check_model(self) -> ReplaySettings:
-        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
-        if self.model not in builtin and ":" not in self.model:
-            raise ValueError(
-                f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
-                "nor package.module:factory"
-            )
-        if self.manifest is None:
-            if not self.topic:
-                raise ValueError("--topic is required (or --manifest)")
-            if self.resolved_task == "multiclass" and self.n_classes is None:
-                raise ValueError("a multiclass model needs n_classes (--n-classes)")
+    def _check_topic(self) -> ReplaySettings:
+        if self.manifest is None and not self.topic:
+            raise ValueError("--topic is required (or --manifest)")
         return self
-
-    @property
-    def resolved_task(self) -> Task:
-        if self.task is not None:
-            return self.task
-        return BUILTIN_TASKS.get(self.model, "regression")
 
 
 class DemoSettings(MetricsSettings, KafkaSettings):

@@ -160,6 +160,19 @@ def test_producer_worker_and_topic_creation_agree_on_the_stream(model: dict[str,
     assert f"PLAINTEXT://{bootstrap}" in advertised.split(",")
 
 
+def test_the_worker_compacts(model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dashboard's compaction row and the compaction alerts have something to show.
+    environment = {**_dockerfile_env(), **model["services"]["worker"]["environment"]}
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for key, value in environment.items():
+        if key.startswith(ENV_PREFIX):
+            monkeypatch.setenv(key, str(value))
+    settings = WorkerSettings()  # type: ignore[call-arg]  # every field from the environment
+    assert settings.compaction and settings.compaction_every_records
+    assert env_name("compaction_every_records") in environment
+
+
 def test_checkpoints_live_on_a_named_volume(model: dict[str, Any]) -> None:
     worker = model["services"]["worker"]
     checkpoint_dir = worker["environment"][env_name("checkpoint_dir")]

@@ -96,9 +96,15 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
             assert "$topic" in expr or expr.startswith("sum(up{"), f"{panel['title']}: not filtered by topic"
             if "producer" not in expr:
                 assert "$job" in expr and "$instance" in expr, f"{panel['title']}: not filtered by worker"
-            # Grafana's rate window, except for checkpoints: they come every few tens of seconds.
+            # Grafana's rate window, except for rare events: checkpoints come every few tens of
+            # seconds, compactions every few minutes (20,000 records), rollbacks hardly ever.
             windows = set(re.findall(r"\[([^\]]+)\]", expr))
-            allowed = {"$__rate_interval", "5m"} if "checkpoint" in expr else {"$__rate_interval"}
+            if "checkpoint" in expr:
+                allowed = {"$__rate_interval", "5m"}
+            elif "compaction" in expr or "rollbacks" in expr:
+                allowed = {"$__rate_interval", "15m"}
+            else:
+                allowed = {"$__rate_interval"}
             assert windows <= allowed, f"{panel['title']}: range {windows}"
 
 
@@ -117,6 +123,14 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
         ("checkpoint duration", "streamtrainer_checkpoint_duration_seconds_bucket"),
         ("model version", "streamtrainer_model_version"),
         ("invalid records", "streamtrainer_records_invalid_total"),
+        ("rollbacks", "streamtrainer_rollbacks_total"),
+        ("compactions by trigger", "streamtrainer_compactions_total"),
+        ("compaction duration quantiles", "streamtrainer_compaction_duration_seconds_bucket"),
+        ("average compaction duration", "streamtrainer_compaction_duration_seconds_sum"),
+        ("records per compaction", "streamtrainer_compaction_records"),
+        ("compaction epoch loss", "streamtrainer_compaction_epoch_loss"),
+        ("compaction store records", "streamtrainer_compaction_store_records"),
+        ("compaction store bytes", "streamtrainer_compaction_store_bytes"),
     ],
 )
 def test_the_dashboard_shows(dashboard: dict[str, Any], what: str, metric: str) -> None:
@@ -131,6 +145,35 @@ def test_per_partition_panels_split_by_partition(dashboard: dict[str, Any]) -> N
         assert re.search(r"by \(topic, partition\)", expr), expr
     latency = [t["expr"] for t in by_title["Update latency"]["targets"]]
     assert [re.search(r"histogram_quantile\(([\d.]+)", e).group(1) for e in latency] == ["0.5", "0.9", "0.99"]  # type: ignore[union-attr]
+
+
+def test_the_compaction_row_shows_whether_compaction_helped(dashboard: dict[str, Any]) -> None:
+    panels = dashboard["panels"]
+    rows = [p for p in panels if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == "Compaction"]
+    following = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]]
+    end = min(following, default=10**6)
+    in_row = {p["title"]: p for p in _panels(dashboard) if row["gridPos"]["y"] < p["gridPos"]["y"] < end}
+    assert len(in_row) >= 5, sorted(in_row)
+    for title, panel in in_row.items():
+        assert any("compaction" in t["expr"] for t in panel["targets"]), title
+    # The epoch loss of each compaction, as points, on the same axes as the prequential loss.
+    (loss,) = [p for p in in_row.values() if any("compaction_epoch_loss" in t["expr"] for t in p["targets"])]
+    refs = {t["refId"]: t["expr"] for t in loss["targets"]}
+    assert any(re.match(r"streamtrainer_prequential_loss\b", e) for e in refs.values()), refs
+    (epoch_ref,) = [ref for ref, e in refs.items() if "compaction_epoch_loss" in e]
+    assert "streamtrainer_compactions_total" in refs[epoch_ref]  # only where a compaction finished
+    (override,) = [o for o in loss["fieldConfig"]["overrides"] if o["matcher"]["options"] == epoch_ref]
+    assert {"id": "custom.drawStyle", "value": "points"} in override["properties"]
+    durations = [
+        p
+        for p in in_row.values()
+        if any("compaction_duration_seconds_bucket" in t["expr"] for t in p["targets"])
+    ]
+    assert len(durations) == 1
+    exprs = [t["expr"] for t in durations[0]["targets"]]
+    assert sum("histogram_quantile" in e for e in exprs) >= 2
+    assert any("_sum" in e and "_count" in e for e in exprs), "no average compaction duration"
 
 
 def test_provisioning_points_at_the_compose_services() -> None:

@@ -2,7 +2,9 @@
 
 The live test starts Prometheus on loopback, scraping two workers (a classifier and a regressor,
 on two topics) that train from the embedded broker while a producer publishes, then asks the
-Prometheus HTTP API for every expression of the dashboard and of the alert rules.
+Prometheus HTTP API for every expression of the dashboard and of the alert rules. The workers
+compact every 1,000 records (a few seconds) and spill their compaction store to disk, so the
+compaction panels have data too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamtrainer.broker import free_port
 from streamtrainer.consumer import Worker
+from streamtrainer.consumer.compactor import REASONS as COMPACTION_TRIGGERS
 from streamtrainer.metrics import MetricsServer, ProducerMetrics
 from streamtrainer.producer.publisher import publish
 from streamtrainer.producer.synthetic import SyntheticSpec, generate
@@ -51,6 +54,10 @@ PRODUCER_JOB = "streamtrainer-producer"
 # Series Prometheus itself makes for every target (never exported by our processes).
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 RATE_INTERVAL = "15s"  # what $__rate_interval becomes: many 1 s scrapes per window
+# Label values of streamtrainer_compactions_total (an unknown trigger counts as "other") and of
+# streamtrainer_compaction_store_records.
+COMPACTION_REASONS = {*COMPACTION_TRIGGERS, "other"}
+STORE_LOCATIONS = {"memory", "disk"}
 
 
 def _binary(name: str) -> str:
@@ -363,6 +370,11 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
             checkpoint_interval_s=1.0,  # checkpoints (and their metrics) every second
             checkpoint_dir=tmp_path / f"checkpoints-{topic}",
             prequential_window=200,
+            # A compaction every few seconds (300 records/s), its store spilling to disk.
+            compaction=True,
+            compaction_every_records=1000,
+            compaction_window=1000,
+            compaction_memory_records=400,
         )
         worker = Worker(settings, registry=CollectorRegistry())
         workers.append(worker)
@@ -418,6 +430,12 @@ def _wait_until_scraped_enough(stack: LiveStack) -> None:
         "both workers checkpointing now": (
             f"count(sum by (instance) (rate(streamtrainer_checkpoint_duration_seconds_count{window})) > 0)"
         ),
+        "both workers compacting now": (
+            f"count(sum by (instance) (increase(streamtrainer_compactions_total{window})) > 0)"
+        ),
+        "both workers spilled records to disk": (
+            'count(streamtrainer_compaction_store_records{location="disk"} > 0)'
+        ),
     }
 
     def ready() -> bool:
@@ -450,7 +468,11 @@ def test_prometheus_scrapes_live_workers_and_every_dashboard_and_alert_query_wor
     prometheus = stack.prometheus
     started = time.monotonic()
     _wait_until_scraped_enough(stack)
-    logger.info("enough data after %.1fs", time.monotonic() - started)
+    logger.info(
+        "enough data after %.1fs; %s compactions so far",
+        time.monotonic() - started,
+        prometheus.value("sum(streamtrainer_compactions_total)"),
+    )
     problems: list[str] = []
 
     # The template variables, resolved as Grafana does: each query sees the ones before it.
@@ -517,6 +539,11 @@ def test_prometheus_scrapes_live_workers_and_every_dashboard_and_alert_query_wor
     for expr in queries:
         for name in sorted(metric_names(expr) - exported - PROMETHEUS_SYNTHETIC):
             problems.append(f"{name} is read by `{expr}` but exported by no worker or producer")
+    # Exported at zero from the start: a rate over it sees the very first failed delivery.
+    produced = stack.producer.exported()
+    for topic in stack.topics:
+        if ("streamtrainer_producer_records_failed_total", {"topic": topic}) not in produced:
+            problems.append(f"the producer does not export its failed-records counter for {topic}")
 
     problems += _unbounded_labels(stack)
     assert not problems, "\n".join(problems)
@@ -546,8 +573,12 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
                     ok = value in stack.topics
                 elif label == "partition":
                     ok = value in partitions.get(labels.get("topic", ""), set())
+                elif label == "reason" and name.startswith("streamtrainer_compactions_"):
+                    ok = value in COMPACTION_REASONS
                 elif label == "reason":
                     ok = value in DECODE_REASONS
+                elif label == "location":
+                    ok = value in STORE_LOCATIONS
                 elif label == "le":
                     buckets.setdefault(name, set()).add(value)
                     ok = True

@@ -1,8 +1,12 @@
-"""The producer's metrics."""
+"""The producer's metrics.
+
+Records per second are ``rate(streamtrainer_producer_records_delivered_total[...])``: the counters
+are the whole story, so the producer exports no throughput gauge of its own.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 
 
 class ProducerMetrics:
@@ -19,8 +23,8 @@ class ProducerMetrics:
             ["topic"],
             registry=registry,
         )
-        self.throughput = Gauge(
-            "streamtrainer_producer_throughput_records_per_second",
-            "Records acknowledged per second over the last few seconds.",
-            registry=registry,
-        )
+
+    def start(self, topic: str) -> None:
+        """Export both counters of ``topic`` at zero, so a rate sees the very first failure."""
+        self.records_produced.labels(topic)
+        self.records_failed.labels(topic)

@@ -61,6 +61,8 @@ class Publisher:
         self.topic = topic
         self.codec = codec
         self.metrics = metrics
+        if metrics is not None:
+            metrics.start(topic)
         self._headers = codec_headers(codec)
         self._producer = Producer(
             client_config(

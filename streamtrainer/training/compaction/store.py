@@ -14,9 +14,13 @@ Layout and bounds:
   has_key, timestamps) and a JSON sidecar with the row count and the offset
   range of each partition. A shard is written under a temporary name and
   renamed into place, so a shard that is visible is complete;
-* after a spill the oldest shards are deleted while the disk holds more than
-  ``retain_records`` records or ``retain_bytes`` bytes, so memory and disk stay
-  bounded whatever the length of the stream (``retain_records=0``: memory only);
+* after a spill the oldest shards are deleted while the newer ones still hold
+  ``retain_records`` records, or while the disk holds more than ``retain_bytes``
+  bytes. So the newest ``retain_records`` records on disk are always kept
+  (a window of that size stays whole; ``retain_bytes``, a hard budget, wins),
+  the disk holds less than ``retain_records`` plus one shard, and memory and
+  disk stay bounded whatever the length of the stream (``retain_records=0``:
+  memory only, between 0 and ``memory_records`` records);
 * shards are read back memory-mapped (``np.load(mmap_mode="r",
   allow_pickle=False)``): a window reads only the pages of the rows it needs,
   and shards outside it are not opened at all.
@@ -526,10 +530,16 @@ class CompactionStore:
         )
 
     def _enforce_retention(self) -> None:
-        while self._shards and (
-            (self.retain_records is not None and self._disk_rows > self.retain_records)
-            or (self.retain_bytes is not None and self._disk_bytes > self.retain_bytes)
-        ):
+        # retain_records is a floor (a window of that many records must stay whole), so a shard
+        # goes only when the newer ones still hold that many; retain_bytes is a ceiling (a disk
+        # budget), so it goes whenever the disk is over it.
+        while self._shards:
+            spare = self._disk_rows - self._shards[0].live_rows
+            if not (
+                (self.retain_records is not None and spare >= self.retain_records)
+                or (self.retain_bytes is not None and self._disk_bytes > self.retain_bytes)
+            ):
+                break
             self._delete_shard(self._shards.popleft())
 
     def _delete_shard(self, shard: _Shard) -> None:
@@ -594,8 +604,10 @@ class CompactionStore:
             raise CompactionError(f"last must be >= 0, got {last}")
         parts: list[_Columns] = []
         collected = 0
-        for segment in self._segments_newest_first(since):
-            if last is not None and collected >= last:
+        segments = self._segments_newest_first(since)
+        while last is None or collected < last:  # checked before a shard is opened, not after
+            segment = next(segments, None)
+            if segment is None:
                 break
             rows = segment
             if since is not None:
