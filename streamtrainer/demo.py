@@ -30,12 +30,14 @@ from streamtrainer.settings import DemoSettings, KafkaSettings, OptimizerName, W
 logger = logging.getLogger(__name__)
 
 _SPARK = "▁▂▃▄▅▆▇█"
-DEMO_COMPACTIONS = 6
+# A small mlp on a concept no linear model separates: online SGD alone fits it slowly, which is
+# where compaction epochs (at the online lr x their batch size) pay.
 _DEMO_MODELS: dict[str, tuple[str, OptimizerName, float]] = {
-    "regression": ("linear", "sgd", 0.01),
-    "binary": ("logistic", "sgd", 0.05),
-    "multiclass": ("softmax", "sgd", 0.05),
+    "regression": ("mlp", "sgd", 0.01),
+    "binary": ("mlp", "sgd", 0.01),
+    "multiclass": ("mlp", "sgd", 0.01),
 }
+_DEMO_HIDDEN = 32
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,21 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             task=task,
             n_features=settings.n_features,
             n_classes=3,
+            nonlinear=True,
             noise=0.02,
             seed=7,
             drift="abrupt",
             drift_at=settings.records // 2,
         )
         console.print(
-            f"producing {settings.records:,} {task} records ({settings.n_features} features, "
-            f"{settings.codec}); the concept changes abruptly at record {spec.drift_at:,}"
+            f"producing {settings.records:,} {task} records ({settings.n_features} features, nonlinear, "
+            f"{settings.codec}); the concept changes abruptly at record {spec.drift_at:,}; "
+            f"training an mlp ({_DEMO_HIDDEN} hidden units), "
+            + (
+                "compacting the log into batch epochs every 2,000 records"
+                if settings.compaction
+                else "online only"
+            )
         )
         stop_producing = threading.Event()
         produced: list[ProduceSummary] = []
@@ -166,6 +175,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             topic=settings.topic,
             group=f"streamtrainer-demo-{uuid.uuid4().hex[:8]}",
             model=model,
+            task=task,
+            hidden=_DEMO_HIDDEN,
             optimizer=optimizer,
             lr=lr,
             n_classes=3 if task == "multiclass" else None,
@@ -177,10 +188,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             checkpoint_dir=settings.out_dir / "checkpoints",
             fresh=True,
             run_log=run_log,
-            # Batch epochs over the recent log a few times per run: they pull the model onto the
-            # new concept after the drift faster than per-record steps alone.
-            compaction_every_records=max(1000, settings.records // DEMO_COMPACTIONS),
-            compaction_window=max(1000, settings.records // DEMO_COMPACTIONS),
+            compaction=settings.compaction,
+            compaction_lr=lr * WorkerSettings.model_fields["compaction_batch_size"].default,
         )
         view = _LiveView(settings, None)
         live = stack.enter_context(Live(console=console, auto_refresh=False)) if live_enabled else None
@@ -235,6 +244,9 @@ def _print_summary(console: Console, settings: DemoSettings, result: DemoResult)
     console.print(
         f"  loss            {window}: {status.first_window_loss:.4f}  ->  "
         f"last 1,000 records: {status.last_window_loss:.4f}"
+    )
+    console.print(
+        f"                  mean over all {status.records_trained:,} records: {status.mean_loss:.4f}"
     )
     falling = status.last_window_loss < status.first_window_loss
     console.print(f"  {status.score_name:<15} {status.score:.4f} (exponentially weighted, prequential)")

@@ -210,13 +210,13 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         default=True, description="Batch epochs over the consumed log (off: strict online learning only)."
     )
     compaction_every_records: int | None = Field(
-        default=20000, ge=1, description="Compact the consumed log into batch epochs every N records."
+        default=2000, ge=1, description="Compact the consumed log into batch epochs every N records."
     )
     compaction_interval_s: float | None = Field(
         default=None, gt=0, description="Also compact at least this often (seconds)."
     )
     compaction_window: int = Field(
-        default=20000, ge=1, description="Records per compaction: the last W records consumed."
+        default=2000, ge=1, description="Records per compaction: the last W records consumed."
     )
     compaction_since_previous: bool = Field(
         default=False,
@@ -225,8 +225,14 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     compaction_dedupe: bool = Field(
         default=False, description="Keep only the last record per key (Kafka log-compaction semantics)."
     )
-    compaction_epochs: int = Field(default=2, ge=1, description="Epochs per compaction.")
-    compaction_batch_size: int = Field(default=64, ge=1, description="Mini-batch size in compaction epochs.")
+    compaction_epochs: int = Field(default=3, ge=1, description="Epochs per compaction.")
+    compaction_batch_size: int = Field(default=8, ge=1, description="Mini-batch size in compaction epochs.")
+    compaction_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Learning rate of compaction epochs (default: --lr). Slow online learners (an mlp, "
+        "a small --lr) gain from a larger one, e.g. --lr times the batch size.",
+    )
     compaction_device: str | None = Field(
         default=None, description="Torch device for compaction epochs (default: --device), e.g. cuda."
     )
@@ -250,6 +256,12 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
             # The audit model's weights are the sum of the records applied once each; batch epochs
             # would apply them again and hide exactly what it is there to show.
             raise ValueError("the audit model counts each record exactly once: use --no-compaction")
+        retained = self.compaction_memory_records + (self.compaction_retain_records or 0)
+        if self.compaction and self.compaction_retain_bytes is None and retained < self.compaction_window:
+            raise ValueError(
+                f"compaction_window {self.compaction_window} is more than the store keeps "
+                f"({self.compaction_memory_records} in memory + {self.compaction_retain_records} on disk)"
+            )
         return self
 
 
@@ -316,9 +328,17 @@ class DemoSettings(MetricsSettings, KafkaSettings):
     task: Task = Field(default="binary", description="Synthetic task of the demo.")
     n_features: int = Field(default=8, ge=1, description="Feature dimension.")
     codec: Codec = Field(default="json", description="Wire format.")
-    rate: float | None = Field(default=None, gt=0, description="Producer rate limit (records/s).")
+    rate: float | None = Field(
+        default=3000,
+        gt=0,
+        description="Producer rate (records/s): the stream arrives at a pace you can watch. The worker "
+        "trains far faster; raise it to see how fast.",
+    )
     live: bool | None = Field(default=None, description="Live terminal view (default: on a terminal).")
     out_dir: Path = Field(default=Path("runs/demo"), description="Where the demo writes its run log.")
+    compaction: bool = Field(
+        default=True, description="Compaction epochs in the demo's worker (off: online learning only)."
+    )
 
 
 def cli_fields(settings_class: type[_Settings]) -> dict[str, Any]:

@@ -137,7 +137,9 @@ def test_empty_store_windows(tmp_path: Path) -> None:
     with CompactionStore(tmp_path) as store:
         data = store.window(last=10, dedupe_by_key=True)
         assert data.count == 0 and data.features.shape == (0, 0) and data.ranges == {}
-        store.append(np.zeros((0, 3), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0))
+        store.append(
+            np.zeros((0, 3), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0)
+        )
         assert store.window().features.shape == (0, 3)
         with pytest.raises(CompactionError):
             store.window(last=-1)
@@ -178,7 +180,10 @@ def test_dedupe_across_the_memory_shard_boundary(tmp_path: Path) -> None:
     with CompactionStore(tmp_path, memory_records=3, retain_records=None) as store:
         for i, key in enumerate([b"x", b"y", None, b"x", None, b"y", b"x"]):
             store.append(
-                np.full((1, 2), i, np.float32), np.array([i], np.float32), np.zeros(1, np.int32), np.array([i])
+                np.full((1, 2), i, np.float32),
+                np.array([i], np.float32),
+                np.zeros(1, np.int32),
+                np.array([i]),
             )
             store.append(
                 np.full((1, 2), 100 + i, np.float32),
@@ -215,14 +220,19 @@ def test_memory_and_disk_stay_bounded_over_a_long_stream(tmp_path: Path) -> None
             if start >= retain + memory:
                 assert store.records_on_disk >= retain
             files = list(directory.rglob("*"))
-            assert len(files) <= 1 + (retain // memory + 1) * 9  # the lock + each shard's folder, 7 columns, sidecar
-            assert store.bytes_on_disk == sum(f.stat().st_size for f in files if f.is_file() and f.name != ".lock")
+            # The lock, and per shard its folder, 7 columns and the sidecar.
+            assert len(files) <= 1 + (retain // memory + 1) * 9
+            assert store.bytes_on_disk == sum(
+                f.stat().st_size for f in files if f.is_file() and f.name != ".lock"
+            )
         assert store.records_in_memory == 2000 and store.total_records == retain + 2000
         data = store.window(last=20_000)
         expected = np.arange(total - 20_000, total)
         np.testing.assert_array_equal(data.offsets, expected)
         np.testing.assert_array_equal(data.labels, -expected.astype(np.float32))
-        np.testing.assert_array_equal(data.features, (expected[:, None] * 16 + np.arange(d)).astype(np.float32))
+        np.testing.assert_array_equal(
+            data.features, (expected[:, None] * 16 + np.arange(d)).astype(np.float32)
+        )
         assert data.ranges == {p: (total - 20_000 + p, total - 4 + p) for p in range(4)}
         assert store.window().offsets[0] == total - retain - 2000  # the oldest retained record
         assert store.window(dedupe_by_key=True).count == 1000
@@ -339,7 +349,9 @@ def test_bad_input_is_a_training_error(tmp_path: Path) -> None:
 
 
 def test_epoch_data_from_arrays_and_subset() -> None:
-    data = EpochData.from_arrays(np.arange(12).reshape(6, 2), [0, 1, 0, 1, 0, 1], partitions=[0, 0, 1, 1, 0, 1])
+    data = EpochData.from_arrays(
+        np.arange(12).reshape(6, 2), [0, 1, 0, 1, 0, 1], partitions=[0, 0, 1, 1, 0, 1]
+    )
     assert data.count == 6 and data.n_features == 2
     assert data.ranges == {0: (0, 4), 1: (2, 5)}
     part = data.subset(np.array([1, 3]))

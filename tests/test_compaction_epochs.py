@@ -63,30 +63,34 @@ def test_same_seed_same_model_other_seed_other_model() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))
 
 
-def test_between_batches_runs_after_every_batch() -> None:
-    data = regression(n=1000)
+def test_between_batches_runs_after_every_chunk_of_whole_batches() -> None:
+    data = regression(n=5000)
     calls: list[int] = []
     model = primed(data)
+    before = model.updates
     report = train_epochs(
         model, data, epochs=2, batch_size=64, seed=0, between_batches=lambda: calls.append(model.updates)
     )
-    assert report.batches == 2 * 16 == len(calls)
-    assert calls == sorted(set(calls))  # one call per optimizer step, after it
+    # Chunks of 32 batches (2,048 rows): 2048 + 2048 + 904 rows per epoch, never a split batch.
+    steps = np.diff([before, *calls]).tolist()
+    assert steps == [32, 32, 15, 32, 32, 15]
+    assert report.batches == 2 * 79 == model.updates - before
 
 
 def test_should_stop_aborts_with_what_was_done() -> None:
-    data = regression(n=1000)
+    data = regression(n=5000)
     model = primed(data)
-    steps = 0
+    chunks = 0
 
     def count() -> None:
-        nonlocal steps
-        steps += 1
+        nonlocal chunks
+        chunks += 1
 
     report = train_epochs(
-        model, data, epochs=5, batch_size=100, seed=0, between_batches=count, should_stop=lambda: steps >= 13
+        model, data, epochs=5, batch_size=100, seed=0, between_batches=count, should_stop=lambda: chunks >= 4
     )
-    assert report.stopped and report.batches == 13 and report.records == 1300
+    # Chunks of 2,000 rows: the first epoch takes three (2000 + 2000 + 1000), the second one.
+    assert report.stopped and report.batches == 70 and report.records == 7000
     assert len(report.epoch_losses) == 2  # one full epoch and the part of the second
     assert train_epochs(model, data, epochs=5, batch_size=100, seed=0, should_stop=lambda: True).batches == 0
 

@@ -21,5 +21,8 @@ def test_demo_on_its_own_embedded_broker(tmp_path) -> None:
     assert result.worker.records_trained == 8000
     assert result.worker.last_window_loss < result.worker.first_window_loss
     assert "demo summary" in output and "loss fell       yes" in output
+    # Compaction every 2,000 records: shown live and in the summary.
+    assert result.worker.compactions >= 3
+    assert "compactions     " in output and "last over 2,000 records" in output
     lines = (tmp_path / "run.jsonl").read_bytes().splitlines()
     assert lines and orjson.loads(lines[-1])["records_trained"] == 8000

@@ -39,6 +39,8 @@ DRIFT = "drift"
 # Metric label values must stay a small fixed set, whatever a caller passes to request().
 REASONS = (RECORDS, INTERVAL, ON_DEMAND, SIGNAL, HTTP, DRIFT)
 _OTHER = "other"
+# Compactions can run many times a second: one INFO line per this many seconds, the rest at DEBUG.
+_INFO_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,10 @@ class Compactor:
         self.store: CompactionStore | None = None
         self.count = 0
         self.last: CompactionResult | None = None
+        # Compactions since the last durable checkpoint: the next one records them.
+        self._pending: list[CompactionResult] = []
+        self._logged_at = -_INFO_INTERVAL_S
+        self._effect_logged_at = -_INFO_INTERVAL_S
         # Offsets of the previous compaction's end, per partition (for --compaction-since-previous).
         self._since: dict[int, int] = {}
         # The effect of the last compaction: prequential losses of the records trained after it.
@@ -141,7 +147,8 @@ class Compactor:
             self._after_count += take
             if self._after_count >= self.effect_window:
                 self.loss_after = self._after_sum / self._after_count
-                logger.info(
+                self._effect_logged_at, log = _rate_limited(self._effect_logged_at)
+                log(
                     "compaction %d effect: prequential loss %.4f over the next %d records (%.4f before)",
                     self.last.number,
                     self.loss_after,
@@ -156,6 +163,7 @@ class Compactor:
         if partitions is None:
             self.store.clear()
             self._since = {}
+            self._pending.clear()
         else:
             self.store.drop_partitions(partitions)
             for partition in partitions:
@@ -207,6 +215,7 @@ class Compactor:
             epochs=settings.compaction_epochs,
             batch_size=settings.compaction_batch_size,
             seed=settings.seed + number,
+            lr=settings.compaction_lr,
             device=settings.compaction_device,
             between_batches=between_batches,
             should_stop=should_stop,
@@ -233,8 +242,10 @@ class Compactor:
         self.metrics.compaction_records.set(data.count)
         if result.epoch_losses:
             self.metrics.compaction_epoch_loss.set(result.epoch_losses[-1])
+        self._pending.append(result)
         losses = ", ".join(f"{loss:.4f}" for loss in result.epoch_losses)
-        logger.info(
+        self._logged_at, log = _rate_limited(self._logged_at)
+        log(
             "compaction %d (%s): %d records%s, %d epoch(s) on %s in %.2f s, epoch loss %s%s",
             number,
             reason,
@@ -248,9 +259,39 @@ class Compactor:
         )
         return result
 
+    # -- checkpoints ------------------------------------------------------------------
+
+    def checkpoint_metadata(self, topic: str) -> dict[str, object] | None:
+        """What the next checkpoint records: the compactions since the previous one (None: none)."""
+        if not self._pending or self.last is None:
+            return None
+        ranges: dict[int, tuple[int, int]] = {}
+        for result in self._pending:
+            for partition, (first, last) in result.ranges.items():
+                low, high = ranges.get(partition, (first, last))
+                ranges[partition] = (min(low, first), max(high, last))
+        return {
+            "total": self.count,
+            "since_previous_checkpoint": len(self._pending),
+            "ranges": {f"{topic}:{p}": [first, last] for p, (first, last) in sorted(ranges.items())},
+            "records": sum(result.records for result in self._pending),
+            "last": self.last.as_metadata(topic),
+        }
+
+    def checkpointed(self) -> None:
+        self._pending.clear()
+
     def restore(self, metadata: object) -> None:
-        """Continue the numbering of a checkpoint's last compaction."""
+        """Continue the numbering of a checkpoint's compactions."""
         if isinstance(metadata, dict):
-            number = metadata.get("number")
-            if isinstance(number, int):
-                self.count = number
+            total = metadata.get("total")
+            if isinstance(total, int):
+                self.count = total
+
+
+def _rate_limited(last: float) -> tuple[float, Callable[..., None]]:
+    """(new last-INFO time, the logging function to use now)."""
+    now = time.monotonic()
+    if now - last >= _INFO_INTERVAL_S:
+        return now, logger.info
+    return last, logger.debug

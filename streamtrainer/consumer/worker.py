@@ -34,7 +34,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
-from streamtrainer.consumer.compactor import HTTP, SIGNAL, CompactionResult, Compactor
+from streamtrainer.consumer.compactor import HTTP, SIGNAL, Compactor
 from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
 from streamtrainer.exceptions import TopicError
@@ -145,8 +145,7 @@ class Worker:
         self._kafka_errors: dict[str, tuple[float, int]] = {}
         # Messages a poll returned while a compaction had the partitions paused: trained next.
         self._held: list[Message] = []
-        self._last_compaction: CompactionResult | None = None
-        self._compacting = False
+        self._paused: list[TopicPartition] = []
         self._abort_compaction = False
         self._served_group_at = 0.0
         # Export every reason from the start (at zero): a rate over a missing series shows no data.
@@ -450,21 +449,23 @@ class Worker:
     def _compact(self, reason: str) -> None:
         """Batch epochs over the consumed log, while staying a live member of the group.
 
-        The assigned partitions are paused and the consumer is polled between
-        mini-batches, so heartbeats, rebalance callbacks and max.poll.interval.ms
-        are all served however long the epochs take. A record that a poll still
-        returns is held and trained after the compaction, in order; nothing is
-        skipped and nothing applied twice.
+        A compaction that runs longer than a moment pauses the assigned
+        partitions and polls the consumer between chunks of mini-batches, so
+        heartbeats, rebalance callbacks and max.poll.interval.ms are all served
+        however long the epochs take. (Short ones — the common case with the
+        compiled loop — touch the consumer not at all: pausing drops librdkafka's
+        prefetched records, which would then be fetched again.) A record that a
+        poll still returns is held and trained after the compaction, in order;
+        nothing is skipped and nothing applied twice.
         """
         compactor, consumer, learner = self.compactor, self._consumer, self.learner
         if compactor is None or consumer is None or learner is None:
             if compactor is not None:
                 compactor.trigger.reset()
             return
-        paused = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
-        if paused:
-            consumer.pause(paused)
-        self._compacting, self._abort_compaction = True, False
+        self._paused = []
+        self._abort_compaction = False
+        self._served_group_at = time.monotonic()
         try:
             result = compactor.run(
                 learner,
@@ -474,26 +475,30 @@ class Worker:
                 should_stop=lambda: not self._running or self._abort_compaction,
             )
         finally:
-            self._compacting = False
-            still_ours = [tp for tp in paused if (tp.topic, tp.partition) in self._assigned]
+            still_ours = [tp for tp in self._paused if (tp.topic, tp.partition) in self._assigned]
             if still_ours:
                 consumer.resume(still_ours)
+            self._paused = []
         if result is None or self._abort_compaction:
             return
-        # The model changed: the next checkpoint records it, and which offsets the epochs covered.
-        self._last_compaction = result
+        # The model changed: the next checkpoint (on its usual cadence) holds it and records the
+        # compactions since the one before, with the offset ranges they covered.
         self._dirty = True
-        self._checkpoint_and_commit()
 
     def _serve_group(self) -> None:
-        """Poll during compaction epochs: heartbeats, rebalances and the poll interval stay served."""
+        """Poll during long compaction epochs: heartbeats, rebalances and the poll interval stay served."""
         now = time.monotonic()
-        if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or self._consumer is None:
+        consumer = self._consumer
+        if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or consumer is None:
             return
-        self._served_group_at = now
-        message = self._consumer.poll(0)
+        if not self._paused:
+            self._paused = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
+            if self._paused:
+                consumer.pause(self._paused)
+        message = consumer.poll(0)
         if message is not None:
             self._held.append(message)
+        self._served_group_at = time.monotonic()
 
     def _initialise_from(self, directory: Path) -> None:
         """Adopt the model of another run's newest checkpoint (a replay's, say), but not its offsets."""
@@ -625,8 +630,9 @@ class Worker:
             config_digest=self.settings.digest(),
             group=self.settings.group,
         )
-        if self.compactor is not None and self.compactor.last is not None:
-            metadata["compaction"] = self.compactor.last.as_metadata(self.settings.topic)
+        compaction = self.compactor.checkpoint_metadata(self.settings.topic) if self.compactor else None
+        if compaction is not None:
+            metadata["compaction"] = compaction
         try:
             checkpoint = self.store.save(tensors, metadata)
         except (CheckpointError, OSError) as error:
@@ -635,6 +641,8 @@ class Worker:
             logger.error("checkpoint failed, offsets not committed: %s", error)
             return
         self.model_version = checkpoint.version
+        if self.compactor is not None:
+            self.compactor.checkpointed()
         self._dirty = False
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()

@@ -134,6 +134,32 @@ class OnlineLearner:
                 features = kernels.fused_standardize(self.scaler, features)
             else:
                 features = self.scaler.learn_transform(features)
+        return self._steps(features, labels, batch_size=batch_size, fused=fused)
+
+    def fit_rows(
+        self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32], *, batch_size: int
+    ) -> npt.NDArray[np.float64]:
+        """Mini-batch steps over rows already scaled by ``standardize``, in order (batch epochs).
+
+        The scaler is not updated: it describes the stream, and records trained
+        again must not count twice. Returns each record's loss before its step.
+        Built-in models on the CPU take the compiled loop, like ``learn_many``.
+        """
+        if batch_size < 1:
+            raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
+        fused = self._fused_ready(features.shape[0], labels)
+        return self._steps(features, labels, batch_size=batch_size, fused=fused).losses
+
+    def _steps(
+        self,
+        features: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.float32],
+        *,
+        batch_size: int,
+        fused: bool,
+    ) -> StepResult:
+        """Steps over scaled rows, ``batch_size`` per update: the compiled loop, or autograd."""
+        n = features.shape[0]
         if fused:
             try:
                 losses, predictions = kernels.fused_learn(
@@ -201,12 +227,6 @@ class OnlineLearner:
         x = torch.from_numpy(np.ascontiguousarray(self.standardize(features)))
         y = torch.from_numpy(np.ascontiguousarray(labels))
         return x.to(self.device, self._dtype), y.to(self.device, self._dtype)
-
-    def fit_batch(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One mini-batch step on tensors from ``as_tensors``; returns the mean loss before the step."""
-        self.model.train()
-        losses, _ = self._learn(x, y)
-        return float(losses.mean())
 
     @torch.no_grad()
     def batch_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

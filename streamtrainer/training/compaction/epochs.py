@@ -6,11 +6,13 @@ a few shuffled epochs pulls it onto that concept in a fraction of the records
 (tests/test_compaction_drift.py measures it).
 
 The epochs go through the learner's public batch API, so they use its model,
-optimizer and loss exactly as online learning does: ``as_tensors`` scales the
+optimizer and loss exactly as online learning does: ``standardize`` scales the
 features with the running statistics *without updating them* (the scaler
 describes the stream, and replaying old records must not count them twice);
-``fit_batch`` takes one optimizer step. With ``device`` they run elsewhere
-(e.g. ``cuda``) and the model and optimizer state come back afterwards.
+``fit_rows`` takes the mini-batch steps, through the compiled loop for the
+built-in models on the CPU (a compaction then costs about as much as reading
+its records). With ``device`` they run elsewhere (e.g. ``cuda``, through
+autograd) and the model and optimizer state come back afterwards.
 
 Determinism: each epoch's order is ``torch.randperm`` from a CPU generator
 seeded with ``seed + epoch``, so the same data, seed and starting model give a
@@ -19,10 +21,11 @@ bitwise-identical model on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,7 @@ from streamtrainer.training.learner import OnlineLearner
 
 logger = logging.getLogger(__name__)
 
+_CHUNK_ROWS = 2048
 _EVAL_CHUNK = 65_536  # rows per forward pass in evaluate(): bounded memory on big windows
 
 
@@ -58,21 +62,27 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     seed: int,
+    lr: float | None = None,
     device: str | None = None,
     between_batches: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> EpochReport:
     """Train ``epochs`` shuffled passes over ``data`` in mini-batches of ``batch_size``.
 
-    ``between_batches`` runs after every step (the worker polls Kafka there to
-    keep its group membership during a long compaction); ``should_stop`` is
-    asked before every step, and when true the epochs end early and the
-    report says so.
+    ``lr`` (default: the learner's own) is the learning rate for these epochs
+    only; the online rate is restored afterwards. Steps run in chunks of whole
+    mini-batches through ``learner.fit_rows`` (the compiled loop for built-in
+    models on the CPU). ``between_batches`` runs after every chunk (the worker
+    polls Kafka there to keep its group membership during a long compaction);
+    ``should_stop`` is asked before every chunk, and when true the epochs end
+    early and the report says so.
     """
     if epochs < 0:
         raise CompactionError(f"epochs must be >= 0, got {epochs}")
     if batch_size < 1:
         raise CompactionError(f"batch_size must be >= 1, got {batch_size}")
+    if lr is not None and not lr > 0:
+        raise CompactionError(f"lr must be > 0, got {lr}")
     n = data.count
     if n and data.n_features != learner.n_features:
         raise CompactionError(f"data has {data.n_features} features, the model takes {learner.n_features}")
@@ -83,26 +93,31 @@ def train_epochs(
     stopped = False
     if n == 0 or epochs == 0:
         return EpochReport(epoch_losses, 0, 0, 0.0, target)
-    with learner.on_device(target):
-        x, y = learner.as_tensors(data.features, data.labels)
+    # Whole mini-batches per chunk, about _CHUNK_ROWS rows: the compiled loop's per-call overhead is
+    # amortised, and the caller still gets control every few milliseconds.
+    chunk = batch_size * max(1, _CHUNK_ROWS // batch_size)
+    x = np.ascontiguousarray(learner.standardize(data.features), dtype=np.float32)
+    y = np.ascontiguousarray(data.labels, dtype=np.float32)
+    with learner.on_device(target), _learning_rate(learner, lr):
         for epoch in range(epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            order = order.to(x.device)
-            weighted, seen = 0.0, 0
-            for start in range(0, n, batch_size):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+            x_epoch, y_epoch = x[order], y[order]
+            total, seen = 0.0, 0
+            for start in range(0, n, chunk):
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
-                index = order[start : start + batch_size]
-                size = int(index.shape[0])
-                weighted += learner.fit_batch(x[index], y[index]) * size
-                seen += size
-                batches += 1
+                losses = learner.fit_rows(
+                    x_epoch[start : start + chunk], y_epoch[start : start + chunk], batch_size=batch_size
+                )
+                total += float(losses.sum())
+                seen += losses.shape[0]
+                batches += -(-losses.shape[0] // batch_size)
                 if between_batches is not None:
                     between_batches()
             records += seen
             if seen:
-                epoch_losses.append(weighted / seen)
+                epoch_losses.append(total / seen)
             if stopped:
                 break
     report = EpochReport(epoch_losses, records, batches, time.perf_counter() - started, target, stopped)
@@ -117,6 +132,22 @@ def train_epochs(
         " (stopped)" if stopped else "",
     )
     return report
+
+
+@contextlib.contextmanager
+def _learning_rate(learner: OnlineLearner, lr: float | None) -> Iterator[None]:
+    if lr is None:
+        yield
+        return
+    groups = learner.optimizer.param_groups
+    online = [group["lr"] for group in groups]
+    for group in groups:
+        group["lr"] = lr
+    try:
+        yield
+    finally:
+        for group, rate in zip(groups, online, strict=True):
+            group["lr"] = rate
 
 
 def evaluate(learner: OnlineLearner, data: EpochData, *, device: str | None = None) -> float:

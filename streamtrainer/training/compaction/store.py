@@ -307,7 +307,13 @@ def hash_keys(keys: Sequence[bytes | None]) -> tuple[U64, Bools]:
 
 
 class CompactionStore:
-    """Decoded records of one topic for later batch epochs; owns ``directory`` (see the module docstring)."""
+    """Decoded records of one topic for later batch epochs; owns ``directory`` (see the module docstring).
+
+    ``memory_records``: rows held in memory, and the rows of each shard.
+    ``retain_records``: the newest records kept on disk whole (None: no floor-based deletion;
+    0: memory only). ``retain_bytes``: a ceiling on the disk use (None: none). Both None: the
+    disk grows with the stream. Give ``retain_records`` at least the window the worker replays.
+    """
 
     def __init__(
         self,
