@@ -3,10 +3,13 @@
 Measures, side by side in one run on the same seeded data, how fast a stream is
 trained record by record: the naive PyTorch loop (the baseline), River, the
 learner alone (fused kernels), the worker end to end through the embedded broker (strict
-and micro-batch, binary and JSON codecs), and the ceiling (consume + decode, no
-training); plus the time from partition assignment to the first trained record
-with empty compile caches, and resident memory over a long run. Prints a table
-and writes everything to bench/results/<timestamp>.json. See bench/README.md.
+and micro-batch, binary and JSON codecs, with compaction on as by default and
+with --no-compaction), and the ceiling (consume + decode, no training); compaction
+epochs against a plain in-memory mini-batch loop; the replay's read into a
+compaction store against a raw consume of the same records; plus the time from
+partition assignment to the first trained record with empty compile caches, and
+resident memory over a long run. Prints a table and writes everything to
+bench/results/<timestamp>.json. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,24 +39,37 @@ from confluent_kafka.admin import AdminClient
 from bench.workloads import (
     MODELS,
     Timing,
+    compaction_epochs,
     dataset,
     encode,
     learner_loop,
-    minibatch_loop,
     naive_loop,
+    plain_epochs_loop,
     produce,
     raw_consume,
+    replay_read,
     river_available,
     river_loop,
 )
 from streamtrainer.broker import EmbeddedBroker
 from streamtrainer.connection import ensure_topic
+from streamtrainer.settings import WorkerSettings
 
 logger = logging.getLogger("bench")
 
 NAIVE = "naive loop (json.loads, autograd)"
 RAW_BINARY = "raw consume + decode (binary"
 RIVER = "River learn_one"
+STRICT_BINARY = "worker strict (binary)"
+STRICT_BINARY_OFF = "worker strict (binary, --no-compaction)"
+STRICT_JSON = "worker strict (json)"
+RAW_FROM_ASSIGNMENT = "raw consume + decode (binary, from assignment)"
+REPLAY = "replay read + collect into store"
+# The worker's compaction defaults: what a compaction trains, per the settings.
+COMPACTION_EPOCHS: int = WorkerSettings.model_fields["compaction_epochs"].default
+COMPACTION_BATCH: int = WorkerSettings.model_fields["compaction_batch_size"].default
+PLAIN = f"plain loop (autograd) B={COMPACTION_BATCH} E={COMPACTION_EPOCHS}"
+COMPACTION = f"compaction epochs (window + train_epochs) B={COMPACTION_BATCH} E={COMPACTION_EPOCHS}"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,11 +84,13 @@ class Sizes:
     naive: dict[int, int]
     river: dict[int, int]
     kernel: dict[int, int]
-    minibatch: dict[int, int]
+    compaction_window: int  # W of the compaction-vs-plain-loop rows (both dims)
     strict_binary: dict[int, int]
     strict_json: dict[int, int]
     micro: dict[int, int]
     micro_batch: int
+    micro_no_compaction: bool  # also run micro-batch with --no-compaction
+    replay: int  # records the replay reads (from the regression d=16 binary topic)
     first_record: int
     rss_warm: int
     rss_total: int
@@ -86,11 +104,13 @@ FULL = Sizes(
     naive={16: 2500, 128: 1500},
     river={16: 20000, 128: 5000},
     kernel={16: 300_000, 128: 50_000},
-    minibatch={16: 100_000, 128: 50_000},
+    compaction_window=100_000,
     strict_binary={16: 400_000, 128: 100_000},
     strict_json={16: 120_000, 128: 25_000},
     micro={16: 400_000, 128: 100_000},
     micro_batch=32,
+    micro_no_compaction=True,
+    replay=1_000_000,
     first_record=60_000,
     rss_warm=500_000,
     rss_total=2_000_000,
@@ -103,14 +123,38 @@ QUICK = Sizes(
     naive={16: 1000},
     river={16: 6000},
     kernel={16: 150_000, 128: 25_000},
-    minibatch={16: 30_000, 128: 10_000},
+    compaction_window=20_000,
     strict_binary={16: 150_000},
     strict_json={16: 40_000},
     micro={16: 150_000},
     micro_batch=32,
+    micro_no_compaction=False,
+    replay=400_000,
     first_record=30_000,
     rss_warm=100_000,
     rss_total=400_000,
+    warm_children=False,
+)
+
+
+# A correctness run in well under a minute (CI, editing the bench): its numbers mean nothing.
+SMOKE = Sizes(
+    reps=1,
+    reps_other=1,
+    dims=(16,),
+    naive={16: 200},
+    river={16: 500},
+    kernel={16: 4000, 128: 2000},
+    compaction_window=3000,
+    strict_binary={16: 6000},
+    strict_json={16: 3000},
+    micro={16: 6000},
+    micro_batch=32,
+    micro_no_compaction=True,
+    replay=8000,
+    first_record=3000,
+    rss_warm=4000,
+    rss_total=8000,
     warm_children=False,
 )
 
@@ -124,6 +168,7 @@ class Row:
     timings: list[Timing] = field(default_factory=list)
     note: str = ""
     status: str = "measured"  # or "pending", "skipped"
+    group: int | None = None  # rows measured side by side, repetitions interleaved: ratios pair up
 
     @property
     def rates(self) -> list[float]:
@@ -141,6 +186,7 @@ class Row:
             "d": self.d,
             "status": self.status,
             "note": self.note,
+            "group": self.group,
             "median_rate": self.median,
             "min_rate": min(self.rates, default=float("nan")),
             "max_rate": max(self.rates, default=float("nan")),
@@ -157,6 +203,7 @@ class Bench:
         self.rows: list[Row] = []
         self.started = time.perf_counter()
         self.info: dict[str, Any] = {}
+        self._groups = 0
 
     def log(self, message: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -179,6 +226,24 @@ class Bench:
         self.rows.append(row)
         return row
 
+    def side_by_side(
+        self, entries: Sequence[tuple[str, str, str, int, Callable[[], Timing]]], *, reps: int | None = None
+    ) -> list[Row]:
+        """Measure several rows with their repetitions interleaved (A1 B1 A2 B2 ...).
+
+        Load that comes and goes then hits both sides of a ratio alike, and the
+        per-repetition ratios pair up (see :func:`ratio_stats`).
+        """
+        self._groups += 1
+        rows = [Row(section, name, model, d, group=self._groups) for section, name, model, d, _ in entries]
+        for rep in range(reps or self.reps):
+            for row, (_, name, model, d, fn) in zip(rows, entries, strict=True):
+                timing = fn()
+                row.timings.append(timing)
+                self.log(f"{name:<34} {model:<8} d={d:<4} rep {rep + 1}: {timing.rate:>12,.0f} records/s")
+        self.rows.extend(rows)
+        return rows
+
     def find(self, name: str, model: str, d: int) -> Row | None:
         for row in self.rows:
             if row.name == name and row.model == model and row.d == d and row.timings:
@@ -194,9 +259,9 @@ def in_memory(bench: Bench) -> None:
     b = sizes.micro_batch
     for d in (16, 128):
         for model, (task, _loss) in MODELS.items():
-            k, mb = sizes.kernel[d], sizes.minibatch[d]
+            k = sizes.kernel[d]
             n, r = sizes.naive.get(d, 0), sizes.river.get(d, 0)
-            features, labels = dataset(task, d, max(n, r, k, mb))
+            features, labels = dataset(task, d, max(n, r, k))
             if n:
                 values = encode(features[:n], labels[:n], "json")
                 bench.measure("baseline", NAIVE, model, d, partial(naive_loop, model, values))
@@ -224,14 +289,89 @@ def in_memory(bench: Bench) -> None:
                 d,
                 partial(learner_loop, model, x, y, batch_size=b),
             )
-            bench.measure(
-                "reference",
-                f"autograd mini-batch B={b}, in memory",
-                model,
-                d,
-                partial(minibatch_loop, model, features[:mb], labels[:mb], batch_size=b),
-                reps=1,
-            )
+
+
+def compaction(bench: Bench) -> None:
+    """Item 6: one compaction of W records (E epochs of B) against a plain autograd loop on the same."""
+    w = bench.sizes.compaction_window
+    for d in (16, 128):
+        for model, (task, _loss) in MODELS.items():
+            features, labels = dataset(task, d, w, seed=11)
+            with tempfile.TemporaryDirectory(prefix="streamtrainer-bench-store-") as directory:
+                common = {"epochs": COMPACTION_EPOCHS, "batch_size": COMPACTION_BATCH}
+                # 2/5 of W per shard: the window spans two shards on disk and the memory buffer.
+                store = {"directory": Path(directory) / "store", "memory_records": max(1, 2 * w // 5)}
+                _plain_row, compact_row = bench.side_by_side(
+                    [
+                        (
+                            "compaction",
+                            PLAIN,
+                            model,
+                            d,
+                            _Seeded(plain_epochs_loop, model, features, labels, **common),
+                        ),
+                        (
+                            "compaction",
+                            COMPACTION,
+                            model,
+                            d,
+                            _Seeded(compaction_epochs, model, features, labels, **common, **store),
+                        ),
+                    ]
+                )
+            compact_row.note = _compaction_note(compact_row)
+
+
+class _Seeded:
+    """``function(*args, seed=k, **kwargs)``, k = 0, 1, 2, ... on successive calls (one per repetition)."""
+
+    def __init__(self, function: Callable[..., Timing], *args: Any, **kwargs: Any) -> None:
+        self.function, self.args, self.kwargs = function, args, kwargs
+        self.calls = 0
+
+    def __call__(self) -> Timing:
+        self.calls += 1
+        return self.function(*self.args, seed=self.calls - 1, **self.kwargs)
+
+
+def _compaction_note(row: Row) -> str:
+    window = statistics.median(t.extra["window_s"] for t in row.timings)
+    epochs = statistics.median(t.extra["epochs_s"] for t in row.timings)
+    first = row.timings[0].extra
+    fused = "compiled loop" if all(t.extra.get("fused") for t in row.timings) else "AUTOGRAD (loop not ready)"
+    return (
+        f"window {1e3 * window:.0f} ms + epochs {1e3 * epochs:.0f} ms; {first['records_on_disk']:,} of "
+        f"{row.timings[0].records // COMPACTION_EPOCHS:,} from {first['shards']} shards on disk; {fused}"
+    )
+
+
+def replay(bench: Bench, bootstrap: str) -> None:
+    """Item 7: the replay's read into a compaction store against a raw consume of the same records."""
+    n = bench.sizes.replay
+    topic = topic_name("regression", 16, "binary")
+
+    def read() -> Timing:
+        with tempfile.TemporaryDirectory(prefix="streamtrainer-bench-replay-") as directory:
+            return replay_read(bootstrap, topic, n, directory=Path(directory))
+
+    _raw, row = bench.side_by_side(
+        [
+            (
+                "replay",
+                RAW_FROM_ASSIGNMENT,
+                "-",
+                16,
+                partial(raw_consume, bootstrap, topic, n, from_assignment=True),
+            ),
+            ("replay", REPLAY, "-", 16, read),
+        ]
+    )
+    window = statistics.median(t.extra["window_s"] for t in row.timings)
+    with_window = statistics.median(t.extra["read_and_window_rate"] for t in row.timings)
+    row.note = (
+        f"{n:,} records; then window + canonical order {window:.2f}s ({with_window:,.0f} rec/s incl.); "
+        f"{row.timings[0].extra['shards']} shards"
+    )
 
 
 def topic_name(task: str, d: int, codec: str) -> str:
@@ -269,48 +409,104 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                 )
                 row.note = "codec known from configuration: Message.headers() never called"
         for model, (task, _loss) in MODELS.items():
-            for codec in ("binary", "json"):
-                n = sizes.strict_binary[d] if codec == "binary" else sizes.strict_json[d]
-                reps = sizes.reps if codec == "binary" and d == 16 else sizes.reps_other
-                run = partial(
-                    _worker_rate, bootstrap, topic_name(task, d, codec), model, n, d=d, update_batch=1
-                )
-                row = bench.measure("worker", f"worker strict ({codec})", model, d, run, reps=reps)
-                row.note = _breakdown(row)
+            # Compaction on (the default: every 2,000 records) and off, side by side.
+            n = sizes.strict_binary[d]
             topic = topic_name(task, d, "binary")
+            runs = [
+                (
+                    "worker",
+                    name,
+                    model,
+                    d,
+                    partial(_worker_rate, bootstrap, topic, model, n, d=d, update_batch=1, compaction=on),
+                )
+                for name, on in ((STRICT_BINARY, True), (STRICT_BINARY_OFF, False))
+            ]
+            for row in bench.side_by_side(runs, reps=sizes.reps if d == 16 else sizes.reps_other):
+                row.note = _breakdown(row)
             run = partial(
-                _worker_rate, bootstrap, topic, model, sizes.micro[d], d=d, update_batch=sizes.micro_batch
+                _worker_rate,
+                bootstrap,
+                topic_name(task, d, "json"),
+                model,
+                sizes.strict_json[d],
+                d=d,
+                update_batch=1,
             )
-            name = f"worker micro-batch B={sizes.micro_batch} (binary)"
-            row = bench.measure("worker", name, model, d, run, reps=sizes.reps_other)
+            row = bench.measure("worker", STRICT_JSON, model, d, run, reps=sizes.reps_other)
             row.note = _breakdown(row)
+            name = f"worker micro-batch B={sizes.micro_batch} (binary)"
+            variants = ((name, True), (f"{name[:-1]}, --no-compaction)", False))
+            runs = [
+                (
+                    "worker",
+                    label,
+                    model,
+                    d,
+                    partial(
+                        _worker_rate,
+                        bootstrap,
+                        topic,
+                        model,
+                        sizes.micro[d],
+                        d=d,
+                        update_batch=sizes.micro_batch,
+                        compaction=on,
+                    ),
+                )
+                for label, on in variants[: 2 if sizes.micro_no_compaction else 1]
+            ]
+            for row in bench.side_by_side(runs, reps=sizes.reps_other):
+                row.note = _breakdown(row)
 
 
 def _worker_rate(
-    bootstrap: str, topic: str, model: str, records: int, *, d: int, update_batch: int
+    bootstrap: str,
+    topic: str,
+    model: str,
+    records: int,
+    *,
+    d: int,
+    update_batch: int,
+    compaction: bool = True,
 ) -> Timing:
     from bench.worker_runs import run_worker
 
-    return run_worker(bootstrap, topic, model, records, d=d, update_batch=update_batch)[0]
+    return run_worker(
+        bootstrap, topic, model, records, d=d, update_batch=update_batch, compaction=compaction
+    )[0]
 
 
 def _breakdown(row: Row) -> str:
-    """Median per-record microseconds: learn / rest of the worker / polling."""
-    parts = []
+    """Median microseconds per steady-state record, by step (see bench/worker_runs.py)."""
+
+    def median(key: str) -> float | None:
+        values = [t.extra[key] for t in row.timings if key in t.extra]
+        return statistics.median(values) if values else None
+
     keys = (
         ("us_learn", "learn"),
-        ("us_worker_other", "worker"),
-        ("us_checkpoint", "of which ckpt"),
-        ("us_poll", "poll"),
+        ("us_decode", "decode"),
+        ("us_keep", "keep"),
+        ("us_prequential", "preq"),
+        ("us_process_rest", "msgs+metrics"),
+        ("us_compact", "compact"),
+        ("us_checkpoint", "ckpt"),
+        ("us_lag", "lag"),
+        ("us_consume", "consume"),
     )
+    parts = []
     for key, label in keys:
-        values = [t.extra[key] for t in row.timings if key in t.extra]
-        if values:
-            parts.append(f"{label} {statistics.median(values):.2f}")
-    joins = [t.extra["join_s"] for t in row.timings if "join_s" in t.extra]
+        value = median(key)
+        if value is not None and (value or key not in ("us_keep", "us_compact")):
+            parts.append(f"{label} {value:.2f}")
     note = "us/rec: " + ", ".join(parts) if parts else ""
-    if joins:
-        note += f"; join {statistics.median(joins):.1f}s"
+    gc_time = median("us_gc")
+    if gc_time is not None:
+        note += f" (gc {gc_time:.2f} within them)"
+    join = median("join_s")
+    if join is not None:
+        note += f"; join {join:.1f}s"
     return note
 
 
@@ -406,69 +602,156 @@ def startup_and_memory(bench: Bench, bootstrap: str) -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------
 
 
+def ratio_stats(a: Row | None, b: Row | None) -> tuple[float, float, float, bool]:
+    """a / b in records/s: (median, low, high, paired).
+
+    Rows measured side by side (same group, interleaved repetitions) pair up: the
+    median and range of the per-repetition ratios. Otherwise: the ratio of the
+    medians, and the widest range the repetitions allow (min a / max b .. max a / min b).
+    """
+    nan = float("nan")
+    if a is None or b is None or not a.timings or not b.timings or not b.median:
+        return nan, nan, nan, False
+    if a.group is not None and a.group == b.group and len(a.rates) == len(b.rates):
+        ratios = [x / y for x, y in zip(a.rates, b.rates, strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios), True
+    return a.median / b.median, min(a.rates) / max(b.rates), max(a.rates) / min(b.rates), False
+
+
 def ratio(a: Row | None, b: Row | None) -> float:
-    if a is None or b is None or not b.median:
-        return float("nan")
-    return a.median / b.median
+    return ratio_stats(a, b)[0]
 
 
 def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    sizes = bench.sizes
 
-    def check(name: str, value: float, goal: float, *, below: bool = False, unit: str = "x") -> None:
-        met = (value < goal) if below else (value >= goal)
-        out.append({"target": name, "value": value, "goal": goal, "unit": unit, "met": bool(met)})
+    def add(name: str, a: Row | None, b: Row | None, goal: float | None, *, time_ratio: bool = False) -> None:
+        """A ratio of two rows; ``time_ratio``: b's rate over a's (how many times longer a takes)."""
+        value, low, high, paired = ratio_stats(b, a) if time_ratio else ratio_stats(a, b)
+        entry: dict[str, Any] = {
+            "target": name,
+            "value": value,
+            "low": low,
+            "high": high,
+            "paired": paired,
+            "goal": goal,
+            "unit": "x",
+        }
+        if goal is not None:
+            entry["met"] = bool(value <= goal) if time_ratio else bool(value >= goal)
+            entry["below"] = time_ratio
+        out.append(entry)
 
-    strict_binary, strict_json = "worker strict (binary)", "worker strict (json)"
+    def check(name: str, value: float, goal: float, *, unit: str) -> None:
+        out.append(
+            {"target": name, "value": value, "goal": goal, "unit": unit, "below": True, "met": value < goal}
+        )
+
     for model in MODELS:
-        value = ratio(bench.find(strict_binary, model, 16), bench.find(NAIVE, model, 16))
-        check(f"strict binary d=16 {model} vs naive (>= 100x)", value, 100)
-    value = ratio(bench.find(strict_binary, "linear", 16), bench.find(RIVER, "linear", 16))
-    check("strict binary d=16 linear vs River (>= 8x)", value, 8)
+        add(
+            f"strict binary d=16 {model} vs naive (>= 100x)",
+            bench.find(STRICT_BINARY, model, 16),
+            bench.find(NAIVE, model, 16),
+            100,
+        )
+    add(
+        "strict binary d=16 linear vs River (>= 8x)",
+        bench.find(STRICT_BINARY, "linear", 16),
+        bench.find(RIVER, "linear", 16),
+        8,
+    )
+    add(
+        "context: strict binary d=16 logistic vs River",
+        bench.find(STRICT_BINARY, "logistic", 16),
+        bench.find(RIVER, "logistic", 16),
+        None,
+    )
     for model in MODELS:
-        value = ratio(bench.find(strict_json, model, 16), bench.find(NAIVE, model, 16))
-        check(f"strict JSON d=16 {model} vs naive (>= 20x)", value, 20)
-    raw = bench.find("raw consume + decode (binary)", "-", 16)
+        add(
+            f"strict JSON d=16 {model} vs naive (>= 20x)",
+            bench.find(STRICT_JSON, model, 16),
+            bench.find(NAIVE, model, 16),
+            20,
+        )
+    raw = bench.find(f"{RAW_BINARY})", "-", 16)
+    micro = f"worker micro-batch B={sizes.micro_batch} (binary)"
     for model in MODELS:
-        micro = bench.find(f"worker micro-batch B={bench.sizes.micro_batch} (binary)", model, 16)
-        check(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", ratio(micro, raw), 0.7)
-    # Context, not targets: how far above the naive loop the broker alone (no training) goes here.
+        add(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", bench.find(micro, model, 16), raw, 0.7)
+    for d in (16, 128):
+        for model in MODELS:
+            add(
+                f"compaction epochs d={d} {model} vs plain loop, W={sizes.compaction_window:,} (>= 0.8x)",
+                bench.find(COMPACTION, model, d),
+                bench.find(PLAIN, model, d),
+                0.8,
+            )
+    add(
+        f"replay read+collect {sizes.replay:,} records: time vs raw consume (<= 1.5x)",
+        bench.find(REPLAY, "-", 16),
+        bench.find(RAW_FROM_ASSIGNMENT, "-", 16),
+        1.5,
+        time_ratio=True,
+    )
+    # Context, not targets: what compaction (on by default) costs the worker; how far above the
+    # naive loop the broker alone (no training) goes here.
+    for d in sizes.dims:
+        for model in MODELS:
+            add(
+                f"context: strict binary d={d} {model}, compaction on / off",
+                bench.find(STRICT_BINARY, model, d),
+                bench.find(STRICT_BINARY_OFF, model, d),
+                None,
+            )
+            if sizes.micro_no_compaction:
+                add(
+                    f"context: micro-batch d={d} {model}, compaction on / off",
+                    bench.find(micro, model, d),
+                    bench.find(f"{micro[:-1]}, --no-compaction)", model, d),
+                    None,
+                )
+    for model in MODELS:
+        add(
+            f"context: micro-batch --no-compaction d=16 {model} vs raw consume",
+            bench.find(f"{micro[:-1]}, --no-compaction)", model, 16),
+            raw,
+            None,
+        )
     for name in (f"{RAW_BINARY})", f"{RAW_BINARY}, no header read)"):
         for model in MODELS:
-            value = ratio(bench.find(name, "-", 16), bench.find(NAIVE, model, 16))
-            out.append(
-                {"target": f"context: {name} vs naive {model}", "value": value, "goal": None, "unit": "x"}
+            add(
+                f"context: {name} vs naive {model}",
+                bench.find(name, "-", 16),
+                bench.find(NAIVE, model, 16),
+                None,
             )
     rss = extras.get("rss")
     if rss:
         check(
-            "RSS growth 0.5M -> 2M records (< 50 MB)",
+            f"RSS growth {sizes.rss_warm / 1e6:g}M -> {sizes.rss_total / 1e6:g}M records (< 50 MB)",
             rss["rss_end_mb"] - rss["rss_warm_mb"],
             50,
-            below=True,
             unit="MB",
         )
     cold = extras.get("first_record_cold")
     if cold and "first_record_s" in cold:
-        check(
-            "assignment -> first trained record, empty caches (< 5 s)",
-            cold["first_record_s"],
-            5,
-            below=True,
-            unit="s",
-        )
+        check("assignment -> first trained record, empty caches (< 5 s)", cold["first_record_s"], 5, unit="s")
     kernel = extras.get("kernel_cold")
     if kernel:
         total = kernel["numba_import_s"] + kernel["compile_s"]
-        check("fused loop cold compile incl. numba import (< 5 s)", total, 5, below=True, unit="s")
-    return out
+        check("fused loop cold compile incl. numba import (< 5 s)", total, 5, unit="s")
+    return [
+        goal
+        for goal in out
+        if not (goal["unit"] == "x" and goal["value"] != goal["value"] and goal["goal"] is None)
+    ]
 
 
 def print_table(bench: Bench, goals: list[dict[str, Any]]) -> None:
     naive = {(r.model, r.d): r for r in bench.rows if r.name == NAIVE and r.timings}
     print()
     header = (
-        f"{'measurement':<44} {'model':<8} {'d':>4} {'median rec/s':>13} {'range':>21} {'x naive':>8}  note"
+        f"{'measurement':<50} {'model':<8} {'d':>4} {'median rec/s':>13} {'range':>21} {'x naive':>8}  note"
     )
     print(header)
     print("-" * len(header))
@@ -478,24 +761,31 @@ def print_table(bench: Bench, goals: list[dict[str, Any]]) -> None:
             section = row.section
             print(f"[{section}]")
         if not row.timings:
-            print(f"{row.name:<44} {row.model:<8} {row.d:>4} {row.status:>13} {'':>21} {'':>8}  {row.note}")
+            print(f"{row.name:<50} {row.model:<8} {row.d:>4} {row.status:>13} {'':>21} {'':>8}  {row.note}")
             continue
         span = f"{min(row.rates):,.0f}-{max(row.rates):,.0f}"
         base = naive.get((row.model, row.d))
-        times = f"{row.median / base.median:,.1f}" if base is not None and row.model != "-" else ""
+        # Compaction rows count record-steps (W x epochs): not comparable with the naive loop.
+        comparable = base is not None and row.model != "-" and row.section != "compaction"
+        times = f"{row.median / base.median:,.1f}" if base is not None and comparable else ""
         print(
-            f"{row.name:<44} {row.model:<8} {row.d:>4} {row.median:>13,.0f} {span:>21} {times:>8}  {row.note}"
+            f"{row.name:<50} {row.model:<8} {row.d:>4} {row.median:>13,.0f} {span:>21} {times:>8}  {row.note}"
         )
     print()
-    print(f"{'target':<76} {'value':>10} {'goal':>6}  result")
+    title = "target (ratios: median [range] over repetitions; * = paired, side by side)"
+    print(f"{title:<84} {'value':>22} {'goal':>7}  result")
     for goal in goals:
-        value = f"{goal['value']:.2f}{goal['unit']}" if goal["unit"] != "x" else f"{goal['value']:.1f}x"
+        if goal["unit"] == "x":
+            star = "*" if goal.get("paired") else " "
+            value = f"{goal['value']:.2f}x [{goal['low']:.2f}-{goal['high']:.2f}]{star}"
+        else:
+            value = f"{goal['value']:.2f}{goal['unit']}"
         if goal["goal"] is None:
-            print(
-                f"{goal['target']:<76} {value:>10} {'':>6}  (no training: what this machine and broker allow)"
-            )
+            print(f"{goal['target']:<84} {value:>22}")
             continue
-        print(f"{goal['target']:<76} {value:>10} {goal['goal']:>6}  {'MET' if goal['met'] else 'MISSED'}")
+        sign = "<=" if goal.get("below") and goal["unit"] == "x" else ("<" if goal.get("below") else ">=")
+        result = "MET" if goal["met"] else "MISSED"
+        print(f"{goal['target']:<84} {value:>22} {sign}{goal['goal']:>5g}  {result}")
 
 
 def code_paths() -> dict[str, bool]:
@@ -532,6 +822,9 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="streamtrainer benchmark (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="fewer records and repetitions (< 2 minutes)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks that everything runs; numbers mean nothing"
+    )
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON output (default bench/results/<time>.json)"
@@ -540,28 +833,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(1)
 
-    bench = Bench(QUICK if args.quick else FULL, reps=args.reps)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    bench = Bench({"smoke": SMOKE, "quick": QUICK, "full": FULL}[mode], reps=args.reps)
     info = machine_info()
-    bench.log(
-        f"{'quick' if args.quick else 'full'} run, {bench.reps} repetitions; load {info['loadavg_start']}"
-    )
+    info["mode"] = mode
+    bench.log(f"{mode} run, {bench.reps} repetitions; load {info['loadavg_start']}")
     info.update(code_paths())
     in_memory(bench)
+    compaction(bench)
     extras: dict[str, Any] = {}
     with EmbeddedBroker() as broker:
         produce_topics(bench, broker.bootstrap_servers)
         extras = startup_and_memory(bench, broker.bootstrap_servers)
         end_to_end(bench, broker.bootstrap_servers)
-    for name in ("compaction epochs vs in-memory mini-batch", "replay"):
-        bench.rows.append(
-            Row("pending", name, "-", 16, status="pending", note="pending (compaction not implemented)")
-        )
+        replay(bench, broker.bootstrap_servers)
 
     goals = targets(bench, extras)
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = time.perf_counter() - bench.started
     print_table(bench, goals)
-    out = args.out or RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
+    out = (
+        args.out
+        or RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}{'' if mode == 'full' else '-' + mode}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

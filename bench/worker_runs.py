@@ -1,25 +1,40 @@
 """The worker end to end: a consumer-group member on the embedded broker, timed from outside.
 
 :class:`TimedWorker` only records timestamps around the worker's own steps (its
-run, assignment callback, learner creation, batch processing and learn_many
-calls); the training path is the worker's, unchanged.
+run, assignment callback, learner creation, batch processing, and inside and
+around it decode, learn_many, compactor.keep, the prequential update, compaction,
+checkpoints and the lag refresh: per polled batch, never per record); the
+training path is the worker's, unchanged.
 """
 
 from __future__ import annotations
 
+import gc
+import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from bench.workloads import HIDDEN, Timing, lr_for
 from streamtrainer.consumer.worker import Worker, WorkerStatus
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import OnlineLearner, StepResult, kernels
+from streamtrainer.training import OnlineLearner, kernels
+from streamtrainer.training.checkpoint import Checkpoint
+
+T = TypeVar("T")
+# Timed steps of the worker: inside _process (a polled batch) ...
+INSIDE_PROCESS = ("learn", "decode", "keep", "prequential")
+# ... and in its run loop, outside _process.
+OUTSIDE_PROCESS = ("compact", "checkpoint", "lag")
+PARTS = ("process", *INSIDE_PROCESS, *OUTSIDE_PROCESS)
+# Garbage collection, all generations and full collections: inside whichever step it interrupts.
+GC = ("gc", "gc_full")
 
 
 class TimedWorker(Worker):
@@ -35,16 +50,59 @@ class TimedWorker(Worker):
         self.last_trained_at: float | None = None
         self.fused_from: float | None = None  # end of the first batch trained with the loop ready
         self.first_batch_records = 0
-        self.process_seconds = 0.0  # inside _process: decode, bookkeeping and learning
-        self.learn_seconds = 0.0  # inside learner.learn_many
-        self._at_first_batch = (0.0, 0.0)
+        self.batches = 0  # _process calls
+        self._batches_at_first = 0
+        # Seconds spent in each timed step, accumulated over the run; snapshots of them are taken at
+        # the end of the first trained batch and of the last one (the steady window in between).
+        self.spent: dict[str, float] = dict.fromkeys((*PARTS, *GC), 0.0)
+        self._gc_began: float | None = None
+        self._at_first_batch: dict[str, float] = dict(self.spent)
+        self._at_last_batch: dict[str, float] = dict(self.spent)
+        self.decoder.decode = self._timed("decode", self.decoder.decode)  # type: ignore[method-assign]
+        self.prequential.update = self._timed("prequential", self.prequential.update)  # type: ignore[method-assign]
+        if self.compactor is not None:
+            self.compactor.keep = self._timed("keep", self.compactor.keep)  # type: ignore[method-assign]
+
+    def _timed(self, part: str, function: Callable[..., T]) -> Callable[..., T]:
+        spent = self.spent
+
+        def timed(*args: Any, **kwargs: Any) -> T:
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - began
+
+        timed.__wrapped_part__ = part  # type: ignore[attr-defined]
+        return timed
+
+    @property
+    def process_seconds(self) -> float:
+        return self.spent["process"]
+
+    @property
+    def learn_seconds(self) -> float:
+        return self.spent["learn"]
 
     def run(self) -> WorkerStatus:
         self.run_started = time.perf_counter()
+        gc.callbacks.append(self._on_gc)
         try:
             return super().run()
         finally:
+            gc.callbacks.remove(self._on_gc)
             self.run_ended = time.perf_counter()
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Time in Python's cyclic garbage collector (it interrupts whichever step allocates)."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        elif self._gc_began is not None:
+            elapsed = time.perf_counter() - self._gc_began
+            self.spent["gc"] += elapsed
+            if info.get("generation") == 2:  # the oldest generation: a full collection
+                self.spent["gc_full"] += elapsed
+            self._gc_began = None
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self.assigned_at is None:
@@ -55,28 +113,48 @@ class TimedWorker(Worker):
         started = time.perf_counter()
         learner = super()._create_learner(n_features)
         self.learner_seconds = time.perf_counter() - started
-        learn_many = learner.learn_many
-
-        def timed_learn_many(*args: Any, **kwargs: Any) -> StepResult:
-            began = time.perf_counter()
-            try:
-                return learn_many(*args, **kwargs)
-            finally:
-                self.learn_seconds += time.perf_counter() - began
-
-        learner.learn_many = timed_learn_many  # type: ignore[method-assign]
+        learner.learn_many = self._timed("learn", learner.learn_many)  # type: ignore[method-assign]
         return learner
+
+    def _restore(self, checkpoint: Checkpoint | None) -> None:
+        super()._restore(checkpoint)  # may replace the decoder
+        if not hasattr(self.decoder.decode, "__wrapped_part__"):
+            self.decoder.decode = self._timed("decode", self.decoder.decode)  # type: ignore[method-assign]
+
+    def _checkpoint_and_commit(self) -> None:
+        began = time.perf_counter()
+        try:
+            super()._checkpoint_and_commit()
+        finally:
+            self.spent["checkpoint"] += time.perf_counter() - began
+
+    def _compact(self, reason: str) -> None:
+        began = time.perf_counter()
+        try:
+            super()._compact(reason)
+        finally:
+            self.spent["compact"] += time.perf_counter() - began
+
+    def _refresh_lag(self) -> None:
+        began = time.perf_counter()
+        try:
+            super()._refresh_lag()
+        finally:
+            self.spent["lag"] += time.perf_counter() - began
 
     def _process(self, messages: list[Message]) -> None:
         ready_before = kernels.compile_state() == "ready"
         began = time.perf_counter()
         super()._process(messages)
         now = time.perf_counter()
-        self.process_seconds += now - began
+        self.spent["process"] += now - began
+        self.batches += 1
         if self.records_trained and self.first_trained_at is None:
             self.first_trained_at = now
             self.first_batch_records = self.records_trained
-            self._at_first_batch = (self.process_seconds, self.learn_seconds)
+            self._at_first_batch = dict(self.spent)
+            self._batches_at_first = self.batches
+        self._at_last_batch = dict(self.spent)
         if self.fused_from is None and ready_before and self.records_trained:
             self.fused_from = now
         self.last_trained_at = now
@@ -106,22 +184,32 @@ class TimedWorker(Worker):
         if self.run_ended is not None:
             extra["shutdown_s"] = self.run_ended - last
         if records > 0:
-            # Where a steady-state record's time goes: learning, the rest of the worker's batch
-            # handling (decode, offsets, metrics, checkpoints), and outside _process (polling).
-            process = self.process_seconds - self._at_first_batch[0]
-            learn = self.learn_seconds - self._at_first_batch[1]
-            extra["us_learn"] = 1e6 * learn / records
-            extra["us_worker_other"] = 1e6 * (process - learn) / records
-            extra["us_poll"] = 1e6 * (seconds - process) / records
-        checkpoint_s = self.registry.get_sample_value("streamtrainer_checkpoint_duration_seconds_sum")
-        if checkpoint_s is not None:
-            # Whole run (the final checkpoint included), per trained record; part of us_worker_other.
-            extra["us_checkpoint"] = 1e6 * checkpoint_s / max(self.records_trained, 1)
+            # Where a steady-state record's time goes (microseconds per record, first batch to last):
+            # inside _process: learn (learn_many), decode, keep (compactor.keep), prequential, and
+            # the rest of _process (per-message loop: offsets, value, codec header, key, timestamp;
+            # Prometheus metrics; index arithmetic); outside it: compact, checkpoint (+ commit),
+            # lag (watermark refresh), and consume (consumer.consume and the loop's own bookkeeping).
+            spent = {k: self._at_last_batch[k] - self._at_first_batch[k] for k in (*PARTS, *GC)}
+            inside = sum(spent[k] for k in INSIDE_PROCESS)
+            outside = sum(spent[k] for k in OUTSIDE_PROCESS)
+            for part in (*PARTS, *GC):
+                extra[f"us_{part}"] = 1e6 * spent[part] / records
+            extra["us_process_rest"] = 1e6 * (spent["process"] - inside) / records
+            extra["us_consume"] = 1e6 * (seconds - spent["process"] - outside) / records
+            extra["records_per_batch"] = records / max(1, self.batches - self._batches_at_first)
+        extra["compactions"] = self.compactor.count if self.compactor is not None else 0
         return Timing(records, seconds, extra)
 
 
 def worker_settings(
-    bootstrap: str, topic: str, model: str, records: int, *, d: int, update_batch: int = 1
+    bootstrap: str,
+    topic: str,
+    model: str,
+    records: int,
+    *,
+    d: int,
+    update_batch: int = 1,
+    compaction: bool = True,
 ) -> WorkerSettings:
     values: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -133,6 +221,7 @@ def worker_settings(
         "update_batch": update_batch,
         "max_records": records,
         "max_seconds": 300.0,
+        "compaction": compaction,  # on by default (every 2,000 records); False: --no-compaction
         "metrics_port": -1,
         "session_timeout_ms": 6000,
         # Defaults otherwise (the checkpoint cadence included): the worker as deployed.
@@ -144,10 +233,23 @@ def worker_settings(
 
 
 def run_worker(
-    bootstrap: str, topic: str, model: str, records: int, *, d: int, update_batch: int = 1
+    bootstrap: str,
+    topic: str,
+    model: str,
+    records: int,
+    *,
+    d: int,
+    update_batch: int = 1,
+    compaction: bool = True,
 ) -> tuple[Timing, TimedWorker]:
-    worker = TimedWorker(worker_settings(bootstrap, topic, model, records, d=d, update_batch=update_batch))
-    worker.run()
+    settings = worker_settings(
+        bootstrap, topic, model, records, d=d, update_batch=update_batch, compaction=compaction
+    )
+    worker = TimedWorker(settings)
+    try:
+        worker.run()
+    finally:
+        shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
     if worker.records_trained < records:
         raise RuntimeError(f"worker trained {worker.records_trained} of {records} records from {topic}")
     return worker.timing(), worker

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
 from streamtrainer.records import CODEC_HEADER, BatchDecoder
 from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC
 from streamtrainer.training import kernels
+from streamtrainer.training.compaction import CompactionStore, train_epochs
 from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer
 from streamtrainer.training.models import build_model
 from streamtrainer.training.scaler import RunningStandardizer
@@ -203,30 +205,183 @@ def learner_loop(
     return Timing(features.shape[0], time.perf_counter() - started)
 
 
-def minibatch_loop(model_name: str, features: F32, labels: F32, *, batch_size: int = 32) -> Timing:
-    """Plain in-memory mini-batch training through autograd (what compaction epochs compare to)."""
+# -- 6. compaction epochs vs a plain mini-batch loop ------------------------------------------
+
+
+def plain_epochs_loop(
+    model_name: str, features: F32, labels: F32, *, epochs: int, batch_size: int, seed: int
+) -> Timing:
+    """A straightforward in-memory mini-batch loop through autograd (what compaction epochs compare to).
+
+    The features are standardized beforehand (untimed) and held as tensors; each
+    epoch is a seeded shuffle, then ``model``, loss, ``zero_grad``, ``backward``,
+    ``step`` per mini-batch. Records = rows x epochs.
+    """
     _task, loss = MODELS[model_name]
-    d = features.shape[1]
+    n, d = features.shape
     model = build_model(model_name, n_features=d, n_outputs=1, hidden=HIDDEN)
     optimizer = make_optimizer("sgd", model.parameters(), lr_for(d))
     x = torch.from_numpy(RunningStandardizer(d).learn_transform(features))
-    y = torch.from_numpy(labels)
+    y = torch.from_numpy(np.ascontiguousarray(labels))
     loss_fn = F.mse_loss if loss == "mse" else F.binary_cross_entropy_with_logits
+    generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    for start in range(0, x.shape[0], batch_size):
-        out = model(x[start : start + batch_size]).reshape(-1)
-        value = loss_fn(out, y[start : start + batch_size])
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-    return Timing(x.shape[0], time.perf_counter() - started)
+    for _epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        x_epoch, y_epoch = x[order], y[order]
+        for start in range(0, n, batch_size):
+            out = model(x_epoch[start : start + batch_size]).reshape(-1)
+            value = loss_fn(out, y_epoch[start : start + batch_size])
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+    return Timing(n * epochs, time.perf_counter() - started)
+
+
+def compaction_epochs(
+    model_name: str,
+    features: F32,
+    labels: F32,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    directory: Path,
+    memory_records: int,
+    retain_records: int | None = 1_000_000,
+    chunk: int = 2000,
+) -> Timing:
+    """One compaction as the worker runs it: ``store.window(last=W)`` then ``train_epochs``.
+
+    Untimed set-up: a learner (the worker's config: SGD, the bench's lr) with the
+    compiled loop ready and the scaler's statistics of the records (as after
+    online learning), and a :class:`CompactionStore` fed ``chunk`` records per
+    append (the worker's poll size) until all W are in it, ``memory_records`` per
+    shard: most of the window is spilled to memory-mapped shards on disk, the
+    rest in memory. Timed: building the window (reading the shards back, copying
+    into one block) and the epochs (standardize, seeded shuffles, mini-batch
+    steps through ``learner.fit_rows``). Records = W x epochs.
+    """
+    task, loss = MODELS[model_name]
+    n, d = features.shape
+    config = LearnerConfig(model=model_name, task=task, optimizer="sgd", lr=lr_for(d), hidden=HIDDEN)
+    learner = OnlineLearner(config, d)
+    if not kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300):
+        raise RuntimeError(f"the fused loop for {model_name} did not get ready")
+    if learner.scaler is not None:
+        learner.scaler.learn_transform(features)
+    with CompactionStore(directory, memory_records=memory_records, retain_records=retain_records) as store:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            store.append(
+                features[start:stop],
+                labels[start:stop],
+                np.zeros(stop - start, np.int32),
+                np.arange(start, stop, dtype=np.int64),
+                [None] * (stop - start),  # the bench's records have no key, like the worker's here
+                np.full(stop - start, 1_700_000_000_000, np.int64),
+            )
+        on_disk, in_memory, shards = store.records_on_disk, store.records_in_memory, len(store.shards)
+        started = time.perf_counter()
+        data = store.window(last=n)
+        windowed = time.perf_counter()
+        report = train_epochs(learner, data, epochs=epochs, batch_size=batch_size, seed=seed)
+        ended = time.perf_counter()
+    if data.count != n or report.records != n * epochs:
+        raise RuntimeError(f"compaction trained {report.records} of {n} x {epochs} records")
+    return Timing(
+        n * epochs,
+        ended - started,
+        {
+            "window_s": windowed - started,
+            "epochs_s": ended - windowed,
+            "records_on_disk": on_disk,
+            "records_in_memory": in_memory,
+            "shards": shards,
+            "fused": learner._fused_ready(n, data.labels),  # which path fit_rows took
+            "epoch_losses": report.epoch_losses,
+        },
+    )
+
+
+# -- 7. replay: read a range into a compaction store ---------------------------------------------
+
+
+def replay_read(bootstrap: str, topic: str, n: int, *, directory: Path, model: str = "linear") -> Timing:
+    """The replay command's reading half on ``[0, n)`` of partition 0, no training.
+
+    ``RangeReader.read`` (direct assignment, per-record content hash) feeding the
+    replay's ``_Collector`` (``BatchDecoder``, label check, ``CompactionStore.append``
+    spilling to shards under ``directory``), exactly as ``run_replay`` wires them.
+    Timed: ``read`` (assignment to the last record); ``window_s`` in the extras is
+    what run_replay does next before training: ``store.window()`` and the
+    canonical (partition, offset) order. Reader set-up (metadata, watermarks) is
+    reported apart (``setup_s``).
+    """
+    from streamtrainer.consumer.ranges import parse_bound
+    from streamtrainer.consumer.replay import RangeReader, _Collector
+    from streamtrainer.settings import ReplaySettings
+
+    task, _loss = MODELS[model]
+    settings = ReplaySettings.model_validate(
+        {
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "from_": "0:0",
+            "to": f"0:{n}",
+            "out": directory,
+            "model": model,
+            "task": task,
+            "progress": False,
+        }
+    )
+
+    def make_learner(n_features: int) -> OnlineLearner:
+        config = LearnerConfig(model=model, task=task, optimizer="sgd", lr=lr_for(n_features), hidden=HIDDEN)
+        return OnlineLearner(config, n_features)
+
+    began = time.perf_counter()
+    store_dir = directory / "shards"
+    with (
+        CompactionStore(store_dir, memory_records=settings.memory_records, retain_records=None) as store,
+        RangeReader(settings, topic) as reader,
+    ):
+        ranges = reader.resolve(parse_bound(settings.from_, "from"), parse_bound(settings.to, "to"))
+        collector = _Collector(store, BatchDecoder(), topic, make_learner, None)
+        started = time.perf_counter()
+        read = reader.read(ranges, collector)
+        ended = time.perf_counter()
+        on_disk, shards = store.records_on_disk, len(store.shards)
+        data = store.window()
+        data = data.subset(np.lexsort((data.offsets, data.partitions)))
+        windowed = time.perf_counter()
+    records = sum(read.records.values())
+    if records != n or collector.valid != n:
+        raise RuntimeError(f"replay read {records} records ({collector.valid} valid) of {n} from {topic}")
+    return Timing(
+        records,
+        ended - started,
+        {
+            "setup_s": started - began,
+            "window_s": windowed - ended,
+            "read_and_window_rate": records / (windowed - started),
+            "records_on_disk": on_disk,
+            "shards": shards,
+        },
+    )
 
 
 # -- 5. raw consume + decode: the ceiling ----------------------------------------------------
 
 
 def raw_consume(
-    bootstrap: str, topic: str, n: int, poll_batch: int = 2000, *, read_headers: bool = True
+    bootstrap: str,
+    topic: str,
+    n: int,
+    poll_batch: int = 2000,
+    *,
+    read_headers: bool = True,
+    from_assignment: bool = False,
 ) -> Timing:
     """Read and decode ``n`` records of partition 0, no training, no group (assigned directly).
 
@@ -235,7 +390,8 @@ def raw_consume(
     call per polled batch. ``read_headers=False`` takes the codec as known (from
     configuration) instead: ``Message.headers()`` converts librdkafka's headers
     to Python on first access, ~1-2 us per record, the largest per-record cost
-    after polling itself.
+    after polling itself. ``from_assignment``: time everything from ``assign`` to
+    the n-th record (the first fetch included), as the replay's read is timed.
     """
     consumer = Consumer(
         {
@@ -247,11 +403,11 @@ def raw_consume(
             "queued.min.messages": 200000,
         }
     )
-    consumer.assign([TopicPartition(topic, 0, 0)])
     decoder = BatchDecoder()
     done = 0
     first_batch_done = 0
-    started = math.nan
+    started = time.perf_counter() if from_assignment else math.nan
+    consumer.assign([TopicPartition(topic, 0, 0)])
     try:
         while done < n:
             messages = consumer.consume(num_messages=min(poll_batch, n - done), timeout=1.0)

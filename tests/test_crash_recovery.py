@@ -100,21 +100,29 @@ def test_kill_minus_9_at_random_moments_applies_every_record_exactly_once(
         state = latest_state(checkpoints)
         return int(state[0]["records_applied"]) if state else 0  # type: ignore[call-overload]
 
+    def writing() -> bool:
+        """A checkpoint is half written: a temporary file, or tensors without their marker yet."""
+        names = {p.name for p in checkpoints.iterdir()}
+        stems = {name.split(".")[0] for name in names if name.endswith(".json")}
+        return any(".tmp-" in name for name in names) or any(
+            name.endswith(".safetensors") and name.split(".")[0] not in stems for name in names
+        )
+
     while (kills < 10 or mid_write == 0) and kills < 30 and applied() < n * 0.9:
         before = applied()
         worker.start()
-        # Wait until it has made progress in this life, then kill it at a random moment.
+        # Wait until it has made progress in this life, then kill it at a random moment; every
+        # third life, at the moment a checkpoint is being written (the test delays the marker).
         assert wait_until(lambda b=before: applied() > b, timeout=60), (tmp_path / "worker.log").read_text()[
             -3000:
         ]
-        time.sleep(rng.uniform(0.0, 1.5))
+        if kills % 3 == 2:
+            wait_until(writing, timeout=10, interval=0.002)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
         worker.kill()
         kills += 1
-        names = {p.name for p in checkpoints.iterdir()}
-        stems = {name.split(".")[0] for name in names if name.endswith(".json")}
-        if any(".tmp-" in name for name in names) or any(
-            name.endswith(".safetensors") and name.split(".")[0] not in stems for name in names
-        ):
+        if writing():
             mid_write += 1
 
     worker.start()
