@@ -24,7 +24,9 @@ from pydantic.fields import FieldInfo
 from streamtrainer import __version__
 from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
 from streamtrainer.producer.exceptions import ProducerError
+from streamtrainer.security import install_log_scrubbing, scrub
 from streamtrainer.settings import (
+    DeadLetterSettings,
     DemoSettings,
     ProducerSettings,
     ReplaySettings,
@@ -149,6 +151,8 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("streamtrainer.librdkafka").setLevel(
         logging.DEBUG if level == "debug" else logging.CRITICAL
     )
+    # No log line shows a librdkafka secret (a password, a key), whoever logs it.
+    install_log_scrubbing()
 
 
 # -- commands ------------------------------------------------------------------
@@ -279,11 +283,76 @@ def replay(**given: Any) -> None:
     )
 
 
+@cli.group()
+def dlq() -> None:
+    """Dead-lettered records: list them with their reasons, or send them back to their topic."""
+
+
+def _selected_dead_letters(settings: DeadLetterSettings) -> list[Any]:
+    from streamtrainer.consumer.dead_letter import dead_letter_topic, read_dead_letters
+
+    wanted = None
+    if settings.source_offsets:
+        try:
+            wanted = {
+                (int(p), int(o)) for p, _, o in (item.partition(":") for item in settings.source_offsets)
+            }
+        except ValueError:
+            raise click.UsageError("--source-offsets takes PARTITION:OFFSET values") from None
+    selected = []
+    for letter in read_dead_letters(
+        settings, dead_letter_topic(settings.topic, settings.dlq_topic), idle_s=settings.idle_s
+    ):
+        _, partition, offset = letter.source
+        if settings.reason and letter.reason not in settings.reason:
+            continue
+        if wanted is not None and (partition, offset) not in wanted:
+            continue
+        selected.append(letter)
+        if settings.limit is not None and len(selected) >= settings.limit:
+            break
+    return selected
+
+
+@dlq.command()
+@settings_options(DeadLetterSettings)
+def inspect(**given: Any) -> None:
+    """List dead-lettered records: where they came from and why."""
+    settings = build_settings(DeadLetterSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.consumer.dead_letter import ERROR_MESSAGE, WORKER_ID
+
+    letters = _selected_dead_letters(settings)
+    for letter in letters:
+        topic, partition, offset = letter.source
+        key = letter.key.decode(errors="replace") if letter.key is not None else "-"
+        click.echo(
+            f"{topic}[{partition}]@{offset}\t{letter.reason}\t{letter.header(ERROR_MESSAGE)}"
+            f"\tkey={key}\tworker={letter.header(WORKER_ID)}"
+        )
+    click.echo(f"{len(letters)} dead-lettered record(s)", err=True)
+
+
+@dlq.command()
+@settings_options(DeadLetterSettings)
+def redrive(**given: Any) -> None:
+    """Publish selected dead-lettered records back to their source topic (after fixing the cause)."""
+    settings = build_settings(DeadLetterSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.consumer.dead_letter import redrive as publish_again
+
+    letters = _selected_dead_letters(settings)
+    if not letters:
+        _fail("no dead-lettered record matches the selection", 1)
+    count = publish_again(settings, letters)
+    click.echo(f"redrove {count} record(s) to {settings.topic}")
+
+
 # -- entry point ------------------------------------------------------------------
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"streamtrainer: error: {message}", err=True)
+    click.echo(f"streamtrainer: error: {scrub(message)}", err=True)
     raise SystemExit(code)
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamtrainer.security import redact
+
 ENV_PREFIX = "STREAMTRAINER_"
 
 Codec = Literal["json", "binary"]
@@ -36,13 +38,32 @@ class _Settings(BaseSettings):
     )
 
     def digest(self) -> str:
-        """A short, stable hash of the configuration (recorded with checkpoints)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        """A short, stable hash of the configuration (recorded with checkpoints).
+
+        Hashed without the secrets: rotating a password is not a change of configuration, and a hash
+        of a short password could be brute-forced."""
+        canonical = json.dumps(self.redacted(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict that is safe to print or log."""
-        return self.model_dump(mode="json")
+        """The settings as a dict that is safe to print or log: secret librdkafka values are masked."""
+        return _redact_dump(self.model_dump(mode="json"))
+
+    def __repr_args__(self) -> Any:
+        # repr() and str() of settings (a log line, a traceback) never show a secret either.
+        for name, value in super().__repr_args__():
+            yield name, (redact(value) if name in _KAFKA_CONFIG_FIELDS and isinstance(value, dict) else value)
+
+
+# Settings whose values are librdkafka settings (keyed by librdkafka property names).
+_KAFKA_CONFIG_FIELDS = frozenset({"kafka_config"})
+
+
+def _redact_dump(dumped: dict[str, Any]) -> dict[str, Any]:
+    for name in _KAFKA_CONFIG_FIELDS & dumped.keys():
+        if isinstance(dumped[name], dict):
+            dumped[name] = redact(dumped[name])
+    return dumped
 
 
 class KafkaSettings(_Settings):
@@ -55,7 +76,24 @@ class KafkaSettings(_Settings):
     )
     kafka_config: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra librdkafka settings, KEY=VALUE (repeatable).",
+        description="Extra librdkafka settings, KEY=VALUE (repeatable; env: a JSON object). "
+        "Override --kafka-config-file.",
+    )
+    kafka_config_file: Path | None = Field(
+        default=None,
+        description="librdkafka settings from a Java-style client.properties file (key=value lines, "
+        "# comments), e.g. security.protocol, ssl.*, sasl.*.",
+    )
+    kafka_secret_file: dict[str, Path] = Field(
+        default_factory=dict,
+        description="KEY=PATH: the librdkafka setting KEY is the content of the file PATH (a Kubernetes "
+        "or Docker secret, trailing newline dropped), e.g. sasl.password=/run/secrets/kafka-password "
+        "(repeatable; env: a JSON object). Overrides --kafka-config.",
+    )
+    allow_insecure_tls: bool = Field(
+        default=False,
+        description="Allow enable.ssl.certificate.verification=false and "
+        "ssl.endpoint.identification.algorithm=none (refused otherwise).",
     )
     startup_timeout_s: float = Field(
         default=15.0, gt=0, description="Give up if the broker cannot be reached in this time."
@@ -201,6 +239,15 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     run_log: Path | None = Field(
         default=None, description="Append a JSON line of run statistics here every second."
     )
+    dlq_topic: str | None = Field(
+        default=None, description="Dead-letter topic for records that cannot be trained on (<topic>.dlq)."
+    )
+    max_value_bytes: int = Field(
+        default=1_048_576, ge=1, description="Larger record values are dead-lettered as oversize."
+    )
+    worker_id: str | None = Field(
+        default=None, description="Names this worker in dead-letter headers (default: host and a random id)."
+    )
     init_from: Path | None = Field(
         default=None,
         description="Start a new model from the newest checkpoint in this directory (e.g. a replay's), "
@@ -313,6 +360,22 @@ class ReplaySettings(KafkaSettings, ModelSettings):
         if self.manifest is None and not self.topic:
             raise ValueError("--topic is required (or --manifest)")
         return self
+
+
+class DeadLetterSettings(KafkaSettings):
+    """`streamtrainer dlq inspect|redrive`: the records a worker could not train on."""
+
+    topic: str = Field(description="The source topic whose dead letters to read.")
+    dlq_topic: str | None = Field(default=None, description="Dead-letter topic (default: <topic>.dlq).")
+    reason: list[str] | None = Field(
+        default=None, description="Only records dead-lettered for these reasons (e.g. non_finite)."
+    )
+    source_offsets: list[str] | None = Field(
+        default=None, description="Only these source records, as PARTITION:OFFSET (repeatable)."
+    )
+    limit: int | None = Field(default=None, ge=1, description="At most this many records.")
+    idle_s: float = Field(default=2.0, gt=0, description="Reading ends once no record arrived for this long.")
+    log_level: LogLevel = Field(default="warning", description="Log level.")
 
 
 class DemoSettings(MetricsSettings, KafkaSettings):

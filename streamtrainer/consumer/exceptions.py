@@ -7,3 +7,7 @@ from streamtrainer.exceptions import StreamtrainerError
 
 class ConsumerError(StreamtrainerError):
     """The worker cannot go on consuming."""
+
+
+class DeadLetterError(ConsumerError):
+    """The dead-letter topic cannot be read or written as asked."""

@@ -33,8 +33,15 @@ import torch
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
+from streamtrainer.connection import (
+    admin_client,
+    check_reachable,
+    client_config,
+    ensure_topic,
+    topic_partitions,
+)
 from streamtrainer.consumer.compactor import HTTP, SIGNAL, Compactor
+from streamtrainer.consumer.dead_letter import DeadLetterQueue, dead_letter_topic, default_worker_id
 from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
 from streamtrainer.exceptions import TopicError
@@ -119,7 +126,7 @@ class Worker:
             actions={"/compact": self._compact_on_request} if self.compactor is not None else None,
         )
         self.on_progress = on_progress
-        self.decoder = BatchDecoder(n_features=settings.n_features, feature_names=settings.feature_names)
+        self.decoder = self._new_decoder(settings.n_features, settings.feature_names)
         self.learner: OnlineLearner | None = None
         self.prequential = PrequentialMetrics(settings.resolved_task, settings.prequential_window)
         self.offsets = OffsetTracker()
@@ -145,12 +152,15 @@ class Worker:
         self._kafka_errors: dict[str, tuple[float, int]] = {}
         # Messages a poll returned while a compaction had the partitions paused: trained next.
         self._held: list[Message] = []
+        self.dead_letters: DeadLetterQueue | None = None
+        self._dead_letters_unconfirmed = False
         self._paused: list[TopicPartition] = []
         self._abort_compaction = False
         self._served_group_at = 0.0
         # Export every reason from the start (at zero): a rate over a missing series shows no data.
         for reason in DECODE_REASONS:
             self.metrics.records_invalid.labels(settings.topic, reason)
+            self.metrics.dead_lettered.labels(settings.topic, reason)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -165,6 +175,8 @@ class Worker:
         with ExitStack() as stack:
             stack.enter_context(self._signals_stop_the_loop())
             self._check_topic()
+            self.dead_letters = self._open_dead_letters()
+            stack.callback(self.dead_letters.close)
             if settings.fused and settings.device == "cpu":
                 kernels.prepare(settings.model, settings.optimizer)  # compiles in the background meanwhile
             stack.enter_context(self.store)
@@ -281,6 +293,20 @@ class Worker:
                 f"topic {self.settings.topic!r} does not exist on {self.settings.bootstrap_servers}"
             )
 
+    def _open_dead_letters(self) -> DeadLetterQueue:
+        settings = self.settings
+        topic = dead_letter_topic(settings.topic, settings.dlq_topic)
+        admin = admin_client(settings)
+        ensure_topic(admin, topic, partitions=1, timeout_s=settings.startup_timeout_s)
+        logger.info("invalid records go to %s", topic)
+        return DeadLetterQueue(
+            settings,
+            topic=topic,
+            worker_id=settings.worker_id or default_worker_id(),
+            metrics=self.metrics,
+            source_topic=settings.topic,
+        )
+
     def _create_consumer(self) -> Consumer:
         settings = self.settings
         config = client_config(
@@ -356,6 +382,7 @@ class Worker:
         record_offsets: list[int] = []
         keys: list[bytes | None] = []
         timestamps: list[int] = []
+        records: list[Message] = []
         keep = self.compactor is not None
         offsets = self.offsets
         for message in messages:
@@ -363,6 +390,7 @@ class Worker:
             if error is not None:
                 self._on_message_error(error)
                 continue
+            records.append(message)
             partition, offset = message.partition() or 0, message.offset() or 0
             partitions.append(partition)
             offsets.done(message.topic() or topic_name, partition, offset)
@@ -396,7 +424,7 @@ class Worker:
                     )
                 features, labels, index = features[valid], labels[valid], index[valid]
         if errors:
-            self._count_invalid(errors)
+            self._route_invalid(records, errors)
         if self.learner is None or not len(index):
             return
 
@@ -463,7 +491,6 @@ class Worker:
             if compactor is not None:
                 compactor.trigger.reset()
             return
-        self._paused = []
         self._abort_compaction = False
         self._served_group_at = time.monotonic()
         try:
@@ -475,15 +502,19 @@ class Worker:
                 should_stop=lambda: not self._running or self._abort_compaction,
             )
         finally:
-            still_ours = [tp for tp in self._paused if (tp.topic, tp.partition) in self._assigned]
-            if still_ours:
-                consumer.resume(still_ours)
-            self._paused = []
+            self._resume_paused()
         if result is None or self._abort_compaction:
             return
         # The model changed: the next checkpoint (on its usual cadence) holds it and records the
         # compactions since the one before, with the offset ranges they covered.
         self._dirty = True
+
+    def _resume_paused(self) -> None:
+        consumer = self._consumer
+        still_ours = [tp for tp in self._paused if (tp.topic, tp.partition) in self._assigned]
+        if still_ours and consumer is not None:
+            consumer.resume(still_ours)
+        self._paused = []
 
     def _serve_group(self) -> None:
         """Poll during long compaction epochs: heartbeats, rebalances and the poll interval stay served."""
@@ -518,14 +549,19 @@ class Worker:
             raise CheckpointError(f"--init-from {directory}: {error}") from None
         self.learner = learner
         names = checkpoint.metadata.get("feature_names")
-        self.decoder = BatchDecoder(
-            n_features=n_features, feature_names=names if isinstance(names, list) else None
-        )
+        self.decoder = self._new_decoder(n_features, names if isinstance(names, list) else None)
         logger.info(
             "initialised the model from %s checkpoint %d (%s records applied there)",
             directory,
             checkpoint.version,
             checkpoint.metadata.get("records_applied", "?"),
+        )
+
+    def _new_decoder(self, n_features: int | None, feature_names: list[str] | None) -> BatchDecoder:
+        return BatchDecoder(
+            n_features=n_features,
+            feature_names=feature_names,
+            max_value_bytes=self.settings.max_value_bytes,
         )
 
     def _create_learner(self, n_features: int) -> OnlineLearner:
@@ -555,6 +591,22 @@ class Worker:
         )
         return learner
 
+    def _route_invalid(self, records: list[Message], errors: list[tuple[int, DecodeError]]) -> None:
+        """Every record that cannot be trained on goes to the dead-letter topic, confirmed."""
+        dead_letters = self.dead_letters
+        if dead_letters is not None:
+            failures = [(records[position], error) for position, error in errors]
+            confirmed = dead_letters.send(
+                failures, serve=self._serve_group, should_stop=lambda: not self._running
+            )
+            self._resume_paused()
+            if not confirmed:
+                # Stopping while the dead-letter topic is unwritable: no checkpoint may pass these
+                # records, so they are read (and dead-lettered) again after the restart.
+                self._dead_letters_unconfirmed = True
+                return
+        self._count_invalid(errors)
+
     def _count_invalid(self, errors: list[tuple[int, DecodeError]]) -> None:
         self.records_invalid += len(errors)
         for reason, count in CountOf(error.reason for _, error in errors).items():
@@ -579,9 +631,7 @@ class Worker:
         self.applied = {}
         if checkpoint is None:
             self.learner = None
-            self.decoder = BatchDecoder(
-                n_features=self.settings.n_features, feature_names=self.settings.feature_names
-            )
+            self.decoder = self._new_decoder(self.settings.n_features, self.settings.feature_names)
             logger.info("no checkpoint in %s: starting a new model", self.settings.checkpoint_dir)
             return
         metadata = checkpoint.metadata
@@ -590,9 +640,7 @@ class Worker:
             self.learner = self._create_learner(n_features)
             self.learner.load_state(checkpoint.tensors, metadata)
             names = metadata.get("feature_names")
-            self.decoder = BatchDecoder(
-                n_features=n_features, feature_names=names if isinstance(names, list) else None
-            )
+            self.decoder = self._new_decoder(n_features, names if isinstance(names, list) else None)
         for key, offset in dict(metadata.get("positions", {})).items():
             topic, _, partition = str(key).rpartition(":")
             self.offsets.done(topic, int(partition), int(offset) - 1)
@@ -614,6 +662,11 @@ class Worker:
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
         if not self._dirty:
+            return
+        if self._dead_letters_unconfirmed:
+            logger.warning(
+                "not checkpointing: invalid records are not yet confirmed in the dead-letter topic"
+            )
             return
         started = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
@@ -744,6 +797,7 @@ class Worker:
         self._restore(checkpoint)
         # Whatever was consumed since that checkpoint is read again: forget the copies kept of it.
         self._held.clear()
+        self._dead_letters_unconfirmed = False
         self._abort_compaction = True
         if self.compactor is not None:
             self.compactor.forget()

@@ -121,6 +121,22 @@ class WorkerMetrics:
             "Times the model was reset to its last checkpoint (e.g. partitions lost).",
             registry=registry,
         )
+        self.dead_lettered = Counter(
+            "streamtrainer_records_dead_lettered",
+            "Invalid records written to the dead-letter topic (acknowledged), by reason.",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.dead_letter_write_failures = Counter(
+            "streamtrainer_dead_letter_write_failures",
+            "Failed attempts to write a record to the dead-letter topic (each retried, never skipped).",
+            registry=registry,
+        )
+        self.dead_letter_blocked = Gauge(
+            "streamtrainer_dead_letter_blocked",
+            "1 while the worker waits for the dead-letter topic to accept records, else 0.",
+            registry=registry,
+        )
         self.compactions = Counter(
             "streamtrainer_compactions",
             "Compactions of the consumed log into batch epochs, by trigger.",

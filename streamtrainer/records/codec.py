@@ -99,7 +99,9 @@ class BatchDecoder:
         *,
         n_features: int | None = None,
         feature_names: Sequence[str] | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
+        self.max_value_bytes = max_value_bytes
         if feature_names is not None:
             if n_features is not None and n_features != len(feature_names):
                 raise ValueError(f"n_features={n_features} but {len(feature_names)} feature names")
@@ -139,6 +141,10 @@ class BatchDecoder:
             value = values[position]
             if not value:
                 errors.append((position, DecodeError("empty_value", "record has no value")))
+            elif self.max_value_bytes is not None and len(value) > self.max_value_bytes:
+                # Checked before parsing: a huge value must not cost its parse.
+                detail = f"{len(value)} bytes, more than the {self.max_value_bytes} allowed"
+                errors.append((position, DecodeError("oversize", detail)))
             elif codec is None or codec == JSON_CODEC:
                 try:
                     row, label = self._decode_json(value)

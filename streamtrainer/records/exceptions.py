@@ -17,6 +17,7 @@ DECODE_REASONS: Final = (
     "unknown_codec",
     "empty_value",
     "label_out_of_range",
+    "oversize",
 )
 
 
