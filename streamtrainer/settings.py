@@ -242,6 +242,11 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     dlq_topic: str | None = Field(
         default=None, description="Dead-letter topic for records that cannot be trained on (<topic>.dlq)."
     )
+    dlq_kafka_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="librdkafka settings for the dead-letter producer only, KEY=VALUE (e.g. another "
+        "bootstrap.servers).",
+    )
     max_value_bytes: int = Field(
         default=1_048_576, ge=1, description="Larger record values are dead-lettered as oversize."
     )

@@ -6,6 +6,8 @@ import json
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 from confluent_kafka import Producer
@@ -25,6 +27,7 @@ from streamtrainer.consumer.worker import Worker
 from streamtrainer.records import CODEC_HEADER
 from streamtrainer.records.exceptions import DECODE_REASONS
 from streamtrainer.settings import KafkaSettings
+from streamtrainer.training.checkpoint import CheckpointStore
 from tests.helpers import committed_offsets, worker_settings
 
 N_FEATURES = 4
@@ -186,3 +189,56 @@ def test_dlq_inspect_and_redrive(bootstrap: str, topic_factory, group_id: str) -
     # The redriven record is back in the source topic (still invalid: it is dead-lettered again).
     again = Worker(worker_settings(bootstrap, topic, group_id, model="logistic", max_seconds=8.0)).run()
     assert again.records_consumed == 1 and again.records_invalid == 1
+
+
+def test_an_unwritable_dead_letter_topic_blocks_and_loses_nothing(
+    bootstrap: str, topic_factory, group_id: str, tmp_path
+) -> None:
+    topic = topic_factory(partitions=1)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    n = 200
+    for i in range(n):
+        # Record 100 is invalid and too big for the dead-letter producer configured below.
+        producer.produce(topic, value=b"x" * 5000 if i == 100 else _good(i))
+    producer.flush(10)
+    checkpoints = tmp_path / "ckpt"
+    registry = CollectorRegistry()
+    blocked = worker_settings(
+        bootstrap,
+        topic,
+        group_id,
+        model="logistic",
+        poll_batch=50,
+        checkpoint_dir=checkpoints,
+        checkpoint_every_records=10,
+        dlq_kafka_config={"message.max.bytes": "2000"},  # the dead-letter write fails, every time
+    )
+    worker = Worker(blocked, registry=registry)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        failures = "streamtrainer_dead_letter_write_failures_total"
+        deadline = time.monotonic() + 60
+        while (registry.get_sample_value(failures) or 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (registry.get_sample_value(failures) or 0) >= 3  # retried with backoff, not skipped
+        assert registry.get_sample_value("streamtrainer_dead_letter_blocked") == 1
+        assert worker.records_trained <= 100  # nothing after the blocked record
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    # No checkpoint and no commit passed the record that could not be dead-lettered.
+    assert committed_offsets(bootstrap, topic, group_id)[0] <= 100
+    state = CheckpointStore(checkpoints).load_latest()
+    assert state is None or state.metadata["positions"][f"{topic}:0"] <= 100
+    applied_before = int(state.metadata["records_applied"]) if state is not None else 0
+
+    # The dead-letter topic is writable again: the restarted worker routes it and trains the rest once.
+    registry = CollectorRegistry()
+    healthy = blocked.model_copy(update={"dlq_kafka_config": {}, "max_records": n - 1 - applied_before})
+    status = Worker(healthy, registry=registry).run()
+    assert status.records_applied == n - 1
+    assert sum(committed_offsets(bootstrap, topic, group_id).values()) == n
+    letters = list(read_dead_letters(KafkaSettings(bootstrap_servers=bootstrap), f"{topic}.dlq"))
+    assert [letter.source for letter in letters] == [(topic, 0, 100)]
+    assert registry.get_sample_value("streamtrainer_dead_letter_blocked") == 0

@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import (
@@ -84,8 +84,10 @@ class DeadLetterQueue:
         worker_id: str,
         metrics: WorkerMetrics,
         source_topic: str,
+        producer_config: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        self.producer_config = dict(producer_config or {})
         self.topic = topic
         self.worker_id = worker_id
         self.metrics = metrics
@@ -105,6 +107,7 @@ class DeadLetterQueue:
                 "acks": "all",
                 "linger.ms": 5,
                 "error_cb": self._on_error,
+                **self.producer_config,
             },
         )
         return Producer(config)

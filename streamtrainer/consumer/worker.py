@@ -305,6 +305,7 @@ class Worker:
             worker_id=settings.worker_id or default_worker_id(),
             metrics=self.metrics,
             source_topic=settings.topic,
+            producer_config=settings.dlq_kafka_config,
         )
 
     def _create_consumer(self) -> Consumer:
