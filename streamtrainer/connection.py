@@ -8,29 +8,57 @@ from collections.abc import Mapping
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from streamtrainer import security
 from streamtrainer.exceptions import BrokerUnavailableError, ConfigurationError, TopicError
 from streamtrainer.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
 LIBRDKAFKA_LOGGER = logging.getLogger("streamtrainer.librdkafka")
+# librdkafka redacts its sensitive properties in its debug output; this catches anything else.
+security.install_log_scrubbing(LIBRDKAFKA_LOGGER)
 
 
 def client_config(settings: KafkaSettings, **overrides: object) -> dict[str, object]:
-    """librdkafka config: the bootstrap servers, the user's extra settings, then ``overrides``."""
-    if not settings.bootstrap_servers:
+    """librdkafka config, the one place it is assembled. Later wins: ``--kafka-config-file``,
+    ``--kafka-config``, ``--kafka-secret-file``, ``--bootstrap-servers``, then ``overrides``.
+
+    Raises ConfigurationError for an unreadable file, a missing bootstrap server, or TLS
+    verification turned off without ``--allow-insecure-tls``."""
+    user = security.resolve(
+        config_file=settings.kafka_config_file,
+        kafka_config=settings.kafka_config,
+        secret_files=settings.kafka_secret_file,
+    )
+    bootstrap = settings.bootstrap_servers or user.get("bootstrap.servers")
+    if not bootstrap:
         raise ConfigurationError(
             "no Kafka bootstrap server: set --bootstrap-servers or STREAMTRAINER_BOOTSTRAP_SERVERS"
         )
     # librdkafka's own log lines go through Python logging (quiet unless debugging);
     # errors that matter reach the application through error_cb and exceptions.
-    config: dict[str, object] = {"bootstrap.servers": settings.bootstrap_servers, "logger": LIBRDKAFKA_LOGGER}
-    config.update(settings.kafka_config)
+    config: dict[str, object] = {"logger": LIBRDKAFKA_LOGGER, **user, "bootstrap.servers": bootstrap}
     config.update(overrides)
+    security.check_tls(config, allow_insecure=settings.allow_insecure_tls)
     return config
 
 
+class _LastError:
+    """The admin client's error_cb: remembers the last error (a TLS handshake failure, say), so that
+    "cannot reach Kafka" can say why."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        self.text = security.scrub(str(error.str()))
+        LIBRDKAFKA_LOGGER.debug("admin client error: %s", self.text)
+
+
 def admin_client(settings: KafkaSettings) -> AdminClient:
-    return AdminClient(client_config(settings))  # type: ignore[arg-type]
+    errors = _LastError()
+    admin = AdminClient(client_config(settings, error_cb=errors))  # type: ignore[arg-type]
+    admin._streamtrainer_errors = errors  # type: ignore[attr-defined]
+    return admin
 
 
 def check_reachable(admin: AdminClient, settings: KafkaSettings) -> None:
@@ -38,9 +66,14 @@ def check_reachable(admin: AdminClient, settings: KafkaSettings) -> None:
     try:
         admin.list_topics(timeout=settings.startup_timeout_s)
     except KafkaException as error:
+        # The admin client's logs and errors wait in its queue until served.
+        admin.poll(0)
+        where = settings.bootstrap_servers or "the --kafka-config-file's bootstrap.servers"
+        errors = getattr(admin, "_streamtrainer_errors", None)
+        last = f"; {errors.text}" if errors is not None and errors.text else ""
+        within = f"within {settings.startup_timeout_s:g}s"
         raise BrokerUnavailableError(
-            f"cannot reach Kafka at {settings.bootstrap_servers} within "
-            f"{settings.startup_timeout_s:g}s ({_reason(error)})"
+            security.scrub(f"cannot reach Kafka at {where} {within} ({_reason(error)}{last})")
         ) from None
 
 
