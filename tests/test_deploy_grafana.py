@@ -131,6 +131,9 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
         ("compaction epoch loss", "streamtrainer_compaction_epoch_loss"),
         ("compaction store records", "streamtrainer_compaction_store_records"),
         ("compaction store bytes", "streamtrainer_compaction_store_bytes"),
+        ("dead-lettered records", "streamtrainer_records_dead_lettered_total"),
+        ("dead-letter write failures", "streamtrainer_dead_letter_write_failures_total"),
+        ("workers blocked on the dead-letter topic", "streamtrainer_dead_letter_blocked"),
     ],
 )
 def test_the_dashboard_shows(dashboard: dict[str, Any], what: str, metric: str) -> None:
@@ -174,6 +177,35 @@ def test_the_compaction_row_shows_whether_compaction_helped(dashboard: dict[str,
     exprs = [t["expr"] for t in durations[0]["targets"]]
     assert sum("histogram_quantile" in e for e in exprs) >= 2
     assert any("_sum" in e and "_count" in e for e in exprs), "no average compaction duration"
+
+
+def _row(dashboard: dict[str, Any], title: str) -> dict[str, dict[str, Any]]:
+    """The panels of one row, by title."""
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == title]
+    following = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]]
+    end = min(following, default=10**6)
+    return {p["title"]: p for p in _panels(dashboard) if row["gridPos"]["y"] < p["gridPos"]["y"] < end}
+
+
+def test_the_dead_letter_row_shows_reasons_share_failures_and_blocked_workers(
+    dashboard: dict[str, Any],
+) -> None:
+    in_row = _row(dashboard, "Dead letters")
+    assert len(in_row) == 4, sorted(in_row)
+    for title, panel in in_row.items():
+        assert any("dead_letter" in t["expr"] for t in panel["targets"]), title
+    exprs = {title: [t["expr"] for t in panel["targets"]] for title, panel in in_row.items()}
+    by_reason = [e for es in exprs.values() for e in es if "by (topic, reason)" in e]
+    assert by_reason and all("streamtrainer_records_dead_lettered_total" in e for e in by_reason)
+    share = [p for p in in_row.values() if p["fieldConfig"]["defaults"]["unit"] == "percentunit"]
+    (share_expr,) = [t["expr"] for p in share for t in p["targets"]]
+    assert re.search(r"dead_lettered_total.*\) / .*records_consumed_total", share_expr), share_expr
+    # Blocked is a state over time (0 writing, 1 blocked), not a line.
+    (blocked,) = [p for p in in_row.values() if "dead_letter_blocked" in p["targets"][0]["expr"]]
+    assert blocked["type"] == "state-timeline"
+    (mapping,) = blocked["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["options"]["1"]["text"] == "blocked" and mapping["options"]["0"]["text"] == "writing"
 
 
 def test_provisioning_points_at_the_compose_services() -> None:

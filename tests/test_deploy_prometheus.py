@@ -4,7 +4,9 @@ The live test starts Prometheus on loopback, scraping two workers (a classifier 
 on two topics) that train from the embedded broker while a producer publishes, then asks the
 Prometheus HTTP API for every expression of the dashboard and of the alert rules. The workers
 compact every 1,000 records (a few seconds) and spill their compaction store to disk, so the
-compaction panels have data too.
+compaction panels have data too. One record in 400 on each topic is bad (not JSON, the wrong
+number of features, a non-finite value): the workers dead-letter it, so the dead-letter panels
+have data too, while the invalid share (0.25%) stays under every alert threshold.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,6 +61,13 @@ RATE_INTERVAL = "15s"  # what $__rate_interval becomes: many 1 s scrapes per win
 # streamtrainer_compaction_store_records.
 COMPACTION_REASONS = {*COMPACTION_TRIGGERS, "other"}
 STORE_LOCATIONS = {"memory", "disk"}
+# One bad record per BAD_EVERY good ones delivered, cycling through these values (n_features=4).
+BAD_EVERY = 400
+BAD_VALUES = (
+    b"not json",
+    b'{"features": [1.0, 2.0], "label": 0}',
+    b'{"features": [1, 1e39, 3, 4], "label": 1}',
+)
 
 
 def _binary(name: str) -> str:
@@ -357,6 +367,25 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
 
         threads.append(threading.Thread(target=produce, name=f"producer-{topic}", daemon=True))
 
+    def produce_bad_records() -> None:
+        """One bad record per BAD_EVERY good ones the producer delivered, on every topic."""
+        bad = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        sent = dict.fromkeys((classification, regression), 0)
+        while not stop.is_set():
+            for topic in sent:
+                delivered = producer_registry.get_sample_value(
+                    "streamtrainer_producer_records_delivered_total", {"topic": topic}
+                )
+                while sent[topic] < int((delivered or 0) // BAD_EVERY):
+                    value = BAD_VALUES[sent[topic] % len(BAD_VALUES)]
+                    bad.produce(topic, key=f"bad-{sent[topic]}".encode(), value=value)
+                    sent[topic] += 1
+            bad.poll(0)
+            stop.wait(0.1)
+        bad.flush(10)
+
+    threads.append(threading.Thread(target=produce_bad_records, name="bad-records", daemon=True))
+
     workers: list[Worker] = []
     for topic, model, lr in ((classification, "logistic", 0.05), (regression, "linear", 0.01)):
         settings = worker_settings(
@@ -435,6 +464,9 @@ def _wait_until_scraped_enough(stack: LiveStack) -> None:
         ),
         "both workers spilled records to disk": (
             'count(streamtrainer_compaction_store_records{location="disk"} > 0)'
+        ),
+        "both workers dead-lettering now": (
+            f"count(sum by (instance) (increase(streamtrainer_records_dead_lettered_total{window})) > 0)"
         ),
     }
 
