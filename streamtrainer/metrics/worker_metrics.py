@@ -121,6 +121,12 @@ class WorkerMetrics:
             "Times the model was reset to its last checkpoint (e.g. partitions lost).",
             registry=registry,
         )
+        self.kafka_errors = Counter(
+            "streamtrainer_kafka_errors",
+            "Client-level Kafka errors (e.g. broker down), by librdkafka error name.",
+            ["kind"],
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             "streamtrainer_records_dead_lettered",
             "Invalid records written to the dead-letter topic (acknowledged), by reason.",
