@@ -205,6 +205,20 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         default=True,
         description="Compiled per-record loops for the built-in models on the CPU (off: autograd).",
     )
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0, description="Clip each update's gradient to this norm (default: no clipping)."
+    )
+    spike_factor: float | None = Field(
+        default=None,
+        gt=1,
+        description="Skip the update of a record whose loss exceeds this multiple of the running loss "
+        "(e.g. 20; default: off).",
+    )
+    max_consecutive_skips: int = Field(
+        default=100,
+        ge=1,
+        description="After this many skipped updates in a row, roll back to the last checkpoint.",
+    )
     update_batch: int = Field(
         default=1,
         ge=1,

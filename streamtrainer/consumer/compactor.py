@@ -143,7 +143,7 @@ class Compactor:
         self.trigger.observe(len(labels))
         if self.last is not None and self.loss_after is None:
             take = min(len(losses), self.effect_window - self._after_count)
-            self._after_sum += float(losses[:take].sum())
+            self._after_sum += float(np.nansum(losses[:take]))
             self._after_count += take
             if self._after_count >= self.effect_window:
                 self.loss_after = self._after_sum / self._after_count

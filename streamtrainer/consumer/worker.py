@@ -152,6 +152,7 @@ class Worker:
         self._kafka_errors: dict[str, tuple[float, int]] = {}
         # Messages a poll returned while a compaction had the partitions paused: trained next.
         self._held: list[Message] = []
+        self._guard_rolled_back = False
         self.dead_letters: DeadLetterQueue | None = None
         self._dead_letters_unconfirmed = False
         self._paused: list[TopicPartition] = []
@@ -436,7 +437,16 @@ class Worker:
         trained = int(index.shape[0])
         self.metrics.update_latency.observe(elapsed / trained)
         self.records_trained += trained
-        self.prequential.update(result.losses, result.predictions, labels.astype(np.float64))
+        if result.skipped_nonfinite or result.skipped_spike:
+            self.metrics.updates_skipped.labels("non_finite").inc(result.skipped_nonfinite)
+            self.metrics.updates_skipped.labels("spike").inc(result.skipped_spike)
+        measured = np.isfinite(result.losses)  # a non-finite loss is no measurement of the model
+        if measured.all():
+            self.prequential.update(result.losses, result.predictions, labels.astype(np.float64))
+        else:
+            self.prequential.update(
+                result.losses[measured], result.predictions[measured], labels[measured].astype(np.float64)
+            )
         self.metrics.model_updates.inc(self.learner.updates - updates_before)
         self.metrics.prequential_loss.set(self.prequential.loss.value)
         if self.prequential.score_name == "mae":
@@ -459,6 +469,28 @@ class Worker:
                 np.asarray(timestamps, dtype=np.int64)[index],
                 result.losses,
             )
+        if result.rollback_needed:
+            self._guard_rollback()
+
+    def _guard_rollback(self) -> None:
+        """Too many updates in a row were refused: the model is likely broken; go back to the checkpoint."""
+        learner, consumer = self.learner, self._consumer
+        skips = self.settings.max_consecutive_skips
+        if learner is None or consumer is None:
+            return
+        if self._guard_rolled_back:
+            # The same records would be read and refused again: one rollback per checkpoint.
+            logger.warning(
+                "%d updates in a row skipped again since the last rollback: continuing from here", skips
+            )
+            learner.reset_guards()
+            return
+        logger.warning(
+            "%d updates in a row were skipped by the training guards: rolling back to the last checkpoint",
+            skips,
+        )
+        self._guard_rolled_back = True
+        self._rollback(consumer)
 
     def _take_held(self, budget: int) -> list[Message]:
         if not self._held:
@@ -579,6 +611,9 @@ class Worker:
             seed=s.seed,
             device=s.device,
             fused=s.fused,
+            clip_grad_norm=s.clip_grad_norm,
+            spike_factor=s.spike_factor,
+            max_consecutive_skips=s.max_consecutive_skips,
         )
         learner = OnlineLearner(config, n_features)
         logger.info(
@@ -695,6 +730,7 @@ class Worker:
             logger.error("checkpoint failed, offsets not committed: %s", error)
             return
         self.model_version = checkpoint.version
+        self._guard_rolled_back = False
         if self.compactor is not None:
             self.compactor.checkpointed()
         self._dirty = False

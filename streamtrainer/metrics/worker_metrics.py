@@ -121,6 +121,12 @@ class WorkerMetrics:
             "Times the model was reset to its last checkpoint (e.g. partitions lost).",
             registry=registry,
         )
+        self.updates_skipped = Counter(
+            "streamtrainer_updates_skipped",
+            "Records whose update was skipped by a training guard (non-finite loss or gradient, loss spike).",
+            ["reason"],
+            registry=registry,
+        )
         self.kafka_errors = Counter(
             "streamtrainer_kafka_errors",
             "Client-level Kafka errors (e.g. broker down), by librdkafka error name.",

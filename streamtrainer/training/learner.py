@@ -12,12 +12,37 @@ compiled kernels of :mod:`streamtrainer.training.kernels` once they are ready
 cover, it takes the autograd path). Both paths agree to float32 rounding and
 share the model's parameters and the optimizer's state, so a learner may switch
 between them at any batch; ``LearnerConfig.fused=False`` keeps it on autograd.
+
+Guards (:mod:`streamtrainer.training.guards`) protect the model from bad records:
+
+* a record whose loss, or a step whose gradient, is not finite is not learned
+  from (``StepResult.skipped_nonfinite``); a step that would leave a parameter or
+  an optimizer state value non-finite is undone, so the model never holds one;
+* ``clip_grad_norm`` clips each step's gradient to that norm;
+* ``spike_factor`` skips a record whose loss exceeds that multiple of the EW
+  mean (span ``spike_span``) of the losses learned from, once ``spike_warmup``
+  were (``StepResult.skipped_spike``);
+* after ``max_consecutive_skips`` skipped records in a row the learner sets
+  ``rollback_needed`` (also in each ``StepResult``) until ``load_state`` or
+  ``reset_guards``: the caller should reload its last checkpoint.
+
+A skipped record keeps its measured pre-update loss and prediction in the
+result (a valid prequential measurement), except that a non-finite loss is
+reported as NaN, with a NaN prediction: callers drop ``~np.isfinite(losses)``
+records from their metrics. In micro-batch mode a skipped record is left out of
+its group's step and the others still learn. The compiled loop has no guards:
+a batch runs through it after a snapshot of the parameters and optimizer state,
+and is checked afterwards (losses finite and below the spike thresholds, for a
+linear model the gradient norm below the clip, everything finite); from the
+first group that fails the check, the batch is restored and redone, that group
+through the guarded autograd step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
-from streamtrainer.training import kernels
+from streamtrainer.training import guards, kernels
 from streamtrainer.training.exceptions import ModelSpecError, TrainingError
 from streamtrainer.training.models import build_model, n_outputs_for
 from streamtrainer.training.scaler import RunningStandardizer
@@ -55,6 +80,12 @@ class LearnerConfig:
     device: str = "cpu"
     # Strict and micro-batch learning through the compiled loops when they fit (False: autograd).
     fused: bool = True
+    # Guards (none of them in digest_fields: a checkpoint loads whatever they are).
+    clip_grad_norm: float | None = None  # clip each step's gradient to this L2 norm (None: off)
+    spike_factor: float | None = None  # skip a record whose loss > factor x EW mean loss (None: off)
+    spike_span: int = 1000  # span of that EW mean, in accepted records
+    spike_warmup: int = 200  # accepted records before the spike check starts
+    max_consecutive_skips: int | None = 100  # skipped records in a row that call for a rollback
 
     @property
     def resolved_loss(self) -> str:
@@ -77,10 +108,19 @@ class LearnerConfig:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Per-record pre-update losses and predictions (value, or class index)."""
+    """Per-record pre-update losses and predictions (value, or class index).
+
+    A non-finite loss is NaN, with a NaN prediction: leave those records out of
+    prequential metrics. ``skipped_nonfinite`` and ``skipped_spike`` count the
+    records of this call that were not learned from; ``rollback_needed`` is the
+    learner's flag after the call (see ``OnlineLearner.rollback_needed``).
+    """
 
     losses: npt.NDArray[np.float64]
     predictions: npt.NDArray[np.float64]
+    skipped_nonfinite: int = 0
+    skipped_spike: int = 0
+    rollback_needed: bool = False
 
 
 class OnlineLearner:
@@ -108,6 +148,12 @@ class OnlineLearner:
         self.updates = 0
         self._loss_name = loss
         self._dtype = next(self.model.parameters()).dtype
+        _check_guards(config)
+        self._monitor = guards.LossMonitor(config.spike_factor, config.spike_span, config.spike_warmup)
+        self._snapshot = guards.Snapshot(self.model, self.optimizer)
+        self._params = list(self.model.parameters())
+        self._streak = 0  # records skipped in a row
+        self._rollback_needed = False
 
     # -- public API ---------------------------------------------------------
 
@@ -130,11 +176,38 @@ class OnlineLearner:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
         fused = self._fused_ready(n, labels)
         if self.scaler is not None:
-            if fused:
-                features = kernels.fused_standardize(self.scaler, features)
+            rows = np.isfinite(features).all(axis=1)
+            if rows.all():
+                features = self._standardize_learn(features, fused)
             else:
-                features = self.scaler.learn_transform(features)
-        return self._steps(features, labels, batch_size=batch_size, fused=fused)
+                # A non-finite row must not reach the running statistics: it is left NaN (its loss
+                # will be non-finite, and it is skipped) and the others are scaled as if it were absent.
+                scaled = np.full(features.shape, np.nan, dtype=np.float32)
+                scaled[rows] = self._standardize_learn(features[rows], fused)
+                features = scaled
+        return self._steps(features, labels, batch_size=batch_size, fused=fused, stream=True)
+
+    def _standardize_learn(self, features: npt.NDArray[np.float32], fused: bool) -> npt.NDArray[np.float32]:
+        assert self.scaler is not None
+        if fused:
+            return kernels.fused_standardize(self.scaler, features)
+        return self.scaler.learn_transform(features)
+
+    @property
+    def rollback_needed(self) -> bool:
+        """Set after ``max_consecutive_skips`` skipped records in a row; cleared by a reload.
+
+        The model has stopped learning (every record non-finite or a spike): the
+        caller should reload its last checkpoint (``load_state`` clears the flag
+        and the guards' running loss) or call ``reset_guards``.
+        """
+        return self._rollback_needed
+
+    def reset_guards(self) -> None:
+        """Forget the running loss (the spike check warms up again), the skip streak and the flag."""
+        self._monitor.reset()
+        self._streak = 0
+        self._rollback_needed = False
 
     def fit_rows(
         self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32], *, batch_size: int
@@ -144,11 +217,14 @@ class OnlineLearner:
         The scaler is not updated: it describes the stream, and records trained
         again must not count twice. Returns each record's loss before its step.
         Built-in models on the CPU take the compiled loop, like ``learn_many``.
+        The non-finite guard and clipping apply; the spike check, its running
+        loss and the skip streak do not (they describe the stream). A non-finite
+        loss is returned as NaN.
         """
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
         fused = self._fused_ready(features.shape[0], labels)
-        return self._steps(features, labels, batch_size=batch_size, fused=fused).losses
+        return self._steps(features, labels, batch_size=batch_size, fused=fused, stream=False).losses
 
     def _steps(
         self,
@@ -157,36 +233,209 @@ class OnlineLearner:
         *,
         batch_size: int,
         fused: bool,
+        stream: bool,
     ) -> StepResult:
-        """Steps over scaled rows, ``batch_size`` per update: the compiled loop, or autograd."""
+        """Guarded steps over scaled rows, ``batch_size`` per update: the compiled loop, or autograd.
+
+        ``stream``: records of the stream (spike check, running loss, skip streak), not a replay.
+        """
         n = features.shape[0]
-        if fused:
+        out = _Outcome(np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64))
+        done = self._fused_steps(features, labels, batch_size, stream, out) if fused else 0
+        if done < n:
+            self._autograd_steps(
+                features[done:], labels[done:], batch_size=batch_size, stream=stream, out=out, offset=done
+            )
+        return StepResult(out.losses, out.predictions, out.nonfinite, out.spikes, self._rollback_needed)
+
+    def _fused_steps(
+        self,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.float32],
+        batch_size: int,
+        stream: bool,
+        out: _Outcome,
+    ) -> int:
+        """The compiled loop, checked afterwards; returns how many leading records it has handled.
+
+        A snapshot is taken before each run. From the first group that fails the
+        check the run is undone: the records before it are learned again through
+        the loop (deterministic: same results), and that group is skipped (a
+        single record with a non-finite or spiking loss: no step, its loss is
+        known) or taken through the guarded autograd step; the loop resumes
+        after it. Runs cover a window of records that shrinks after a failure and
+        grows after a clean run, so frequent failures cost little work redone.
+        """
+        n, pos = x.shape[0], 0
+        window = max(n, 1)
+        while pos < n or n == 0:  # an empty batch runs too (as the loop always has)
+            end = min(n, pos + window)
+            self._snapshot.take()
             try:
-                losses, predictions = kernels.fused_learn(
-                    self.model,
-                    self.optimizer,
-                    features,
-                    labels,
-                    loss=self._loss_name,
-                    task=self.config.task,
-                    batch_size=batch_size,
-                )
+                losses, predictions = self._fused_run(x[pos:end], y[pos:end], batch_size)
             except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
                 logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+                return pos
+            bad = self._first_failure(losses, x[pos:end], batch_size, stream)
+            if bad == losses.shape[0] and self._snapshot.finite():
+                self._accept_fused(losses, predictions, pos, batch_size=batch_size, stream=stream, out=out)
+                if end >= n:
+                    return n
+                pos, window = end, window * 4
+                continue
+            self._snapshot.restore()
+            loss_failed = bad < losses.shape[0]
+            if not loss_failed:
+                # Every loss passed but a step broke something: find it among all the groups.
+                bad = (bad - 1) // batch_size * batch_size
+            failed_loss, failed_prediction = losses[bad], predictions[bad]
+            clean, losses, predictions = self._clean_prefix(x[pos:end], y[pos:end], batch_size, bad)
+            if clean > 0:
+                self._accept_fused(losses, predictions, pos, batch_size=batch_size, stream=stream, out=out)
+            start = pos + clean
+            stop = min(start + batch_size, n)
+            if (
+                batch_size == 1
+                and clean == bad
+                and loss_failed
+                and self._loss_only_failure(failed_loss, x[start], stream)
+            ):
+                self._skip_one(start, failed_loss, failed_prediction, stream, out)
             else:
-                self.updates += -(-n // batch_size)
-                return StepResult(losses, predictions)
+                self._autograd_steps(
+                    x[start:stop], y[start:stop], batch_size=batch_size, stream=stream, out=out, offset=start
+                )
+            pos = stop
+            window = max(2 * bad, 16 * batch_size)
+        return pos
+
+    def _loss_only_failure(self, loss: float, x: npt.NDArray[np.float32], stream: bool) -> bool:
+        """Whether a single record failed on its loss alone (non-finite or a spike), not the clip."""
+        if not math.isfinite(loss):
+            return True
+        if self.config.clip_grad_norm is not None:
+            bound = guards.linear_grad_norm_bounds(self._loss_name, np.array([loss]), x.reshape(1, -1), 1)
+            if float(bound[0]) > self.config.clip_grad_norm:
+                return False
+        return stream and loss > self._monitor.threshold()
+
+    def _skip_one(self, index: int, loss: float, prediction: float, stream: bool, out: _Outcome) -> None:
+        """A single record the check stopped on its loss: no step, as the guarded autograd step does."""
+        if math.isfinite(loss):
+            out.losses[index], out.predictions[index] = loss, prediction
+            out.spikes += 1
+        else:
+            out.losses[index] = out.predictions[index] = math.nan
+            out.nonfinite += 1
+        if stream:
+            self._count_streak(np.zeros(1, dtype=np.bool_))
+
+    def _clean_prefix(
+        self, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], batch_size: int, bad: int
+    ) -> tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Learn the longest prefix of ``bad`` records (whole groups) that leaves everything finite.
+
+        Usually the first ``bad`` (those before the group that failed the check)
+        do. If not, a step before that group made a parameter or an optimizer
+        state value non-finite without a non-finite loss: a binary search over
+        the number of groups finds the last clean prefix (non-finite values
+        stay non-finite, so "finite after k groups" is monotone). Returns its
+        length and results, learned; the snapshot's state if it is empty.
+        """
+        empty = np.empty(0, dtype=np.float64)
+        if bad == 0:
+            return 0, empty, empty
+        losses, predictions = self._fused_run(x[:bad], y[:bad], batch_size)
+        if self._snapshot.finite():
+            return bad, losses, predictions
+        self._snapshot.restore()
+        low, high = 0, bad // batch_size - 1  # groups: low is known clean, high not yet tried
+        while low < high:
+            middle = (low + high + 1) // 2
+            self._fused_run(x[: middle * batch_size], y[: middle * batch_size], batch_size)
+            clean = self._snapshot.finite()
+            self._snapshot.restore()
+            if clean:
+                low = middle
+            else:
+                high = middle - 1
+        if low == 0:
+            return 0, empty, empty
+        losses, predictions = self._fused_run(x[: low * batch_size], y[: low * batch_size], batch_size)
+        return low * batch_size, losses, predictions
+
+    def _fused_run(
+        self, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], batch_size: int
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        return kernels.fused_learn(
+            self.model,
+            self.optimizer,
+            x,
+            y,
+            loss=self._loss_name,
+            task=self.config.task,
+            batch_size=batch_size,
+        )
+
+    def _first_failure(
+        self,
+        losses: npt.NDArray[np.float64],
+        x: npt.NDArray[np.float32],
+        batch_size: int,
+        stream: bool,
+    ) -> int:
+        """Start of the first group a guard would have stopped (len(losses): none)."""
+        n = losses.shape[0]
+        failed = ~np.isfinite(losses)
+        if stream:
+            thresholds = self._monitor.batch_thresholds(losses, batch_size)
+            if thresholds is not None:
+                failed |= losses > thresholds
+        if self.config.clip_grad_norm is not None:
+            bounds = guards.linear_grad_norm_bounds(self._loss_name, losses, x, batch_size)
+            failed |= bounds > self.config.clip_grad_norm
+        if not failed.any():
+            return n
+        return int(np.argmax(failed)) // batch_size * batch_size
+
+    def _accept_fused(
+        self,
+        losses: npt.NDArray[np.float64],
+        predictions: npt.NDArray[np.float64],
+        pos: int,
+        *,
+        batch_size: int,
+        stream: bool,
+        out: _Outcome,
+    ) -> None:
+        m = losses.shape[0]
+        out.losses[pos : pos + m] = losses
+        out.predictions[pos : pos + m] = predictions
+        self.updates += -(-m // batch_size)
+        if stream and m:
+            if self.config.spike_factor is not None:
+                self._monitor.accept(losses)
+            self._streak = 0
+
+    def _autograd_steps(
+        self,
+        features: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.float32],
+        *,
+        batch_size: int,
+        stream: bool,
+        out: _Outcome,
+        offset: int,
+    ) -> None:
+        n = features.shape[0]
+        if n == 0:
+            return
         x_all = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self._dtype)
         y_all = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device, self._dtype)
-        losses = np.empty(n, dtype=np.float64)
-        predictions = np.empty(n, dtype=np.float64)
         self.model.train()
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            step_losses, step_predictions = self._learn(x_all[start:stop], y_all[start:stop])
-            losses[start:stop] = step_losses
-            predictions[start:stop] = step_predictions
-        return StepResult(losses, predictions)
+            self._learn(x_all[start:stop], y_all[start:stop], stream, out, offset + start)
 
     @torch.no_grad()
     def predict_many(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -209,6 +458,8 @@ class OnlineLearner:
             return False
         if config.task == "multiclass" and not self.valid_labels(labels).all():
             return False  # autograd raises on a class index out of range; the loop does not check
+        if config.clip_grad_norm is not None and config.model == "mlp":
+            return False  # the check after the loop bounds the gradient norm of a linear model only
         return kernels.kernels_ready(self.model, self.optimizer, loss=self._loss_name, task=config.task)
 
     def predict_one(self, features: npt.NDArray[np.float32]) -> float:
@@ -259,19 +510,81 @@ class OnlineLearner:
 
     # -- the one training step ---------------------------------------------
 
-    def _learn(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """One gradient step on a batch; returns its pre-update per-record losses and predictions."""
+    def _learn(self, x: torch.Tensor, y: torch.Tensor, stream: bool, out: _Outcome, offset: int) -> None:
+        """One guarded gradient step on a group; writes its pre-update losses and predictions to ``out``."""
         outputs = self.model(x)
         per_record = self._per_record_loss(outputs, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        per_record.mean().backward()
-        self.optimizer.step()
-        self.updates += 1
         with torch.no_grad():
-            predictions = self._predictions(outputs.detach())
-        return per_record.detach().cpu().double().numpy(), predictions.cpu().double().numpy()
+            predictions = self._predictions(outputs.detach()).cpu().double().numpy()
+        losses = per_record.detach().cpu().double().numpy()
+        m = losses.shape[0]
+        finite = np.isfinite(losses)
+        keep = finite.copy()
+        spikes = 0
+        if stream:
+            threshold = self._monitor.threshold()
+            if threshold < math.inf:
+                spiked = finite & (losses > threshold)
+                spikes = int(spiked.sum())
+                keep &= ~spiked
+        losses[~finite] = np.nan
+        predictions[~finite] = np.nan
+        out.losses[offset : offset + m] = losses
+        out.predictions[offset : offset + m] = predictions
+        out.spikes += spikes
+        nonfinite = m - int(finite.sum())
+        kept = int(keep.sum())
+        if kept:
+            if kept < m:
+                # Left-out records must not reach the gradient at all: a NaN row times a zero is NaN.
+                rows = torch.from_numpy(keep).to(x.device)
+                per_record = self._per_record_loss(self.model(x[rows]), y[rows])
+            self.optimizer.zero_grad(set_to_none=True)
+            per_record.mean().backward()
+            if self._step_guarded():
+                self.updates += 1
+                if stream and self.config.spike_factor is not None:
+                    self._monitor.accept(losses[keep])
+            else:
+                nonfinite += kept
+                keep[:] = False
+        out.nonfinite += nonfinite
+        if stream:
+            self._count_streak(keep)
+
+    def _step_guarded(self) -> bool:
+        """Clip, step, and undo the step if it left anything non-finite; False: no step taken."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not guards.all_finite(grads):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        clip = self.config.clip_grad_norm
+        if clip is not None:
+            norm = guards.grad_norm(grads)
+            if norm > clip:
+                with torch.no_grad():
+                    scale = clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+                    for grad in grads:
+                        grad.mul_(scale)
+        self._snapshot.take()
+        self.optimizer.step()
+        if self._snapshot.finite():
+            return True
+        self._snapshot.restore()
+        return False
+
+    def _count_streak(self, keep: npt.NDArray[np.bool_]) -> None:
+        if keep.all():
+            self._streak = 0
+            return
+        learned = np.flatnonzero(keep)
+        self._streak = keep.shape[0] - 1 - int(learned[-1]) if learned.size else self._streak + keep.shape[0]
+        limit = self.config.max_consecutive_skips
+        if limit is not None and self._streak >= limit and not self._rollback_needed:
+            self._rollback_needed = True
+            logger.warning(
+                "%d records in a row were skipped by the training guards: rollback needed", self._streak
+            )
 
     def _per_record_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         name = self._loss_name
@@ -352,6 +665,7 @@ class OnlineLearner:
             )
         updates = metadata.get("updates", 0)
         self.updates = updates if isinstance(updates, int) else 0
+        self.reset_guards()
 
     def valid_labels(self, labels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
         """Which labels the task can train on (0/1 for binary, a class index for multiclass)."""
@@ -361,6 +675,27 @@ class OnlineLearner:
         if task == "multiclass":
             return (labels >= 0) & (labels < self.n_outputs) & (labels == np.floor(labels))
         return np.isfinite(labels)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the steps of one call write: per-record results and skip counts."""
+
+    losses: npt.NDArray[np.float64]
+    predictions: npt.NDArray[np.float64]
+    nonfinite: int = 0
+    spikes: int = 0
+
+
+def _check_guards(config: LearnerConfig) -> None:
+    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
+        raise TrainingError(f"clip_grad_norm must be > 0, got {config.clip_grad_norm}")
+    if config.spike_factor is not None and not config.spike_factor > 1:
+        raise TrainingError(f"spike_factor must be > 1, got {config.spike_factor}")
+    if config.spike_span < 2 or config.spike_warmup < 0:
+        raise TrainingError("spike_span must be >= 2 and spike_warmup >= 0")
+    if config.max_consecutive_skips is not None and config.max_consecutive_skips < 1:
+        raise TrainingError(f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
 
 
 def make_optimizer(name: str, parameters: object, lr: float) -> torch.optim.Optimizer:

@@ -110,8 +110,10 @@ def train_epochs(
                 losses = learner.fit_rows(
                     x_epoch[start : start + chunk], y_epoch[start : start + chunk], batch_size=batch_size
                 )
-                total += float(losses.sum())
-                seen += losses.shape[0]
+                # A record the guards refused reports a NaN loss: it is not part of the epoch's mean.
+                finite = np.isfinite(losses)
+                total += float(losses[finite].sum())
+                seen += int(finite.sum())
                 batches += -(-losses.shape[0] // batch_size)
                 if between_batches is not None:
                     between_batches()
