@@ -19,7 +19,9 @@ and reports for the steady state (first trained batch to last):
   for the steady state, non-blocking, idle samples included so waiting shows),
   attributed by stack to the same steps and to the hottest source lines.
 
-``--records`` (default 200,000) per run, ``--reps`` (2) repetitions. Writes
+``--contend N`` runs N busy-looping processes alongside the measured runs, to
+see what CPU contention does to each step. ``--records`` (default 200,000) per
+run, ``--reps`` (2) repetitions. Writes
 ``bench/results/profile-<time>.json``.
 """
 
@@ -405,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--cprofile", action="store_true", help="also one run of each under cProfile")
     parser.add_argument("--py-spy", action="store_true", help="also one run of each sampled by py-spy")
+    parser.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        help="run N busy-looping processes alongside the measured runs (what CPU contention does)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -434,27 +442,42 @@ def main(argv: list[str] | None = None) -> int:
         kernels.wait_until_ready(timeout_s=300)
         run_variant(bootstrap, topic, min(20_000, args.records), compaction=True, broker_pid=broker_pid)
         log("warmed up")
-        plan: list[tuple[str, bool | None]] = [("raw", None), ("plain", False), ("plain", True)]
-        for rep in range(args.reps):
-            for mode, compaction in plan:
-                if mode == "raw":
-                    result = run_raw(bootstrap, topic, args.records, broker_pid=broker_pid)
-                else:
-                    assert compaction is not None
+        hogs = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+            for _ in range(args.contend)
+        ]
+        report["contend"] = args.contend
+        try:
+            plan: list[tuple[str, bool | None]] = [("raw", None), ("plain", False), ("plain", True)]
+            for rep in range(args.reps):
+                for mode, compaction in plan:
+                    if mode == "raw":
+                        result = run_raw(bootstrap, topic, args.records, broker_pid=broker_pid)
+                    else:
+                        assert compaction is not None
+                        result = run_variant(
+                            bootstrap, topic, args.records, compaction=compaction, broker_pid=broker_pid
+                        )
+                    report["runs"].append(result)
+                    log(f"rep {rep + 1} {result['variant']}: {result['rate']:,.0f} records/s")
+            for mode, wanted in (("cprofile", args.cprofile), ("py-spy", args.py_spy)):
+                if not wanted:
+                    continue
+                for compaction in (False, True):
                     result = run_variant(
-                        bootstrap, topic, args.records, compaction=compaction, broker_pid=broker_pid
+                        bootstrap,
+                        topic,
+                        args.records,
+                        compaction=compaction,
+                        broker_pid=broker_pid,
+                        mode=mode,
                     )
-                report["runs"].append(result)
-                log(f"rep {rep + 1} {result['variant']}: {result['rate']:,.0f} records/s")
-        for mode, wanted in (("cprofile", args.cprofile), ("py-spy", args.py_spy)):
-            if not wanted:
-                continue
-            for compaction in (False, True):
-                result = run_variant(
-                    bootstrap, topic, args.records, compaction=compaction, broker_pid=broker_pid, mode=mode
-                )
-                report["runs"].append(result)
-                log(f"{mode} {result['variant']}: {result['rate']:,.0f} records/s")
+                    report["runs"].append(result)
+                    log(f"{mode} {result['variant']}: {result['rate']:,.0f} records/s")
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
     report["loadavg_end"] = os.getloadavg()
     _print_report(report)
     out = args.out or RESULTS_DIR / f"profile-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -28,6 +28,7 @@ manifest records the actual end offsets.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -261,6 +262,7 @@ class RangeReader:
         on_progress: Callable[[int], None] | None = None,
     ) -> ReadSummary:
         """Feed every record of ``ranges`` to ``on_batch`` (per partition in offset order)."""
+        gc.freeze()  # long-lived objects out of the collector's full passes (see Worker.run)
         states = {r.partition: _PartitionRead(r.partition, r.start, r.end, r.start) for r in ranges}
         for state in states.values():
             if state.end is not None and state.start >= state.end:
@@ -525,6 +527,7 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
     if learner.scaler is not None and (start_model is None or learner.scaler.count == 0):
         for begin in range(0, train.count, _SCALER_CHUNK):
             learner.scaler.learn_transform(train.features[begin : begin + _SCALER_CHUNK])
+    learner.settle_path()  # one path for every step: bitwise reproducible
     epoch_losses = _train(learner, train, plan, show)
     holdout_loss = evaluate(learner, held) if held.count else math.nan
     checkpoint = _save_checkpoint(

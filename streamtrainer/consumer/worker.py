@@ -15,6 +15,7 @@ restarted worker neither re-applies nor skips a record. See docs/semantics.md.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -209,6 +210,9 @@ class Worker:
                 on_lost=self._on_lost,
             )
             logger.info("joining group %s on topic %s", settings.group, settings.topic)
+            # Torch, numba and the client make a few hundred thousand long-lived objects: frozen, the
+            # garbage collector stops rescanning them on every full pass (~1.5 us per record otherwise).
+            gc.freeze()
             self._started = time.monotonic()
             self._running = not self._stop_requested.is_set()
             next_progress = next_lag = next_log = self._last_checkpoint = self._started
@@ -417,6 +421,7 @@ class Worker:
         features, labels, index = batch.features, batch.labels, batch.index
         if len(batch) and self.learner is None:
             self.learner = self._create_learner(features.shape[1])
+            gc.freeze()
         if self.learner is not None and len(batch):
             valid = self.learner.valid_labels(labels)
             if not valid.all():
@@ -765,11 +770,13 @@ class Worker:
             return
         for topic, partition in list(self._assigned):
             try:
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=1.0, cached=False
-                )
+                # The watermark of the last fetch response: no broker round trip on the hot loop's
+                # thread (an uncached query blocks it for hundreds of ms on some brokers).
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
             except KafkaException:
                 continue
+            if high < 0:
+                continue  # nothing fetched from it yet
             position = self.offsets.next_offset(topic, partition)
             if position is None:
                 # Nothing trained from it yet: the fetch position is the best local estimate.

@@ -41,6 +41,7 @@ through the guarded autograd step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -461,6 +462,24 @@ class OnlineLearner:
         if config.clip_grad_norm is not None and config.model == "mlp":
             return False  # the check after the loop bounds the gradient norm of a linear model only
         return kernels.kernels_ready(self.model, self.optimizer, loss=self._loss_name, task=config.task)
+
+    def settle_path(self, timeout_s: float = 120.0) -> bool:
+        """Wait until this learner's steps take one path for good (the compiled loop, if it applies).
+
+        Online learning never waits: the first batches go through autograd while the loop compiles,
+        and the two agree to float32 rounding. A run that must be bitwise reproducible (replay)
+        calls this first; if the loop cannot be had, the learner stays on autograd. True: compiled.
+        """
+        config = self.config
+        if config.fused and config.model in FUSED_MODELS and self.device.type == "cpu":
+            ready = kernels.wait_until_ready(
+                self.model, self.optimizer, loss=self._loss_name, task=config.task, timeout_s=timeout_s
+            )
+            if ready:
+                return True
+            logger.warning("the compiled loop is not ready after %.0fs: staying on autograd", timeout_s)
+        self.config = dataclasses.replace(config, fused=False)
+        return False
 
     def predict_one(self, features: npt.NDArray[np.float32]) -> float:
         return float(self.predict_many(features.reshape(1, -1))[0])
