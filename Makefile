@@ -33,5 +33,8 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
+bench: setup
+	$(BIN)/python -m bench.run --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs
