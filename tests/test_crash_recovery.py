@@ -255,7 +255,18 @@ def test_rebalance_churn_applies_each_record_once_across_the_group(
     try:
         _churn(workers, events, producer)
         assert wait_until(lambda: all(w.running_loop() for w in workers), timeout=60)
-        assert wait_until(lambda: total_applied() >= n, timeout=180)
+        for attempt in range(4):
+            if wait_until(lambda: total_applied() >= n, timeout=60):
+                break
+            if kafka_broker.is_real_kafka:
+                continue
+            # Tansu's group coordinator now and then leaves a rebalance hanging for good (every member
+            # joined, nothing assigned). A member restart starts a new one: more churn, same invariant.
+            victim = workers[attempt % len(workers)]
+            victim.terminate()
+            victim.start()
+            events.append(f"restart {attempt % len(workers)} (Tansu rebalance stalled)")
+        assert total_applied() >= n
         time.sleep(1.5)
         for worker in workers:
             assert worker.terminate() == 0

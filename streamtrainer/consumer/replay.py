@@ -63,6 +63,7 @@ from streamtrainer.consumer.ranges import (
     parse_bound,
     resolve_ranges,
 )
+from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.records import BatchDecoder, DecodeError
 from streamtrainer.settings import ReplaySettings
@@ -406,14 +407,8 @@ class _Collector:
         features, labels, index = batch.features, batch.labels, batch.index
         if len(batch) and self.learner is None:
             self.learner = self.make_learner(int(features.shape[1]))
-        if self.learner is not None and len(batch):
-            valid = self.learner.valid_labels(labels)
-            if not valid.all():
-                for position in index[~valid]:
-                    errors.append(
-                        (int(position), DecodeError("label_out_of_range", "label does not fit the task"))
-                    )
-                features, labels, index = features[valid], labels[valid], index[valid]
+        if self.learner is not None:
+            features, labels, index = trainable_rows(batch, self.learner, errors)
         if errors:
             self._count_invalid(errors, messages)
         if not len(index):

@@ -45,6 +45,7 @@ from streamtrainer.consumer.compactor import HTTP, SIGNAL, Compactor
 from streamtrainer.consumer.dead_letter import DeadLetterQueue, dead_letter_topic, default_worker_id
 from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
 from streamtrainer.records import BatchDecoder, DecodeError
@@ -422,14 +423,8 @@ class Worker:
         if len(batch) and self.learner is None:
             self.learner = self._create_learner(features.shape[1])
             gc.freeze()
-        if self.learner is not None and len(batch):
-            valid = self.learner.valid_labels(labels)
-            if not valid.all():
-                for position in index[~valid]:
-                    errors.append(
-                        (int(position), DecodeError("label_out_of_range", "label does not fit the task"))
-                    )
-                features, labels, index = features[valid], labels[valid], index[valid]
+        if self.learner is not None:
+            features, labels, index = trainable_rows(batch, self.learner, errors)
         if errors:
             self._route_invalid(records, errors)
         if self.learner is None or not len(index):
