@@ -16,11 +16,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from streamtrainer.broker import EmbeddedBroker
 from streamtrainer.connection import ensure_topic
+from streamtrainer.training import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +96,17 @@ def topic_factory(bootstrap: str) -> Callable[..., str]:
 @pytest.fixture()
 def group_id() -> str:
     return f"group-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records per kernels.fused_learn call made by the learner."""
+    calls: list[int] = []
+    original = kernels.fused_learn
+
+    def spy(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(args[2]))  # type: ignore[arg-type]
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "fused_learn", spy)
+    return calls

@@ -32,20 +32,6 @@ def _compiled() -> None:
     kernels.warm_up(tuple((kind, opt) for kind in ("linear", "mlp") for opt in ("sgd", "adam")))
 
 
-@pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records per kernels.fused_learn call made by the learner."""
-    calls: list[int] = []
-    original = kernels.fused_learn
-
-    def spy(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
-        calls.append(len(args[2]))  # type: ignore[arg-type]
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "fused_learn", spy)
-    return calls
-
-
 def _data(task: str, n: int, seed: int = 0, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(n, D)) * 2 + 0.5).astype(np.float32)

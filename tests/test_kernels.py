@@ -373,20 +373,6 @@ def _assert_same_results(result: StepResult, expected: StepResult) -> None:
     np.testing.assert_allclose(result.predictions, expected.predictions, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records per kernels.fused_learn call made by the learner."""
-    calls: list[int] = []
-    original = kernels.fused_learn
-
-    def spy(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
-        calls.append(len(args[2]))  # type: ignore[arg-type]
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "fused_learn", spy)
-    return calls
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("standardize", [True, False], ids=["standardize", "raw"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

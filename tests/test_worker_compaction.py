@@ -239,3 +239,24 @@ def test_compaction_lowers_the_prequential_loss_on_a_drifting_stream(
     assert with_.records_trained == without.records_trained == n
     assert with_.compactions >= n // 2000 - 1
     assert with_.mean_loss < 0.9 * without.mean_loss
+
+
+def test_compaction_can_keep_only_the_last_record_per_key(bootstrap, topic_factory, group_id) -> None:
+    topic = topic_factory(partitions=1)
+    spec = SyntheticSpec(task="regression", n_features=3, seed=4, n_keys=50)  # key entity-{i % 50}
+    produce(bootstrap, topic, generate(spec, 2000))
+    registry = CollectorRegistry()
+    settings = worker_settings(
+        bootstrap,
+        topic,
+        group_id,
+        max_records=2000,
+        poll_batch=100,
+        compaction_every_records=1000,
+        compaction_window=1000,
+        compaction_dedupe=True,
+    )
+    status = Worker(settings, registry=registry).run()
+    assert status.compactions == 2
+    # 1,000 records of 50 keys: the epochs train on the newest record of each key.
+    assert registry.get_sample_value("streamtrainer_compaction_records") == 50

@@ -391,6 +391,8 @@ class Worker:
         timestamps: list[int] = []
         records: list[Message] = []
         keep = self.compactor is not None
+        # Keys are only needed to deduplicate (hashing them costs ~1 us per record).
+        keep_keys = keep and self.settings.compaction_dedupe
         offsets = self.offsets
         for message in messages:
             error = message.error()
@@ -405,7 +407,8 @@ class Worker:
             codecs.append(codec_of(message))
             if keep:
                 record_offsets.append(offset)
-                keys.append(key_bytes(message))
+                if keep_keys:
+                    keys.append(key_bytes(message))
                 timestamps.append(timestamp_of(message))
         if not values:
             return
@@ -465,7 +468,7 @@ class Worker:
                 labels,
                 trained_partitions,
                 np.asarray(record_offsets, dtype=np.int64)[index],
-                [keys[i] for i in index.tolist()],
+                [keys[i] for i in index.tolist()] if keep_keys else None,
                 np.asarray(timestamps, dtype=np.int64)[index],
                 result.losses,
             )
