@@ -215,6 +215,9 @@ def test_rebalance_churn_applies_each_record_once_across_the_group(
     # Tansu's group coordinator stalls cooperative rebalances with 3 members (some partitions are
     # never assigned), so on the embedded broker the churn runs with the eager protocol.
     strategy = "cooperative-sticky" if kafka_broker.is_real_kafka else "roundrobin"
+    # Static membership (a restarted member rejoins under its old id) wedges Tansu's coordinator for
+    # good now and then: no member is assigned again. On Tansu the members join dynamically.
+    audit = AUDIT if kafka_broker.is_real_kafka else AUDIT[:-1]
 
     from streamtrainer.producer.publisher import publish
     from streamtrainer.settings import KafkaSettings
@@ -235,8 +238,8 @@ def test_rebalance_churn_applies_each_record_once_across_the_group(
             group_id,
             tmp_path / f"ckpt-{i}",
             tmp_path / f"worker-{i}.log",
-            *AUDIT,
-            f"churn-{i}",
+            *audit,
+            *([f"churn-{i}"] if kafka_broker.is_real_kafka else []),
             "--checkpoint-every-records",
             "500",
             "--checkpoint-interval-s",
