@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
 from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
-from streamtrainer.records import CODEC_HEADER, BatchDecoder
+from streamtrainer.records import CODEC_HEADER, BatchDecoder, encode_binary_rows
 from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC
 from streamtrainer.training import kernels
 from streamtrainer.training.compaction import CompactionStore, train_epochs
@@ -75,12 +75,7 @@ def dataset(task: str, d: int, n: int, seed: int = 7) -> tuple[F32, F32]:
 def encode(features: F32, labels: F32, codec: str) -> list[bytes]:
     """Record values in the wire format (the same bytes the producer command writes)."""
     if codec == BINARY_CODEC:
-        rows = np.empty((labels.shape[0], features.shape[1] + 1), dtype="<f4")
-        rows[:, 0] = labels
-        rows[:, 1:] = features
-        buffer = rows.tobytes()
-        width = rows.shape[1] * 4
-        return [buffer[i : i + width] for i in range(0, len(buffer), width)]
+        return encode_binary_rows(features, labels)
     return [
         orjson.dumps({"features": row, "label": label})
         for row, label in zip(features.tolist(), labels.tolist(), strict=True)
@@ -341,6 +336,7 @@ def replay_read(bootstrap: str, topic: str, n: int, *, directory: Path, model: s
         return OnlineLearner(config, n_features)
 
     began = time.perf_counter()
+    kernels.prepare(model, "sgd")  # as run_replay does, before it resolves the range
     store_dir = directory / "shards"
     with (
         CompactionStore(store_dir, memory_records=settings.memory_records, retain_records=None) as store,
@@ -380,17 +376,17 @@ def raw_consume(
     n: int,
     poll_batch: int = 2000,
     *,
-    read_headers: bool = True,
+    read_headers: bool = False,
     from_assignment: bool = False,
 ) -> Timing:
     """Read and decode ``n`` records of partition 0, no training, no group (assigned directly).
 
     The same librdkafka settings as the worker and the same per-message work the
-    worker cannot avoid (error check, value, codec header), then one BatchDecoder
-    call per polled batch. ``read_headers=False`` takes the codec as known (from
-    configuration) instead: ``Message.headers()`` converts librdkafka's headers
-    to Python on first access, ~1-2 us per record, the largest per-record cost
-    after polling itself. ``from_assignment``: time everything from ``assign`` to
+    worker cannot avoid (error check, value), then one BatchDecoder call per
+    polled batch (values name their codec). ``read_headers=True`` also reads each
+    record's codec header, as the worker did before values named their codec:
+    ``Message.headers()`` converts librdkafka's headers to Python on first access,
+    ~1.7 us per record, as much as polling itself. ``from_assignment``: time everything from ``assign`` to
     the n-th record (the first fetch included), as the replay's read is timed.
     """
     consumer = Consumer(
@@ -417,10 +413,11 @@ def raw_consume(
                 if message.error() is not None:
                     continue
                 values.append(message.value())
-                codecs.append(_codec_of(message) if read_headers else BINARY_CODEC)
+                if read_headers:
+                    codecs.append(_codec_of(message))
             if not values:
                 continue
-            batch = decoder.decode(values, codecs)
+            batch = decoder.decode(values, codecs if read_headers else None)
             done += len(values)
             if batch.errors:
                 raise RuntimeError(f"{len(batch.errors)} records of {topic} did not decode")

@@ -236,7 +236,7 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         default=Path("checkpoints"), description="This worker's checkpoints (one directory per worker)."
     )
     checkpoint_every_records: int = Field(
-        default=10000, ge=1, description="Checkpoint after this many records."
+        default=100_000, ge=1, description="Checkpoint after this many records."
     )
     checkpoint_interval_s: float = Field(default=30.0, gt=0, description="Checkpoint at least this often.")
     checkpoint_keep: int = Field(default=3, ge=1, description="Checkpoints kept on disk.")

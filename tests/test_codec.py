@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamtrainer.records import BatchDecoder, DecodeError, Sample, encode_binary, encode_json
+from streamtrainer.records import (
+    BINARY_MAGIC,
+    BatchDecoder,
+    DecodeError,
+    Sample,
+    encode_binary,
+    encode_binary_rows,
+    encode_json,
+)
 from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC, codec_headers, encode_sample
 from streamtrainer.records.exceptions import EncodeError
 
@@ -92,15 +100,63 @@ def test_binary_errors_and_unknown_codec() -> None:
     good = encode_binary(Sample.of([1, 2], 3))
     nan = encode_binary(Sample.of([1, math.nan], 3))
     batch = decoder.decode(
-        [good, good[:-1], nan, good, b"{}"], [BINARY_CODEC, BINARY_CODEC, BINARY_CODEC, None, "avro"]
+        [good, good[:-1], nan, good, b"{}", good[4:]],
+        [BINARY_CODEC, BINARY_CODEC, BINARY_CODEC, None, "avro", None],
     )
-    assert batch.index.tolist() == [0]
+    assert batch.index.tolist() == [0, 3]  # binary values name themselves: no header needed
     assert [(p, e.reason) for p, e in batch.errors] == [
         (1, "bad_binary_length"),
         (2, "non_finite"),
-        (3, "invalid_json"),  # no codec header: taken as JSON, which binary bytes are not
         (4, "unknown_codec"),
+        (5, "invalid_json"),  # the headerless layout without its header: taken as JSON
     ]
+
+
+class _CountingCodecs:
+    """A header lookup that records which records' headers the decoder read."""
+
+    def __init__(self, codecs: list[str | None]) -> None:
+        self.codecs = codecs
+        self.read: list[int] = []
+
+    def __getitem__(self, index: int) -> str | None:
+        self.read.append(index)
+        return self.codecs[index]
+
+
+def test_headers_are_read_only_for_values_that_do_not_name_their_codec() -> None:
+    samples = [Sample.of([i, -i], i % 2) for i in range(6)]
+    binary = [encode_binary(s) for s in samples[:3]]
+    json = [encode_json(s) for s in samples[3:]]
+    headerless = encode_binary(Sample.of([7, 8], 1))[4:]  # the older layout: no magic
+    values = [*binary, *json, headerless, b"\x00\x01", b"{oops"]
+    lookup = _CountingCodecs([BINARY_CODEC] * 3 + [JSON_CODEC] * 3 + [BINARY_CODEC, "avro", None])
+    batch = BatchDecoder().decode(values, lookup)
+    assert lookup.read == [6, 7, 8]  # never for the six good records
+    assert batch.index.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert batch.features[6].tolist() == [7.0, 8.0] and batch.labels[6] == 1.0
+    assert [(p, e.reason) for p, e in batch.errors] == [(7, "unknown_codec"), (8, "invalid_json")]
+
+
+def test_a_batch_of_binary_records_decodes_in_one_pass_and_keeps_its_errors() -> None:
+    features = np.arange(40, dtype=np.float32).reshape(10, 4)
+    labels = np.arange(10, dtype=np.float32)
+    features[3, 1] = np.inf
+    values = encode_binary_rows(features, labels)
+    assert all(v.startswith(BINARY_MAGIC) and len(v) == 4 + 5 * 4 for v in values)
+    assert values[5] == encode_binary(Sample.of(features[5].tolist(), float(labels[5])))
+    decoder = BatchDecoder(max_value_bytes=24)
+    batch = decoder.decode(values)
+    assert decoder.n_features == 4
+    assert batch.index.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert [(p, e.reason) for p, e in batch.errors] == [(3, "non_finite")]
+    np.testing.assert_array_equal(batch.features, np.delete(features, 3, axis=0))
+    np.testing.assert_array_equal(batch.labels, np.delete(labels, 3))
+    batch.features[0, 0] = 1.0  # the rows are the caller's to modify
+    # Over the size cap, or one feature too many: the same values are refused, each with its reason.
+    assert {e.reason for _, e in BatchDecoder(max_value_bytes=20).decode(values).errors} == {"oversize"}
+    wide = encode_binary_rows(np.zeros((2, 5), dtype=np.float32), np.zeros(2, dtype=np.float32))
+    assert [e.reason for _, e in BatchDecoder(n_features=4).decode(wide).errors] == ["bad_binary_length"] * 2
 
 
 def test_mixed_batch_one_bad_record_does_not_spoil_the_rest() -> None:

@@ -36,10 +36,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamtrainer.broker import free_port
 from streamtrainer.consumer import Worker
 from streamtrainer.consumer.compactor import REASONS as COMPACTION_TRIGGERS
+from streamtrainer.consumer.dead_letter import DEAD_LETTER_REASONS
 from streamtrainer.metrics import MetricsServer, ProducerMetrics
 from streamtrainer.producer.publisher import publish
 from streamtrainer.producer.synthetic import SyntheticSpec, generate
-from streamtrainer.records.exceptions import DECODE_REASONS
 from streamtrainer.settings import KafkaSettings, WorkerSettings
 from tests.helpers import worker_settings
 
@@ -608,7 +608,7 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
                 elif label == "reason" and name.startswith("streamtrainer_compactions_"):
                     ok = value in COMPACTION_REASONS
                 elif label == "reason":
-                    ok = value in DECODE_REASONS
+                    ok = value in DEAD_LETTER_REASONS
                 elif label == "location":
                     ok = value in STORE_LOCATIONS
                 elif label == "le":

@@ -284,6 +284,81 @@ def test_clipping_fused_batches_equal_autograd(
     _assert_same_model(fused, plain)
 
 
+# -- which records were skipped, and why ----------------------------------------------------
+
+
+def _skips(
+    learner: OnlineLearner, x: np.ndarray, y: np.ndarray, batch: int, chunk: int = 100
+) -> tuple[list[tuple[int, str]], list[StepResult]]:
+    """(position in the stream, reason) of every record the guards refused, and each call's result."""
+    skipped: list[tuple[int, str]] = []
+    results = []
+    for i in range(0, len(x), chunk):
+        result = learner.learn_many(x[i : i + chunk], y[i : i + chunk], batch_size=batch)
+        assert result.skipped.dtype == np.intp and len(result.skipped_reasons) == len(result.skipped)
+        assert len(result.skipped) == result.skipped_nonfinite + result.skipped_spike
+        assert list(result.skipped) == sorted(set(result.skipped.tolist()))  # ascending, once each
+        assert result.skipped_reasons.count("loss_spike") == result.skipped_spike
+        skipped += [(i + int(p), r) for p, r in zip(result.skipped, result.skipped_reasons, strict=True)]
+        results.append(result)
+    return skipped, results
+
+
+@pytest.mark.parametrize("batch", [1, 4], ids=["strict", "micro-batch"])
+@PATHS
+def test_step_result_lists_the_skipped_records_and_why(
+    batch: int, fused: bool, fused_calls: list[int]
+) -> None:
+    x, y = _data("regression", 400, seed=11)
+    x[40] = 1e30  # finite, but the loss overflows
+    x[41, 0] = np.nan
+    y[[150, 301]] += 50.0  # finite losses far above the running one
+    learner = _learner(fused, **SPIKE)
+    skipped, results = _skips(learner, x, y, batch)
+
+    _check_path(fused, fused_calls)
+    assert skipped == [
+        (40, "non_finite_loss"),
+        (41, "non_finite_loss"),
+        (150, "loss_spike"),
+        (301, "loss_spike"),
+    ]
+    losses = np.concatenate([r.losses for r in results])
+    thresholds = np.concatenate([r.skipped_thresholds for r in results])
+    assert np.isnan(losses[[40, 41]]).all() and np.isnan(thresholds[:2]).all()
+    assert (losses[[150, 301]] > thresholds[2:]).all() and np.isfinite(thresholds[2:]).all()
+    clean = [r for r in results if not r.skipped_nonfinite and not r.skipped_spike]
+    assert clean and all(len(r.skipped) == 0 and r.skipped_reasons == () for r in clean)
+    if batch == 1:
+        # Exactly those were left out: the model is the one trained, unguarded, on all the others.
+        rest = np.setdiff1d(np.arange(400), [40, 41, 150, 301])
+        reference = _learner(fused, standardize=False)
+        _learn(reference, x[rest], y[rest])
+        assert learner.updates == reference.updates == 396
+        _assert_same_model(learner, reference)
+
+
+@pytest.mark.parametrize("batch", [1, 4], ids=["strict", "micro-batch"])
+@PATHS
+def test_a_step_undone_lists_every_record_of_its_group(
+    batch: int, fused: bool, fused_calls: list[int]
+) -> None:
+    """A finite loss whose step overflows Adam's state: the whole group is refused, and listed."""
+    x, y = _data("regression", 200, seed=2)
+    x[130] = 1e12
+    learner = _learner(fused, optimizer="adam", lr=0.005, standardize=False)
+    skipped, results = _skips(learner, x, y, batch)
+
+    _check_path(fused, fused_calls)
+    group = [130] if batch == 1 else [128, 129, 130, 131]
+    assert skipped == [(p, "non_finite_loss") for p in group]
+    assert sum(r.skipped_nonfinite for r in results) == len(group)
+    losses = np.concatenate([r.losses for r in results])
+    assert np.isfinite(losses[group]).all()  # measured, but not learned from
+    assert learner.updates == 200 // batch - 1
+    _assert_all_finite(learner)
+
+
 # -- the rollback signal ----------------------------------------------------------------------
 
 

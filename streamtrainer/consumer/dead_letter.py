@@ -1,6 +1,7 @@
 """The dead-letter topic: where every record the worker cannot train on goes, with its reason.
 
-A record that fails validation is produced to ``<topic>.dlq`` (configurable)
+A record that fails validation, or whose update a training guard refused
+(:class:`TrainingGuardSkip`), is produced to ``<topic>.dlq`` (configurable)
 with its original key, value and headers, plus headers naming its source
 topic, partition, offset and timestamp, the error class and message, and the
 worker. The write is *confirmed* (delivery report) before the worker's
@@ -15,11 +16,13 @@ dlq redrive`` publishes selected ones back to their source topic.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -35,8 +38,9 @@ from streamtrainer.connection import client_config
 from streamtrainer.consumer.exceptions import DeadLetterError
 from streamtrainer.consumer.messages import timestamp_of
 from streamtrainer.metrics import WorkerMetrics
-from streamtrainer.records import DecodeError
+from streamtrainer.records.exceptions import DECODE_REASONS
 from streamtrainer.settings import KafkaSettings
+from streamtrainer.training.learner import SKIP_REASONS, SKIP_SPIKE
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,39 @@ _MAX_BACKOFF_S = 30.0
 _SERVE_INTERVAL_S = 0.1
 
 Headers = list[tuple[str, str | bytes | None]]
+
+# Every reason a record is dead-lettered for (a bounded metric label): it failed decoding or
+# validation, or a training guard refused its update.
+DEAD_LETTER_REASONS: Final = (*DECODE_REASONS, *SKIP_REASONS)
+
+
+class Rejection(Protocol):
+    """Why a record is dead-lettered: a :class:`DecodeError` or a :class:`TrainingGuardSkip`."""
+
+    @property
+    def reason(self) -> str: ...  # one of DEAD_LETTER_REASONS: the error.class header
+
+    @property
+    def detail(self) -> str: ...  # for people: the error.message header
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingGuardSkip:
+    """A record a training guard refused to learn from: ``non_finite_loss`` or ``loss_spike``."""
+
+    reason: str
+    detail: str
+
+    @classmethod
+    def of(cls, reason: str, loss: float, threshold: float) -> TrainingGuardSkip:
+        """The rejection of a record with this pre-update ``loss`` (NaN: not finite) and spike threshold."""
+        if reason == SKIP_SPIKE:
+            detail = f"loss {loss:.6g} above the spike threshold {threshold:.6g} (factor x running loss)"
+        elif math.isfinite(loss):
+            detail = f"loss {loss:.6g}, but the step's gradient or updated state was not finite"
+        else:
+            detail = "the loss was not finite"
+        return cls(reason, f"training guard refused the update: {detail}")
 
 
 def _headers_of(message: Message) -> list[tuple[str, bytes]]:
@@ -123,7 +160,7 @@ class DeadLetterQueue:
 
     def send(
         self,
-        failures: Sequence[tuple[Message, DecodeError]],
+        failures: Sequence[tuple[Message, Rejection]],
         *,
         serve: Callable[[], None],
         should_stop: Callable[[], bool],
@@ -171,9 +208,7 @@ class DeadLetterQueue:
             self.metrics.dead_lettered.labels(self.source_topic, error.reason).inc()
         return True
 
-    def _attempt(
-        self, batch: list[tuple[Message, DecodeError]]
-    ) -> tuple[list[tuple[Message, DecodeError]], str]:
+    def _attempt(self, batch: list[tuple[Message, Rejection]]) -> tuple[list[tuple[Message, Rejection]], str]:
         outcome: dict[int, KafkaError | None] = {}
         last_error = "no delivery report"
         for index, (message, error) in enumerate(batch):
@@ -200,7 +235,7 @@ class DeadLetterQueue:
                 last_error = result.str()
         return failed, last_error
 
-    def _headers(self, message: Message, error: DecodeError) -> Headers:
+    def _headers(self, message: Message, error: Rejection) -> Headers:
         original: Headers = [(k, v) for k, v in _headers_of(message) if not k.startswith(HEADER_PREFIX)]
         return [
             *original,

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from rich.console import Console
@@ -54,7 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streamtrainer import __version__
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
 from streamtrainer.consumer.exceptions import ConsumerError
-from streamtrainer.consumer.messages import codec_of, key_bytes, timestamp_of
+from streamtrainer.consumer.messages import HeaderCodecs, timestamps_of
 from streamtrainer.consumer.ranges import (
     Bound,
     PartitionRange,
@@ -67,7 +68,7 @@ from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.records import BatchDecoder, DecodeError
 from streamtrainer.settings import ReplaySettings
-from streamtrainer.training import LearnerConfig, OnlineLearner
+from streamtrainer.training import LearnerConfig, OnlineLearner, kernels
 from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.compaction.epochs import evaluate, split_holdout, train_epochs
 from streamtrainer.training.compaction.store import CompactionStore, EpochData
@@ -78,6 +79,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT: Final = "streamtrainer-replay-manifest/1"
 MANIFEST_NAME: Final = "manifest.json"
 _POLL_BATCH: Final = 5000
+_LENGTH: Final = struct.Struct("<q")
 _INVALID_LOG_INTERVAL_S: Final = 5.0
 _SCALER_CHUNK: Final = 65_536
 # Config a manifest fixes unless the flag is given explicitly.
@@ -174,6 +176,16 @@ class _PartitionRead:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadBatch:
+    """Records of one poll, in the order read: per partition, in offset order."""
+
+    messages: list[Message]
+    values: list[bytes | None]
+    partitions: npt.NDArray[np.int32]
+    offsets: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
 class ReadSummary:
     """What a read covered: ``ends`` are exclusive, ``records`` counts every record, valid or not."""
 
@@ -258,7 +270,7 @@ class RangeReader:
     def read(
         self,
         ranges: Sequence[PartitionRange],
-        on_batch: Callable[[list[Message]], None],
+        on_batch: Callable[[ReadBatch], None],
         *,
         on_progress: Callable[[int], None] | None = None,
     ) -> ReadSummary:
@@ -279,7 +291,16 @@ class RangeReader:
         while not all(s.done for s in states.values()):
             messages = consumer.consume(num_messages=_POLL_BATCH, timeout=0.2)
             now = time.monotonic()
+            batch = _take_run(messages, states)
+            if batch is not None:
+                messages = []  # taken whole: one run of one partition's next records
+                state = states[int(batch.partitions[0])]
+                if state.end is not None and state.next_offset >= state.end:
+                    self._finish(state)
             kept: list[Message] = []
+            values: list[bytes | None] = []
+            partitions: list[int] = []
+            offsets: list[int] = []
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -295,18 +316,25 @@ class RangeReader:
                     self._finish(state)
                     continue
                 value = message.value()
-                state.hasher.update(struct.pack("<q", -1 if value is None else len(value)))
+                state.hasher.update(_LENGTH.pack(-1 if value is None else len(value)))
                 if value:
                     state.hasher.update(value)
                 state.next_offset = offset + 1
                 state.records += 1
                 state.eof_at = None
                 kept.append(message)
+                values.append(value)
+                partitions.append(state.partition)
+                offsets.append(offset)
                 if state.end is not None and state.next_offset >= state.end:
                     self._finish(state)
             if kept:
-                on_batch(kept)
-                total += len(kept)
+                batch = ReadBatch(
+                    kept, values, np.array(partitions, dtype=np.int32), np.array(offsets, dtype=np.int64)
+                )
+            if batch is not None:
+                on_batch(batch)
+                total += len(batch.messages)
                 last_record = last_activity = now
                 if on_progress is not None:
                     on_progress(total)
@@ -361,6 +389,49 @@ class RangeReader:
         return False
 
 
+def _take_run(messages: list[Message], states: dict[int, _PartitionRead]) -> ReadBatch | None:
+    """The common case in a few passes over the batch: records of one partition, in sequence.
+
+    Reads and hashes the batch like the per-message loop does (same content hash:
+    each record's int64 length, then its value) when every message is a record
+    of one partition still being read, its first offset the next one wanted and
+    none of them at or past the range's end; None otherwise (the per-message
+    loop then handles errors, end-of-log events, overlaps and range ends).
+    """
+    if not messages or any([message.error() is not None for message in messages]):
+        return None
+    partition = messages[0].partition()
+    state = states.get(partition) if partition is not None else None
+    if state is None or state.done:
+        return None
+    first, last = messages[0].offset(), messages[-1].offset()
+    n = len(messages)
+    if (
+        first != state.next_offset
+        or last is None
+        or last - first != n - 1  # a gap (compacted topic) or another partition mixed in
+        or (state.end is not None and last >= state.end)
+        or any([message.partition() != partition for message in messages])
+    ):
+        return None
+    values = [message.value() for message in messages]
+    sizes = set(map(len, values))  # type: ignore[arg-type]  # None (no value) is handled below
+    if len(sizes) == 1 and (size := sizes.pop()) > 0:
+        prefix = _LENGTH.pack(size)
+        state.hasher.update(prefix + prefix.join(values))  # type: ignore[arg-type]
+    else:
+        for value in values:
+            state.hasher.update(_LENGTH.pack(-1 if value is None else len(value)))
+            if value:
+                state.hasher.update(value)
+    state.next_offset = last + 1
+    state.records += n
+    state.eof_at = None
+    return ReadBatch(
+        messages, values, np.full(n, partition, dtype=np.int32), np.arange(first, last + 1, dtype=np.int64)
+    )
+
+
 def _summary(states: dict[int, _PartitionRead]) -> ReadSummary:
     content = hashlib.sha256()
     for partition in sorted(states):
@@ -399,10 +470,9 @@ class _Collector:
         self._logged_at = 0.0
         self._since_log = 0
 
-    def __call__(self, messages: list[Message]) -> None:
-        values = [m.value() for m in messages]
-        codecs = [codec_of(m) for m in messages]
-        batch = self.decoder.decode(values, codecs)
+    def __call__(self, read: ReadBatch) -> None:
+        messages = read.messages
+        batch = self.decoder.decode(read.values, HeaderCodecs(messages))
         errors = list(batch.errors)
         features, labels, index = batch.features, batch.labels, batch.index
         if len(batch) and self.learner is None:
@@ -413,14 +483,15 @@ class _Collector:
             self._count_invalid(errors, messages)
         if not len(index):
             return
-        kept = [messages[int(i)] for i in index]
+        everything = len(index) == len(messages)
+        kept = messages if everything else [messages[i] for i in index.tolist()]
+        # No keys: a replay never deduplicates (hashing them would cost ~1 us a record).
         self.store.append(
             features,
             labels,
-            np.fromiter((m.partition() or 0 for m in kept), dtype=np.int32, count=len(kept)),
-            np.fromiter((m.offset() or 0 for m in kept), dtype=np.int64, count=len(kept)),
-            keys=[key_bytes(m) for m in kept],
-            timestamps=np.fromiter((timestamp_of(m) for m in kept), dtype=np.int64, count=len(kept)),
+            read.partitions if everything else read.partitions[index],
+            read.offsets if everything else read.offsets[index],
+            timestamps=timestamps_of(kept),
         )
         self.valid += len(kept)
 
@@ -454,6 +525,9 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
         # Deterministic cuBLAS needs this before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     plan = _plan(settings)
+    # Torch's optimizer machinery (a 1-2 s import on first use) and the compiled loop get
+    # ready in the background while the range is resolved and read.
+    kernels.prepare(plan.model, plan.optimizer)
     out = settings.out
     show = settings.progress if settings.progress is not None else sys.stderr.isatty()
     start_model = _initial_checkpoint(plan)

@@ -46,10 +46,32 @@ class ProducerMetrics:
             ["topic"],
             registry=registry,
         )
+        # Each record acknowledged without an offset is read back and ends in exactly one of these.
+        self.records_verified = Counter(
+            "streamtrainer_producer_records_verified",
+            "Records acknowledged without an offset that reading the topic back found.",
+            ["topic"],
+            registry=registry,
+        )
+        self.records_republished = Counter(
+            "streamtrainer_producer_records_republished",
+            "Records acknowledged without an offset, missing from the topic, and published again.",
+            ["topic"],
+            registry=registry,
+        )
+        self.records_unverified = Counter(
+            "streamtrainer_producer_records_unverified",
+            "Records acknowledged without an offset that could not be read back (counted as failed).",
+            ["topic"],
+            registry=registry,
+        )
 
     def start(self, topic: str) -> None:
-        """Export both counters of ``topic`` at zero, so a rate sees the very first failure."""
+        """Export the counters of ``topic`` at zero, so a rate sees the very first failure."""
         self.records_produced.labels(topic)
         self.records_failed.labels(topic)
         self.records_resent.labels(topic)
         self.acknowledged_without_offset.labels(topic)
+        self.records_verified.labels(topic)
+        self.records_republished.labels(topic)
+        self.records_unverified.labels(topic)

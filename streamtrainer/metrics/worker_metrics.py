@@ -1,8 +1,9 @@
 """The worker's metrics. Every one takes a registry; labels are bounded (never a record key).
 
 Label cardinality: ``topic`` and ``partition`` are bounded by the topics and
-partitions assigned; ``reason`` by :data:`streamtrainer.records.exceptions.DECODE_REASONS`
-(and, for compactions, by the fixed set of triggers); ``location`` is memory or disk.
+partitions assigned; ``reason`` by :data:`streamtrainer.consumer.dead_letter.DEAD_LETTER_REASONS`
+(the decode reasons and the training guards'; for compactions, the fixed set of triggers);
+``location`` is memory or disk.
 """
 
 from __future__ import annotations

@@ -1,27 +1,43 @@
 """Publishing samples to a topic, with every delivery report checked.
 
-A record counts as produced only when the broker acknowledged it. At the end
-everything still queued is flushed; anything not acknowledged counts as failed,
-and the command exits non-zero, so no record is ever lost silently.
+A record counts as produced only when the broker acknowledged it with an offset, or acknowledged it
+without one and reading it back found it (below). At the end everything still queued is flushed;
+anything not acknowledged counts as failed, and the command exits non-zero, so no record is ever
+lost silently.
 
-A broker outage is ridden out: librdkafka keeps retrying (with backoff) every
-record for ``message.timeout.ms``; the outage is logged (rate-limited) and counted
-in ``streamtrainer_producer_kafka_errors_total{kind}``, and its end is logged too.
-An idempotent producer that fails fatally (e.g. UNKNOWN_PRODUCER_ID after a broker
-lost its producer state) is replaced by a new one, and every record whose delivery
-the fatal error failed is sent again (at least once: counted, logged, never dropped).
+A broker outage is ridden out: librdkafka keeps retrying (with backoff) every record for
+``message.timeout.ms``; the outage is logged (rate-limited) and counted in
+``streamtrainer_producer_kafka_errors_total{kind}``, and its end is logged too.
+
+An idempotent producer that becomes unusable is replaced by a new one, and every record its failure
+took down is sent again (at least once: counted, logged, never dropped). Two ways, both seen after a
+broker restarted with its producer state lost: a fatal error (UNKNOWN_PRODUCER_ID for a retried batch:
+librdkafka cannot retry it without risking duplicates), and a producer stuck bumping its epoch in a
+loop without ever getting a record acknowledged (seen in its statistics).
+
+An acknowledgement without an offset is not trusted. A broker answers the retry of a batch it
+believes it already stored with DUPLICATE_SEQUENCE_NUMBER, which librdkafka reports as delivered with
+no offset; Tansu 0.6.0 does so after a restart for batches it did not store as well as for batches it
+did. Such records are kept (only those), and once the broker acknowledges a later record of their
+partition with an offset (at the latest in :meth:`Publisher.flush`), the range where they must be is
+read back (:mod:`streamtrainer.producer.readback`): the records found count as delivered, the missing
+ones are published again, and the ones that cannot be checked count as failed. Every record carries
+the run's id in a header for this (:data:`~streamtrainer.producer.readback.RUN_HEADER`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import orjson
 from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, Message, Producer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -33,6 +49,7 @@ from streamtrainer.connection import (
 )
 from streamtrainer.exceptions import TopicError
 from streamtrainer.metrics import ProducerMetrics
+from streamtrainer.producer.readback import RUN_HEADER, Content, ReadBack, read_back
 from streamtrainer.records import Sample
 from streamtrainer.records.codec import codec_headers, encode_sample
 from streamtrainer.settings import KafkaSettings
@@ -46,6 +63,28 @@ _ERROR_LOG_INTERVAL_S = 5.0
 _MAX_RECREATES = 10
 # Errors that mean "the broker is unreachable" (an outage begins).
 _OUTAGE_ERRORS = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE})
+# A record failed with one of these was failed by the idempotent producer's state, not by the broker
+# refusing the record: a new producer sends it again.
+_PRODUCER_STATE_ERRORS = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+    }
+)
+# librdkafka statistics (the idempotent producer's epoch) every few seconds: a few kB of JSON.
+_STATS_INTERVAL_MS = 2000
+# This many epoch bumps without a single delivery report: the producer is stuck (see _on_stats).
+_STUCK_EPOCH_BUMPS = 30
+# Records acknowledged without an offset, kept until read back; past this many they are read back now.
+_MAX_HELD = 50_000
+# Reading back while publishing (the publisher waits meanwhile), and in flush() before the result.
+_READBACK_TIMEOUT_S = 10.0
+_FINAL_READBACK_TIMEOUT_S = 30.0
+_READBACK_RETRY_S = 10.0
+# flush(): at most this many rounds of read back, publish the missing again, flush.
+_MAX_READBACK_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +94,28 @@ class ProduceSummary:
     failed: int
     seconds: float
     resent: int = 0  # re-sent after a fatal producer error (at least once: may be duplicates)
-    recreated: int = 0  # times the producer was replaced after a fatal error
-    acknowledged_without_offset: int = 0  # acknowledged as duplicates of an earlier write
+    recreated: int = 0  # times the producer was replaced (fatal error, or stuck)
+    acknowledged_without_offset: int = 0  # acknowledged as duplicates of an earlier write, no offset
+    # What reading back those found: verified (in the topic), republished (missing: published again),
+    # unverified (the range could not be read: counted in failed). They add up to the count above.
+    verified: int = 0
+    republished: int = 0
+    unverified: int = 0
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.delivered == self.attempted
+
+
+@dataclass(slots=True)
+class _Gap:
+    """Consecutive records of one partition acknowledged without an offset."""
+
+    partition: int
+    after: int  # the last offset acknowledged before them (-1: none)
+    before: int | None = None  # the first offset acknowledged after them, once known
+    next_offset: int = 0  # librdkafka numbers a batch's records -1, 0, 1, ... in such reports
+    records: list[Message] = field(default_factory=list)
 
 
 class Publisher:
@@ -79,7 +134,13 @@ class Publisher:
         self.metrics = metrics
         if metrics is not None:
             metrics.start(topic)
-        self._headers = codec_headers(codec)
+        # The same headers on every record (delivery reports do not carry them: re-sent records get
+        # these too): the codec, and this run's id, which read-back uses to tell our records apart.
+        self._run_id = os.urandom(8)
+        self._headers: list[tuple[str, str | bytes | None]] = [
+            *codec_headers(codec),
+            (RUN_HEADER, self._run_id),
+        ]
         self._settings = settings
         self._lock = threading.Lock()
         self.attempted = 0
@@ -88,18 +149,39 @@ class Publisher:
         self.resent = 0
         self.recreated = 0
         self.acknowledged_without_offset = 0
+        self.verified = 0
+        self.republished = 0
+        self.unverified = 0
         self._errors_logged = 0
         self._kafka_errors: dict[str, tuple[float, int]] = {}
         self._outage_since: float | None = None
-        self._fatal: KafkaError | None = None
+        # Why the producer is unusable (a fatal error, or stuck): the next poll replaces it.
+        self._fatal: str | None = None
+        self._dead = False  # recreated too often: every further record fails
         # Records whose delivery a fatal error failed: sent again by the next producer.
         self._resend: list[Message] = []
-        # Per partition: the next offset of a run of records acknowledged without an offset.
-        self._unknown_offset_run: dict[int, int] = {}
+        # Per partition: the last offset acknowledged, and the open run of records acknowledged
+        # without one; closed runs wait in _ready to be read back.
+        self._last_offset: dict[int, int] = {}
+        self._open: dict[int, _Gap] = {}
+        self._ready: list[_Gap] = []
+        self._held = 0
+        self._readback_after = 0.0
+        # Something to do between records (replace the producer, read back): checked after each poll.
+        self._attention = False
+        self._attending = False
+        self._stats_baseline = (-1, -1)  # (delivery reports, producer epoch) at the last change
+        self._on_delivery_cb = self._on_delivery
+        self._m_delivered = self._m_failed = self._m_awo = None
+        if metrics is not None:
+            self._m_delivered = metrics.records_produced.labels(topic)
+            self._m_failed = metrics.records_failed.labels(topic)
+            self._m_awo = metrics.acknowledged_without_offset.labels(topic)
         self._producer = self._create_producer()
 
     def _create_producer(self) -> Producer:
         self._fatal = None
+        self._stats_baseline = (-1, -1)
         return Producer(
             client_config(
                 self._settings,
@@ -109,13 +191,14 @@ class Publisher:
                     "linger.ms": 5,
                     "queue.buffering.max.messages": 200000,
                     "error_cb": self._on_error,
+                    "statistics.interval.ms": _STATS_INTERVAL_MS,
+                    "stats_cb": self._on_stats,
                 },
             )
         )
 
     def send(self, sample: Sample) -> None:
-        value = encode_sample(sample, self.codec)
-        self._produce(value, sample.key, self._headers, sample.timestamp_ms)
+        self._produce(encode_sample(sample, self.codec), sample.key, sample.timestamp_ms)
         self.attempted += 1
         self._poll(0)
 
@@ -123,21 +206,19 @@ class Publisher:
         self,
         value: bytes | None,
         key: bytes | str | None,
-        headers: object,
         timestamp_ms: int | None,
+        partition: int = -1,
     ) -> None:
-        kwargs: dict[str, object] = {}
-        if timestamp_ms is not None:
-            kwargs["timestamp"] = timestamp_ms
-        while True:
+        while not self._dead:
             try:
                 self._producer.produce(
                     self.topic,
                     value=value,
                     key=key,
-                    headers=headers,  # type: ignore[arg-type]
-                    on_delivery=self._on_delivery,
-                    **kwargs,  # type: ignore[arg-type]
+                    partition=partition,
+                    on_delivery=self._on_delivery_cb,
+                    timestamp=timestamp_ms or 0,  # 0: now
+                    headers=self._headers,
                 )
                 return
             except BufferError:
@@ -145,70 +226,112 @@ class Publisher:
                 self._poll(0.05)
             except KafkaException as error:
                 # A fatal producer refuses new records: replace it, then try again.
-                if self._fatal is None and error.args and error.args[0].fatal():
-                    self._fatal = error.args[0]
-                if self._fatal is None:
-                    raise
+                self._raised(error)
                 self._recreate()
+        self._fail(1)
 
     def _poll(self, timeout_s: float) -> None:
-        self._producer.poll(timeout_s)
-        if self._fatal is not None:
-            self._recreate()
+        try:
+            self._producer.poll(timeout_s)
+        except KafkaException as error:
+            self._raised(error)
+        if self._attention and not self._attending:
+            self._attend()
+
+    def _raised(self, error: KafkaException) -> None:
+        """A fatal error comes as an exception from poll() (and produce() refuses records after it)."""
+        kafka_error = error.args[0] if error.args and isinstance(error.args[0], KafkaError) else None
+        if kafka_error is None or not (kafka_error.fatal() or kafka_error.code() == KafkaError._FATAL):
+            raise error
+        if self._dead:
+            return  # given up on: every record fails anyway
+        if self._fatal is None:
+            self._fatal = str(kafka_error.str())
+            logger.error("kafka: fatal producer error: %s", self._fatal)
+            if self.metrics is not None:
+                self.metrics.kafka_errors.labels(kafka_error.name()).inc()
+        self._attention = True
+
+    def _attend(self) -> None:
+        """Replace an unusable producer; read back records acknowledged without an offset."""
+        self._attending = True
+        try:
+            self._attention = False
+            if self._fatal is not None and not self._dead:
+                self._recreate()
+            if self._ready or self._held >= _MAX_HELD:
+                if time.monotonic() >= self._readback_after:
+                    self._verify(final=False)
+                # Still waiting (the broker did not answer): look again at a later poll.
+                self._attention = bool(self._ready)
+        finally:
+            self._attending = False
 
     def flush(self, timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = self._producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
-            if self._fatal is not None:
-                self._recreate()
-                continue
-            if remaining == 0 or time.monotonic() >= deadline:
+        """Deliver everything, read back what was acknowledged without an offset, and report."""
+        self._flush(timeout_s)
+        for _ in range(_MAX_READBACK_ROUNDS):
+            if not (self._ready or self._open):
                 break
-        if remaining:
-            logger.error("%d record(s) still undelivered after %.0fs", remaining, timeout_s)
+            self._verify(final=True)
+            self._flush(timeout_s)
+        self._give_up_held()
         if self.resent or self.recreated:
             logger.warning(
-                "the producer failed fatally %d time(s) and was recreated; %d record(s) were sent again "
+                "the producer was unusable %d time(s) and was recreated; %d record(s) were sent again "
                 "(at least once: a record the broker had already stored may now be in the topic twice)",
                 self.recreated,
                 self.resent,
             )
         if self.acknowledged_without_offset:
             logger.warning(
-                "%d record(s) were acknowledged as duplicates of an earlier write, without an offset "
-                "(a retry after a broker restart); a broker that lost that write has lost them",
+                "%d record(s) were acknowledged without an offset, as duplicates of an earlier write: "
+                "%d verified in the topic, %d missing and republished, %d unverified (counted as failed)",
                 self.acknowledged_without_offset,
+                self.verified,
+                self.republished,
+                self.unverified,
             )
+
+    def _flush(self, timeout_s: float) -> None:
+        # poll(), not Producer.flush(): a fatal error raised inside flush() leaves the delivery reports
+        # it serves next running with the exception set (confluent-kafka 2.16: SystemError).
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._poll(max(0.0, min(0.1, deadline - time.monotonic())))
+            remaining = len(self._producer)
+            if remaining == 0 or time.monotonic() >= deadline:
+                break
+        if remaining:
+            logger.error("%d record(s) still undelivered after %.0fs", remaining, timeout_s)
 
     def _recreate(self) -> None:
         """Replace a producer that failed fatally; re-send every record the failure took down."""
-        error = self._fatal
-        assert error is not None
+        reason = self._fatal or "unknown"
         old = self._producer
         # Fail what the dead producer still holds, so that its delivery reports hand it back to us.
         with contextlib.suppress(KafkaException, RuntimeError):
             old.purge()
-        with contextlib.suppress(KafkaException, RuntimeError):
-            old.flush(0)
-        if self.recreated >= _MAX_RECREATES:
-            logger.error(
-                "the producer failed fatally again (%s) after %d recreations: giving up on %d record(s)",
-                error.str(),
-                self.recreated,
-                len(self._resend),
-            )
-            self._fail(len(self._resend))
-            self._resend = []
-            self._fatal = None  # keep the dead producer: everything produced from now on fails loudly
-            self.recreated += 1
-            return
+        deadline = time.monotonic() + 5.0
+        while len(old) and time.monotonic() < deadline:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                old.flush(0.1)
         self.recreated += 1
         pending, self._resend = self._resend, []
+        if self.recreated > _MAX_RECREATES:
+            logger.error(
+                "the producer is unusable again (%s) after %d recreations: giving up on %d record(s) "
+                "and on every record still to come",
+                reason,
+                self.recreated - 1,
+                len(pending),
+            )
+            self._fail(len(pending))
+            self._dead = True
+            self._fatal = None
+            return
         logger.warning(
-            "producer failed fatally (%s): recreating it and re-sending %d record(s)",
-            error.str(),
-            len(pending),
+            "producer unusable (%s): recreating it and re-sending %d record(s)", reason, len(pending)
         )
         if self.metrics is not None:
             self.metrics.recreated.inc()
@@ -216,19 +339,28 @@ class Publisher:
         self._producer = self._create_producer()
         self.resent += len(pending)
         for message in pending:
-            timestamp_type, timestamp = message.timestamp()
-            self._produce(
-                message.value(),
-                message.key(),
-                message.headers(),
-                timestamp if timestamp_type == TIMESTAMP_CREATE_TIME else None,
-            )
+            self._produce_again(message)
+
+    def _produce_again(self, message: Message, partition: int = -1) -> None:
+        timestamp_type, timestamp = message.timestamp()
+        self._produce(
+            message.value(),
+            message.key(),
+            timestamp if timestamp_type == TIMESTAMP_CREATE_TIME and timestamp > 0 else None,
+            partition,
+        )
 
     def _fail(self, n: int) -> None:
         with self._lock:
             self.failed += n
-        if self.metrics is not None and n:
-            self.metrics.records_failed.labels(self.topic).inc(n)
+        if self._m_failed is not None and n:
+            self._m_failed.inc(n)
+
+    def _deliver(self, n: int) -> None:
+        with self._lock:
+            self.delivered += n
+        if self._m_delivered is not None and n:
+            self._m_delivered.inc(n)
 
     def summary(self, seconds: float) -> ProduceSummary:
         with self._lock:
@@ -243,57 +375,190 @@ class Publisher:
             resent=self.resent,
             recreated=self.recreated,
             acknowledged_without_offset=self.acknowledged_without_offset,
+            verified=self.verified,
+            republished=self.republished,
+            unverified=self.unverified,
         )
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None and (self._fatal is not None or error.code() == KafkaError._FATAL):
-            # Failed by the producer's fatal error, not by the broker: the next producer sends it.
-            self._resend.append(message)
+        if error is not None:
+            if self._fatal is not None or error.code() in _PRODUCER_STATE_ERRORS:
+                # Failed by the producer's fatal error, not by the broker: the next producer sends it.
+                self._resend.append(message)
+                if self._fatal is None:
+                    self._fatal = f"delivery failed: {error.str()}"
+                    self._attention = True
+                return
+            self._fail(1)
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                logger.error("delivery to %s failed: %s", self.topic, error.str())
             return
-        with self._lock:
-            if error is None:
-                self.delivered += 1
-            else:
-                self.failed += 1
-        if self.metrics is not None:
-            if error is None:
-                self.metrics.records_produced.labels(self.topic).inc()
-            else:
-                self.metrics.records_failed.labels(self.topic).inc()
-        if error is None:
-            self._check_offset(message)
-            if self._outage_since is not None:
-                logger.warning(
-                    "kafka reachable again: records acknowledged after %.1fs of errors",
-                    time.monotonic() - self._outage_since,
-                )
-                self._outage_since = None
-        if error is not None and self._errors_logged < 10:
-            self._errors_logged += 1
-            logger.error("delivery to %s failed: %s", self.topic, error.str())
+        if self._outage_since is not None:
+            logger.warning(
+                "kafka reachable again: records acknowledged after %.1fs of errors",
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+        offset = message.offset()
+        if self._open or offset is None or offset < 0:
+            if self._hold(message, offset):
+                return
+        else:
+            self._last_offset[message.partition() or 0] = offset
+        self._deliver(1)
 
-    def _check_offset(self, message: Message) -> None:
-        """Count records acknowledged without an offset.
+    def _hold(self, message: Message, offset: int | None) -> bool:
+        """Keep a record acknowledged without an offset (True), or close its partition's open run.
 
         A broker answers a retried batch it believes it already stored with DUPLICATE_SEQUENCE_NUMBER,
         which librdkafka reports as delivered, with base offset -1: the batch's first record has no
         offset, the rest count up from 0. Tansu 0.6.0 (S3 storage) does this for a batch whose write a
-        restart interrupted, and that batch is not in the topic: such records are counted and reported.
+        restart interrupted, whether it stored the batch or not. A record taken for one by mistake (a
+        real offset equal to the count) is found when read back: the check errs on the safe side.
         """
-        partition = message.partition()
-        offset = message.offset()
-        if partition is None:
-            return
-        if offset is None or offset < 0:
-            self._unknown_offset_run[partition] = 0
-        elif self._unknown_offset_run.get(partition) == offset:
-            self._unknown_offset_run[partition] = offset + 1
-        else:
-            self._unknown_offset_run.pop(partition, None)
-            return
+        partition = message.partition() or 0
+        gap = self._open.get(partition)
+        if offset is not None and offset >= 0 and (gap is None or offset != gap.next_offset):
+            if gap is not None:
+                # Acknowledged with an offset again: the run lies between the two known offsets.
+                del self._open[partition]
+                gap.before = offset
+                self._ready.append(gap)
+                self._attention = True
+            self._last_offset[partition] = offset
+            return False
+        if gap is None:
+            gap = self._open[partition] = _Gap(partition, self._last_offset.get(partition, -1))
+        gap.next_offset = offset + 1 if offset is not None and offset >= 0 else 0
+        gap.records.append(message)
+        self._held += 1
         self.acknowledged_without_offset += 1
+        if self._m_awo is not None:
+            self._m_awo.inc()
+        if self._held >= _MAX_HELD:
+            self._attention = True
+        return True
+
+    def _verify(self, *, final: bool) -> None:
+        """Read back the held records' ranges; count the found, publish the missing again."""
+        gaps, self._ready = self._ready, []
+        if final or self._held >= _MAX_HELD:
+            # No later offset known (yet): read to the end of the partition.
+            gaps.extend(self._open.values())
+            self._open.clear()
+        if not gaps:
+            return
+        # One range per run of records: two runs of a partition are read apart, so that a record of this
+        # publisher acknowledged with an offset between them is never taken for one of them.
+        ranges = [
+            ReadBack(gap.partition, gap.after, gap.before, self._run_id, Counter(map(_content, gap.records)))
+            for gap in gaps
+        ]
+        started = time.monotonic()
+        read_back(
+            self._settings, self.topic, ranges, _FINAL_READBACK_TIMEOUT_S if final else _READBACK_TIMEOUT_S
+        )
+        found_total = missing_total = unchecked_total = 0
+        for gap, wanted in zip(gaps, ranges, strict=True):
+            held = gap.records
+            if not wanted.complete:
+                if final:
+                    unchecked_total += len(held)
+                    continue
+                # The broker did not answer: keep them, try again later.
+                self._ready.append(gap)
+                self._readback_after = time.monotonic() + _READBACK_RETRY_S
+                continue
+            self._held -= len(held)
+            found: list[Message] = []
+            missing: list[Message] = []
+            unmatched = Counter(wanted.found)
+            for message in held:
+                content = _content(message)
+                if unmatched[content] > 0:
+                    unmatched[content] -= 1
+                    found.append(message)
+                else:
+                    missing.append(message)
+            found_total += len(found)
+            missing_total += len(missing)
+            self._count_verified(len(found), len(missing))
+            if found:
+                self._deliver(len(found))
+            logger.warning(
+                "read back %d record(s) acknowledged without an offset in %s [%d] (%s, %d record(s) read): "
+                "%d found, %d missing%s",
+                len(held),
+                self.topic,
+                gap.partition,
+                wanted.describe(),
+                wanted.records_read,
+                len(found),
+                len(missing),
+                ": publishing them again" if missing else "",
+            )
+            for message in missing:
+                self._produce_again(message, gap.partition)
+        if unchecked_total:
+            self._held -= unchecked_total
+            self._unverified(unchecked_total)
+        logger.debug(
+            "read back in %.2fs: %d found, %d republished, %d unverified",
+            time.monotonic() - started,
+            found_total,
+            missing_total,
+            unchecked_total,
+        )
+
+    def _count_verified(self, found: int, missing: int) -> None:
+        self.verified += found
+        self.republished += missing
         if self.metrics is not None:
-            self.metrics.acknowledged_without_offset.labels(self.topic).inc()
+            self.metrics.records_verified.labels(self.topic).inc(found)
+            self.metrics.records_republished.labels(self.topic).inc(missing)
+
+    def _unverified(self, n: int) -> None:
+        logger.error(
+            "%d record(s) acknowledged without an offset could not be read back: counted as failed", n
+        )
+        self.unverified += n
+        self._fail(n)
+        if self.metrics is not None:
+            self.metrics.records_unverified.labels(self.topic).inc(n)
+
+    def _give_up_held(self) -> None:
+        """Records still held after the last read-back round (acknowledged without an offset again)."""
+        left = sum(len(gap.records) for gap in (*self._ready, *self._open.values()))
+        self._ready = []
+        self._open.clear()
+        self._held = 0
+        if left:
+            self._unverified(left)
+
+    def _on_stats(self, text: str) -> None:
+        """Notice an idempotent producer stuck in a loop of epoch bumps.
+
+        After a broker restart that lost its producer state, librdkafka answers UNKNOWN_PRODUCER_ID
+        for a batch never sent before by bumping its epoch locally and retrying, which such a broker
+        rejects again: no record is ever acknowledged and no error is reported. Its statistics show
+        the epoch climbing (tens a second on Tansu) while no delivery report comes."""
+        try:
+            epoch = int(orjson.loads(text)["eos"]["producer_epoch"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+        progress = self.delivered + self.failed + self.acknowledged_without_offset + len(self._resend)
+        last_progress, last_epoch = self._stats_baseline
+        if progress != last_progress or epoch < last_epoch or last_epoch < 0:
+            self._stats_baseline = (progress, epoch)
+            return
+        if epoch - last_epoch >= _STUCK_EPOCH_BUMPS and self._fatal is None and len(self._producer):
+            self._fatal = (
+                f"stuck: {epoch - last_epoch} producer epoch bumps and no delivery report "
+                "(the broker does not know this producer)"
+            )
+            logger.error("kafka: the idempotent producer is %s", self._fatal)
+            self._attention = True
 
     def _on_error(self, error: KafkaError) -> None:
         if self.metrics is not None:
@@ -301,7 +566,8 @@ class Publisher:
         if error.fatal():
             # An idempotent producer's fatal error (e.g. after a broker lost its producer state)
             # makes it unusable: the next poll replaces it (see _recreate).
-            self._fatal = error
+            self._fatal = str(error.str())
+            self._attention = True
             logger.error("kafka: fatal producer error: %s", error.str())
             return
         if error.code() in _OUTAGE_ERRORS and self._outage_since is None:
@@ -316,6 +582,10 @@ class Publisher:
         more = f" ({suppressed} more like it)" if suppressed else ""
         logger.warning("kafka: %s%s (records are kept and retried)", text, more)
         self._kafka_errors[text] = (now, 0)
+
+
+def _content(message: Message) -> Content:
+    return (message.value(), message.key())
 
 
 def publish(

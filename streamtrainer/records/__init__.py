@@ -2,11 +2,14 @@
 
 from streamtrainer.records.codec import (
     BINARY_CODEC,
+    BINARY_MAGIC,
     CODEC_HEADER,
     JSON_CODEC,
     BatchDecoder,
+    CodecLookup,
     DecodedBatch,
     encode_binary,
+    encode_binary_rows,
     encode_json,
     encode_sample,
 )
@@ -15,14 +18,17 @@ from streamtrainer.records.sample import Sample
 
 __all__ = [
     "BINARY_CODEC",
+    "BINARY_MAGIC",
     "CODEC_HEADER",
     "JSON_CODEC",
     "BatchDecoder",
+    "CodecLookup",
     "DecodeError",
     "DecodedBatch",
     "RecordsError",
     "Sample",
     "encode_binary",
+    "encode_binary_rows",
     "encode_json",
     "encode_sample",
 ]

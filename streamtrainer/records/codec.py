@@ -1,12 +1,21 @@
 """Wire formats of a sample.
 
-Two codecs, named per record by the ``streamtrainer.codec`` header:
+Two codecs. A value says which one it is by its first bytes, so the consumer
+never has to read a record's headers (converting them costs librdkafka's
+Python binding ~1.7 us per record, as much as polling the record itself):
 
-* ``json`` (the default, and what a record without the header is taken to be):
-  ``{"features": [1.0, 2.0], "label": 0.5}``, or ``features`` as an object of
-  name -> number. Any Kafka client can produce it.
-* ``binary``: float32 little-endian ``[label, f1, ..., fd]``. No parsing at all:
-  a polled batch of binary records becomes one ``numpy.frombuffer`` call.
+* ``json``: ``{"features": [1.0, 2.0], "label": 0.5}``, or ``features`` as an
+  object of name -> number. Any Kafka client can produce it.
+* ``binary``: the 4-byte magic ``b"\\xffSTb"`` (0xFF never starts UTF-8 text,
+  so no JSON value can begin with it), then float32 little-endian
+  ``[label, f1, ..., fd]``. No parsing at all: a polled batch of binary records
+  becomes one ``numpy.frombuffer`` call.
+
+Producers also name the codec in the ``streamtrainer.codec`` header, for other
+tools. The decoder looks at it only for a value that is neither binary nor
+valid JSON: the header then tells a record in the older headerless binary
+layout (float32 ``[label, f1, ..., fd]`` without the magic, named ``binary`` by
+its header) and a record in a codec this package does not read (``unknown_codec``).
 
 Decoding works on whole polled batches (no Python object per record on the
 binary path) and keeps the records' order, which per-record training needs.
@@ -17,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +41,9 @@ BINARY_CODEC: Final = "binary"
 CODECS: Final = (JSON_CODEC, BINARY_CODEC)
 
 _BINARY_DTYPE: Final = np.dtype("<f4")
+BINARY_MAGIC: Final = b"\xffSTb"
+_MAGIC_WORD: Final = int.from_bytes(BINARY_MAGIC, "little")
+_MAGIC_BYTES: Final = len(BINARY_MAGIC)
 _NUMBER_TYPES: Final = (int, float)
 
 
@@ -47,11 +59,23 @@ def encode_json(sample: Sample, feature_names: Sequence[str] | None = None) -> b
 
 
 def encode_binary(sample: Sample) -> bytes:
-    """Encode as float32 little-endian ``[label, features...]``."""
+    """Encode as the magic, then float32 little-endian ``[label, features...]``."""
     row = np.empty(sample.features.shape[0] + 1, dtype=_BINARY_DTYPE)
     row[0] = sample.label
     row[1:] = sample.features
-    return row.tobytes()
+    return BINARY_MAGIC + row.tobytes()
+
+
+def encode_binary_rows(features: npt.NDArray[np.floating], labels: npt.NDArray[np.floating]) -> list[bytes]:
+    """Encode many samples at once as binary values (bulk producers, benchmarks, tests)."""
+    n, d = features.shape
+    rows = np.empty((n, d + 2), dtype=_BINARY_DTYPE)
+    rows.view("<u4")[:, 0] = _MAGIC_WORD
+    rows[:, 1] = labels
+    rows[:, 2:] = features
+    buffer = rows.tobytes()
+    width = (d + 2) * 4
+    return [buffer[i * width : (i + 1) * width] for i in range(n)]
 
 
 def encode_sample(sample: Sample, codec: str) -> bytes:
@@ -67,6 +91,12 @@ def codec_headers(codec: str) -> list[tuple[str, bytes]]:
     if codec not in CODECS:
         raise EncodeError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     return [(CODEC_HEADER, codec.encode())]
+
+
+class CodecLookup(Protocol):
+    """``codecs[i]``: the codec record i names in its header, None when it names none."""
+
+    def __getitem__(self, index: int, /) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -126,65 +156,104 @@ class BatchDecoder:
             raise batch.errors[0][1]
         return Sample(batch.features[0].copy(), float(batch.labels[0]))
 
-    def decode(
-        self, values: Sequence[bytes | None], codecs: Sequence[str | None] | None = None
-    ) -> DecodedBatch:
-        """Decode ``values``; ``codecs[i]`` is the header codec of record i (None: JSON)."""
-        n = len(values)
+    def decode(self, values: Sequence[bytes | None], codecs: CodecLookup | None = None) -> DecodedBatch:
+        """Decode ``values``, in order.
+
+        ``codecs[i]`` is the codec record i names in its header (None: none). It
+        is looked at only for a value that is neither binary nor valid JSON (see
+        the module doc), so a lazy sequence that reads headers on demand costs
+        nothing for good records.
+        """
+        uniform = self._decode_uniform_binary(values)
+        if uniform is not None:
+            return uniform
         errors: list[tuple[int, DecodeError]] = []
         binary_positions: list[int] = []
+        headerless_positions: list[int] = []  # the older binary layout, without the magic
         json_positions: list[int] = []
         json_rows: list[npt.NDArray[np.float64]] = []
         json_labels: list[float] = []
-        for position in range(n):
-            codec = codecs[position] if codecs is not None else None
-            value = values[position]
+        for position, value in enumerate(values):
             if not value:
                 errors.append((position, DecodeError("empty_value", "record has no value")))
             elif self.max_value_bytes is not None and len(value) > self.max_value_bytes:
                 # Checked before parsing: a huge value must not cost its parse.
                 detail = f"{len(value)} bytes, more than the {self.max_value_bytes} allowed"
                 errors.append((position, DecodeError("oversize", detail)))
-            elif codec is None or codec == JSON_CODEC:
+            elif value.startswith(BINARY_MAGIC):
+                binary_positions.append(position)
+            else:
                 try:
                     row, label = self._decode_json(value)
                 except DecodeError as error:
-                    errors.append((position, error))
+                    # Not JSON either: only now does the header matter.
+                    codec = codecs[position] if codecs is not None else None
+                    if codec is None or codec == JSON_CODEC:
+                        errors.append((position, error))
+                    elif codec == BINARY_CODEC:
+                        headerless_positions.append(position)
+                    else:
+                        detail = f"codec header {codec[:40]!r}"
+                        errors.append((position, DecodeError("unknown_codec", detail)))
                 else:
                     json_positions.append(position)
                     json_rows.append(row)
                     json_labels.append(label)
-            elif codec == BINARY_CODEC:
-                binary_positions.append(position)
-            else:
-                errors.append((position, DecodeError("unknown_codec", f"codec header {codec[:40]!r}")))
 
-        binary_rows, binary_ok = self._decode_binary(values, binary_positions, errors)
-
-        positions = np.asarray(json_positions + binary_ok, dtype=np.intp)
         d = self._n_features or 0
-        features = np.empty((positions.shape[0], d), dtype=np.float32)
-        labels = np.empty(positions.shape[0], dtype=np.float32)
-        n_json = len(json_positions)
-        if n_json:
+        groups: list[tuple[list[int], npt.NDArray[np.float32]]] = []
+        if json_positions:
+            json_block = np.empty((len(json_positions), d + 1), dtype=np.float32)
             # Values beyond float32's range become Inf here and are rejected as non-finite below.
             with np.errstate(over="ignore"):
-                features[:n_json] = np.stack(json_rows)
-            labels[:n_json] = json_labels
-        if binary_ok:
-            labels[n_json:] = binary_rows[:, 0]
-            features[n_json:] = binary_rows[:, 1:]
-        # A record with a non-finite value cannot be trained on: report it like a decode error.
-        finite = np.isfinite(features).all(axis=1) & np.isfinite(labels)
-        if not finite.all():
-            for position in positions[~finite]:
-                errors.append((int(position), DecodeError("non_finite", "NaN or Inf value")))
-            positions, features, labels = positions[finite], features[finite], labels[finite]
-        if binary_ok and n_json:
+                json_block[:, 1:] = np.stack(json_rows)
+            json_block[:, 0] = json_labels
+            groups.append((json_positions, json_block))
+        for positions_of_layout, magic_words in ((binary_positions, 1), (headerless_positions, 0)):
+            rows, good = self._decode_binary(values, positions_of_layout, errors, magic_words)
+            if good:
+                groups.append((good, rows))
+
+        d = self._n_features or 0
+        if not groups:
+            positions = np.empty(0, dtype=np.intp)
+            block = np.empty((0, d + 1), dtype=np.float32)
+        else:
+            positions = np.asarray([p for group, _ in groups for p in group], dtype=np.intp)
+            block = np.concatenate([rows for _, rows in groups]) if len(groups) > 1 else groups[0][1]
+        labels = np.ascontiguousarray(block[:, 0])
+        features = np.ascontiguousarray(block[:, 1:])
+        positions, features, labels = _drop_non_finite(positions, features, labels, errors)
+        if len(groups) > 1:
             # Mixed codecs in one batch: restore the records' order.
             order = np.argsort(positions, kind="stable")
             positions, features, labels = positions[order], features[order], labels[order]
         errors.sort(key=lambda item: item[0])
+        return DecodedBatch(features, labels, positions, errors)
+
+    def _decode_uniform_binary(self, values: Sequence[bytes | None]) -> DecodedBatch | None:
+        """The common case in one pass: every value binary, of the same size (None: not that case)."""
+        try:
+            sizes = set(map(len, values))  # type: ignore[arg-type]
+        except TypeError:  # a record without a value
+            return None
+        if len(sizes) != 1:
+            return None
+        size = sizes.pop()
+        if size % 4 or size < 12 or (self.max_value_bytes is not None and size > self.max_value_bytes):
+            return None
+        if self._n_features is not None and size != (self._n_features + 2) * 4:
+            return None
+        n = len(values)
+        words = np.frombuffer(b"".join(values), dtype="<u4").reshape(n, size // 4)  # type: ignore[arg-type]
+        if not (words[:, 0] == _MAGIC_WORD).all():
+            return None
+        self._n_features = size // 4 - 2
+        rows = words[:, 1:].view(_BINARY_DTYPE)
+        errors: list[tuple[int, DecodeError]] = []
+        positions, features, labels = _drop_non_finite(
+            np.arange(n, dtype=np.intp), np.ascontiguousarray(rows[:, 1:]), rows[:, 0].copy(), errors
+        )
         return DecodedBatch(features, labels, positions, errors)
 
     def _decode_binary(
@@ -192,35 +261,40 @@ class BatchDecoder:
         values: Sequence[bytes | None],
         positions: list[int],
         errors: list[tuple[int, DecodeError]],
+        magic_words: int,
     ) -> tuple[npt.NDArray[np.float32], list[int]]:
+        """Rows ``[label, features...]`` of the binary values at ``positions``, and which decoded."""
         if not positions:
-            return np.empty((0, 0), dtype=np.float32), []
+            return np.empty((0, (self._n_features or 0) + 1), dtype=np.float32), []
         if self._n_features is None:
             first = values[positions[0]] or b""
-            if len(first) % 4 or len(first) < 8:
-                self._reject_binary(values, positions[:1], errors)
-                return self._decode_binary(values, positions[1:], errors)
-            self._n_features = len(first) // 4 - 1
-        width = (self._n_features + 1) * 4
-        good = [p for p in positions if len(values[p] or b"") == width]
+            if len(first) % 4 or len(first) < (magic_words + 2) * 4:
+                self._reject_binary(values, positions[:1], errors, magic_words)
+                return self._decode_binary(values, positions[1:], errors, magic_words)
+            self._n_features = len(first) // 4 - 1 - magic_words
+        words = self._n_features + 1 + magic_words
+        good = [p for p in positions if len(values[p] or b"") == words * 4]
         if len(good) != len(positions):
             good_set = set(good)
-            self._reject_binary(values, [p for p in positions if p not in good_set], errors)
+            self._reject_binary(values, [p for p in positions if p not in good_set], errors, magic_words)
         if not good:
             return np.empty((0, self._n_features + 1), dtype=np.float32), []
         buffer = b"".join(values[p] or b"" for p in good)
-        rows = np.frombuffer(buffer, dtype=_BINARY_DTYPE).reshape(len(good), self._n_features + 1)
-        return rows.astype(np.float32, copy=False), good
+        rows = np.frombuffer(buffer, dtype=_BINARY_DTYPE).reshape(len(good), words)
+        return rows[:, magic_words:], good
 
     def _reject_binary(
         self,
         values: Sequence[bytes | None],
         positions: list[int],
         errors: list[tuple[int, DecodeError]],
+        magic_words: int,
     ) -> None:
-        expected = "a multiple of 4 bytes, at least 8"
+        magic = "the 4-byte magic + " if magic_words else ""
+        expected = f"{magic}a multiple of 4 bytes, at least {(magic_words + 2) * 4}"
         if self._n_features is not None:
-            expected = f"{(self._n_features + 1) * 4} bytes ({self._n_features} features + label)"
+            size = (self._n_features + 1 + magic_words) * 4
+            expected = f"{size} bytes ({magic}{self._n_features} features + label)"
         for position in positions:
             size = len(values[position] or b"")
             detail = f"binary value of {size} bytes, expected {expected}"
@@ -281,6 +355,22 @@ class BatchDecoder:
         if not all(_is_number(v) for v in row):
             raise DecodeError("non_numeric", "features must all be numbers")
         return row
+
+
+def _drop_non_finite(
+    positions: npt.NDArray[np.intp],
+    features: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.float32],
+    errors: list[tuple[int, DecodeError]],
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """A record with a non-finite value cannot be trained on: report it like a decode error."""
+    finite = np.isfinite(features).all(axis=1) & np.isfinite(labels)
+    if finite.all():
+        return positions, features, labels
+    for position in positions[~finite]:
+        errors.append((int(position), DecodeError("non_finite", "NaN or Inf value")))
+    errors.sort(key=lambda item: item[0])
+    return positions[finite], features[finite], labels[finite]
 
 
 def _is_number(value: object) -> bool:

@@ -26,6 +26,10 @@ Guards (:mod:`streamtrainer.training.guards`) protect the model from bad records
   ``rollback_needed`` (also in each ``StepResult``) until ``load_state`` or
   ``reset_guards``: the caller should reload its last checkpoint.
 
+``StepResult.skipped`` lists the records a guard refused (positions within the
+call) and ``skipped_reasons`` why (``non_finite_loss`` or ``loss_spike``), so
+that a caller can route them elsewhere rather than count them as learned.
+
 A skipped record keeps its measured pre-update loss and prediction in the
 result (a valid prequential measurement), except that a non-finite loss is
 reported as NaN, with a NaN prediction: callers drop ``~np.isfinite(losses)``
@@ -107,13 +111,45 @@ class LearnerConfig:
         }
 
 
+# Why a guard refused a record (``StepResult.skipped_reasons``): its loss, or its step's gradient or
+# update, was not finite (counted in ``skipped_nonfinite``; the metric label ``non_finite``), or its
+# loss was a spike (``skipped_spike``; ``spike``). Bounded: callers use them as metric labels.
+SKIP_NON_FINITE = "non_finite_loss"
+SKIP_SPIKE = "loss_spike"
+SKIP_REASONS = (SKIP_NON_FINITE, SKIP_SPIKE)
+
+
+_NO_POSITIONS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
+_NO_POSITIONS.flags.writeable = False
+_NO_THRESHOLDS: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
+_NO_THRESHOLDS.flags.writeable = False
+
+
+@dataclass(frozen=True, slots=True)
+class Skips:
+    """The records of one call the guards refused: positions (ascending), reasons, spike thresholds."""
+
+    positions: npt.NDArray[np.intp]
+    reasons: tuple[str, ...]
+    thresholds: npt.NDArray[np.float64]
+
+
+NO_SKIPS = Skips(_NO_POSITIONS, (), _NO_THRESHOLDS)  # shared: nothing was skipped
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """Per-record pre-update losses and predictions (value, or class index).
 
     A non-finite loss is NaN, with a NaN prediction: leave those records out of
     prequential metrics. ``skipped_nonfinite`` and ``skipped_spike`` count the
-    records of this call that were not learned from; ``rollback_needed`` is the
+    records of this call that were not learned from; ``skipped`` lists them
+    (positions within the call, ascending), ``skipped_reasons`` says why, one of
+    :data:`SKIP_REASONS` each, and ``skipped_thresholds`` the spike threshold a
+    ``loss_spike`` record's loss exceeded (NaN for ``non_finite_loss``). In
+    micro-batch mode a group whose step was undone lists every record it learned
+    from. The three live in one ``Skips`` (:data:`NO_SKIPS`, shared, when nothing
+    was skipped: the common case costs one field). ``rollback_needed`` is the
     learner's flag after the call (see ``OnlineLearner.rollback_needed``).
     """
 
@@ -122,6 +158,19 @@ class StepResult:
     skipped_nonfinite: int = 0
     skipped_spike: int = 0
     rollback_needed: bool = False
+    skips: Skips = NO_SKIPS
+
+    @property
+    def skipped(self) -> npt.NDArray[np.intp]:
+        return self.skips.positions
+
+    @property
+    def skipped_reasons(self) -> tuple[str, ...]:
+        return self.skips.reasons
+
+    @property
+    def skipped_thresholds(self) -> npt.NDArray[np.float64]:
+        return self.skips.thresholds
 
 
 class OnlineLearner:
@@ -247,7 +296,13 @@ class OnlineLearner:
             self._autograd_steps(
                 features[done:], labels[done:], batch_size=batch_size, stream=stream, out=out, offset=done
             )
-        return StepResult(out.losses, out.predictions, out.nonfinite, out.spikes, self._rollback_needed)
+        if out.skips is None:
+            return StepResult(out.losses, out.predictions, out.nonfinite, out.spikes, self._rollback_needed)
+        positions, reasons, thresholds = zip(*out.skips, strict=True)
+        skips = Skips(np.array(positions, dtype=np.intp), reasons, np.array(thresholds, dtype=np.float64))
+        return StepResult(
+            out.losses, out.predictions, out.nonfinite, out.spikes, self._rollback_needed, skips
+        )
 
     def _fused_steps(
         self,
@@ -325,9 +380,11 @@ class OnlineLearner:
         if math.isfinite(loss):
             out.losses[index], out.predictions[index] = loss, prediction
             out.spikes += 1
+            out.skip(index, SKIP_SPIKE, self._monitor.threshold())
         else:
             out.losses[index] = out.predictions[index] = math.nan
             out.nonfinite += 1
+            out.skip(index, SKIP_NON_FINITE, math.nan)
         if stream:
             self._count_streak(np.zeros(1, dtype=np.bool_))
 
@@ -540,6 +597,7 @@ class OnlineLearner:
         finite = np.isfinite(losses)
         keep = finite.copy()
         spikes = 0
+        threshold = math.inf
         if stream:
             threshold = self._monitor.threshold()
             if threshold < math.inf:
@@ -568,6 +626,13 @@ class OnlineLearner:
                 nonfinite += kept
                 keep[:] = False
         out.nonfinite += nonfinite
+        if nonfinite or spikes:
+            # Which ones: a finite loss a guard left out is a spike (below the threshold: a step undone).
+            for j in np.flatnonzero(~keep).tolist():
+                if finite[j] and losses[j] > threshold:
+                    out.skip(offset + j, SKIP_SPIKE, threshold)
+                else:
+                    out.skip(offset + j, SKIP_NON_FINITE, math.nan)
         if stream:
             self._count_streak(keep)
 
@@ -698,12 +763,20 @@ class OnlineLearner:
 
 @dataclass(slots=True)
 class _Outcome:
-    """What the steps of one call write: per-record results and skip counts."""
+    """What the steps of one call write: per-record results, skip counts and the skipped records."""
 
     losses: npt.NDArray[np.float64]
     predictions: npt.NDArray[np.float64]
     nonfinite: int = 0
     spikes: int = 0
+    # (position, reason, threshold) of each skipped record, in order (the steps run through the
+    # call in order); None until one is: nothing to allocate on the common path.
+    skips: list[tuple[int, str, float]] | None = None
+
+    def skip(self, position: int, reason: str, threshold: float) -> None:
+        if self.skips is None:
+            self.skips = []
+        self.skips.append((position, reason, threshold))
 
 
 def _check_guards(config: LearnerConfig) -> None:
