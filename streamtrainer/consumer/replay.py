@@ -55,7 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streamtrainer import __version__
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
 from streamtrainer.consumer.exceptions import ConsumerError
-from streamtrainer.consumer.messages import HeaderCodecs, timestamps_of
+from streamtrainer.consumer.messages import HeaderCodecs
 from streamtrainer.consumer.ranges import (
     Bound,
     PartitionRange,
@@ -484,16 +484,15 @@ class _Collector:
         if not len(index):
             return
         everything = len(index) == len(messages)
-        kept = messages if everything else [messages[i] for i in index.tolist()]
-        # No keys: a replay never deduplicates (hashing them would cost ~1 us a record).
+        # Neither keys nor timestamps: a replay never deduplicates and trains on the records alone
+        # (hashing keys costs ~1 us a record, reading timestamps ~0.2 us).
         self.store.append(
             features,
             labels,
             read.partitions if everything else read.partitions[index],
             read.offsets if everything else read.offsets[index],
-            timestamps=timestamps_of(kept),
         )
-        self.valid += len(kept)
+        self.valid += int(index.shape[0])
 
     def _count_invalid(self, errors: list[tuple[int, DecodeError]], messages: list[Message]) -> None:
         self.invalid.update(error.reason for _, error in errors)
