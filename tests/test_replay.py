@@ -81,32 +81,32 @@ def samples(n: int, seed: int, *, binary_labels: bool = False) -> list[Sample]:
     return out
 
 
-def read_back(bootstrap: str, topic: str, partitions: int, n: int) -> dict[int, list[bytes]]:
+def read_back(bootstrap: str, topic: str, partitions: int, n: int) -> dict[int, list[bytes | None]]:
     """Ground truth: every value of the topic, per partition, in offset order."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"truth-{uuid.uuid4().hex}"})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    values: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    values: dict[int, list[bytes | None]] = {p: [] for p in range(partitions)}
     deadline = time.monotonic() + 30
     try:
         while sum(map(len, values.values())) < n and time.monotonic() < deadline:
             for message in consumer.consume(1000, 0.2):
                 if message.error() is None:
                     assert message.offset() == len(values[message.partition() or 0])
-                    values[message.partition() or 0].append(message.value() or b"")
+                    values[message.partition() or 0].append(message.value())
     finally:
         consumer.close()
     assert sum(map(len, values.values())) == n
     return values
 
 
-def content_sha256(values: dict[int, list[bytes]], ranges: dict[int, tuple[int, int]]) -> str:
+def content_sha256(values: dict[int, list[bytes | None]], ranges: dict[int, tuple[int, int]]) -> str:
     """The manifest's content hash, computed independently from its documented definition."""
     content = hashlib.sha256()
     for partition in sorted(ranges):
         start, end = ranges[partition]
         inner = hashlib.sha256()
         for value in values[partition][start:end]:
-            inner.update(struct.pack("<q", len(value)) + value)
+            inner.update(struct.pack("<q", -1) if value is None else struct.pack("<q", len(value)) + value)
         content.update(struct.pack("<iq", partition, end - start) + inner.digest())
     return content.hexdigest()
 
@@ -116,7 +116,7 @@ class SharedTopic:
     topic: str
     partitions: int
     n: int
-    values: dict[int, list[bytes]]
+    values: dict[int, list[bytes | None]]
 
 
 @pytest.fixture(scope="module")
@@ -306,21 +306,25 @@ def test_invalid_records_are_counted_by_reason_in_the_manifest(
     for value in [b"not json", b'{"features": [1, 2, 3, 4]}', b'{"features": [1, 2, 3, 4], "label": 3}']:
         producer.produce(topic, value=value)
     producer.produce(topic, value=b"\x00\x00", headers=[("streamtrainer.codec", b"binary")])
+    producer.produce(topic, value=None, key=b"deleted")  # a tombstone
     assert producer.flush(10) == 0
     produce(bootstrap, topic, good[20:], codec="json")
 
     result = replay(bootstrap, tmp_path / "a", topic=topic, model="logistic")
     manifest = result.manifest
     assert manifest["records"] == 40
-    assert manifest["records_read"] == 44
-    assert manifest["partitions"] == {"0": {"start": 0, "end": 44, "records": 44}}
+    assert manifest["records_read"] == 45
+    assert manifest["partitions"] == {"0": {"start": 0, "end": 45, "records": 45}}
     assert manifest["invalid"] == {
         "bad_binary_length": 1,
+        "empty_value": 1,
         "invalid_json": 1,
         "label_out_of_range": 1,
         "missing_field": 1,
     }
-    assert manifest["invalid_total"] == result.invalid == 4
+    assert manifest["invalid_total"] == result.invalid == 5
+    values = read_back(bootstrap, topic, 1, 45)
+    assert manifest["content_sha256"] == content_sha256(values, {0: (0, 45)})
 
 
 def test_init_from_continues_a_checkpoint_and_refuses_another_model(

@@ -174,6 +174,22 @@ class _PartitionRead:
     done: bool = False
     hasher: Any = field(default_factory=hashlib.sha256)
 
+    def hash_values(self, values: Sequence[bytes | None]) -> None:
+        """Each record's int64 length (-1: no value), then its value: the manifest's content hash."""
+        try:
+            sizes = set(map(len, values))  # type: ignore[arg-type]
+        except TypeError:  # a record without a value (a tombstone)
+            sizes = set()
+        if len(sizes) == 1 and (size := sizes.pop()) > 0:
+            # All the same size (binary records): one call hashes the batch.
+            prefix = _LENGTH.pack(size)
+            self.hasher.update(prefix + prefix.join(values))  # type: ignore[arg-type]
+            return
+        for value in values:
+            self.hasher.update(_LENGTH.pack(-1 if value is None else len(value)))
+            if value:
+                self.hasher.update(value)
+
 
 @dataclass(frozen=True, slots=True)
 class ReadBatch:
@@ -316,9 +332,7 @@ class RangeReader:
                     self._finish(state)
                     continue
                 value = message.value()
-                state.hasher.update(_LENGTH.pack(-1 if value is None else len(value)))
-                if value:
-                    state.hasher.update(value)
+                state.hash_values((value,))
                 state.next_offset = offset + 1
                 state.records += 1
                 state.eof_at = None
@@ -415,15 +429,7 @@ def _take_run(messages: list[Message], states: dict[int, _PartitionRead]) -> Rea
     ):
         return None
     values = [message.value() for message in messages]
-    sizes = set(map(len, values))  # type: ignore[arg-type]  # None (no value) is handled below
-    if len(sizes) == 1 and (size := sizes.pop()) > 0:
-        prefix = _LENGTH.pack(size)
-        state.hasher.update(prefix + prefix.join(values))  # type: ignore[arg-type]
-    else:
-        for value in values:
-            state.hasher.update(_LENGTH.pack(-1 if value is None else len(value)))
-            if value:
-                state.hasher.update(value)
+    state.hash_values(values)
     state.next_offset = last + 1
     state.records += n
     state.eof_at = None
