@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping
 
 from confluent_kafka import KafkaError, KafkaException
@@ -40,6 +42,27 @@ def client_config(settings: KafkaSettings, **overrides: object) -> dict[str, obj
     config.update(overrides)
     security.check_tls(config, allow_insecure=settings.allow_insecure_tls)
     return config
+
+
+class RepeatedErrors:
+    """Reports each distinct client error every few seconds, not many times a second.
+
+    While a broker is down librdkafka repeats the same errors many times a second.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (last reported, held back since)
+
+    def admit(self, text: str) -> str | None:
+        """None: held back; else a suffix to report it with (how many like it were held back)."""
+        now = time.monotonic()
+        last, held = self._seen.get(text, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._seen[text] = (last, held + 1)
+            return None
+        self._seen[text] = (now, 0)
+        return f" ({held} more like it)" if held else ""
 
 
 class _LastError:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streamtrainer.producer.publisher import ProduceSummary, publish
@@ -21,6 +21,38 @@ def produce(bootstrap: str, topic: str, samples: Iterable[Sample], codec: str = 
     summary = publish(KafkaSettings(bootstrap_servers=bootstrap), samples, topic=topic, codec=codec)
     assert summary.ok, summary
     return summary
+
+
+def produce_tracked(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[bytes, list[tuple[str, bytes]] | None]],
+    partitions: int = 1,
+) -> list[tuple[int, int]]:
+    """Produce record i (value, headers) with key ``k<i>`` to partition i % partitions.
+
+    Returns each record's (partition, offset), from its delivery report.
+    """
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20})
+    delivered: dict[int, tuple[int, int]] = {}
+    for i, (value, headers) in enumerate(records):
+
+        def report(error: KafkaError | None, message: Message, i: int = i) -> None:
+            assert error is None, error
+            delivered[i] = (message.partition() or 0, message.offset() or 0)
+
+        producer.produce(
+            topic,
+            key=f"k{i}".encode(),
+            value=value,
+            headers=headers,
+            partition=i % partitions,
+            on_delivery=report,
+        )
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0 and len(delivered) == len(records)
+    return [delivered[i] for i in range(len(records))]
 
 
 def worker_settings(bootstrap: str, topic: str, group: str, **overrides: object) -> WorkerSettings:

@@ -28,7 +28,7 @@ from streamtrainer.records import CODEC_HEADER
 from streamtrainer.records.exceptions import DECODE_REASONS
 from streamtrainer.settings import KafkaSettings
 from streamtrainer.training.checkpoint import CheckpointStore
-from tests.helpers import committed_offsets, worker_settings
+from tests.helpers import committed_offsets, produce_tracked, worker_settings
 
 N_FEATURES = 4
 MAX_VALUE_BYTES = 4096
@@ -67,26 +67,8 @@ def test_poison_every_bad_record_is_dead_lettered_once_and_the_rest_trained_once
     plan: list[str | None] = [
         kinds[i % 100 - 37] if 37 <= i % 100 < 37 + len(kinds) else None for i in range(n)
     ]
-    delivered: dict[int, tuple[int, int]] = {}
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20})
-    for i, kind in enumerate(plan):
-        value, headers = (_good(i), None) if kind is None else BAD[kind](i)
-
-        def report(error, message, i=i) -> None:  # type: ignore[no-untyped-def]
-            assert error is None, error
-            delivered[i] = (message.partition(), message.offset())
-
-        producer.produce(
-            topic,
-            key=f"k{i}".encode(),
-            value=value,
-            headers=headers,
-            partition=i % partitions,
-            on_delivery=report,
-        )
-        if i % 1000 == 0:
-            producer.poll(0)
-    assert producer.flush(30) == 0 and len(delivered) == n
+    records = [(_good(i), None) if kind is None else BAD[kind](i) for i, kind in enumerate(plan)]
+    delivered = produce_tracked(bootstrap, topic, records, partitions)
     expected_bad = {delivered[i]: kind for i, kind in enumerate(plan) if kind is not None}
     per_kind = Counter(expected_bad.values())
     assert set(per_kind.values()) == {n // 100}

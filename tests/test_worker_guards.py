@@ -11,7 +11,6 @@ from collections import Counter
 
 import numpy as np
 import torch
-from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.consumer.dead_letter import (
@@ -27,7 +26,7 @@ from streamtrainer.consumer.dead_letter import (
 from streamtrainer.consumer.worker import Worker
 from streamtrainer.settings import KafkaSettings
 from streamtrainer.training.checkpoint import CheckpointStore
-from tests.helpers import committed_offsets, worker_settings
+from tests.helpers import committed_offsets, produce_tracked, worker_settings
 
 
 def _produce(
@@ -38,26 +37,11 @@ def _produce(
     partitions: int = 1,
 ) -> list[tuple[int, int]]:
     """Produce record i to partition i % partitions; returns each record's (partition, offset)."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20})
-    delivered: dict[int, tuple[int, int]] = {}
-    for i, x in enumerate(features):
-        label = float(i % 3) if labels is None else labels[i]
-
-        def report(error, message, i=i) -> None:  # type: ignore[no-untyped-def]
-            assert error is None, error
-            delivered[i] = (message.partition(), message.offset())
-
-        producer.produce(
-            topic,
-            key=f"k{i}".encode(),
-            value=json.dumps({"features": x, "label": label}).encode(),
-            partition=i % partitions,
-            on_delivery=report,
-        )
-        if i % 1000 == 0:
-            producer.poll(0)
-    assert producer.flush(30) == 0 and len(delivered) == len(features)
-    return [delivered[i] for i in range(len(features))]
+    records = [
+        (json.dumps({"features": x, "label": float(i % 3) if labels is None else labels[i]}).encode(), None)
+        for i, x in enumerate(features)
+    ]
+    return produce_tracked(bootstrap, topic, records, partitions)
 
 
 def _good(i: int) -> list[float]:

@@ -36,6 +36,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.connection import (
+    RepeatedErrors,
     admin_client,
     check_reachable,
     client_config,
@@ -158,7 +159,7 @@ class Worker:
         self._rate = 0.0
         self._invalid_logged_at = 0.0
         self._invalid_since_log = 0
-        self._kafka_errors: dict[str, tuple[float, int]] = {}
+        self._kafka_errors = RepeatedErrors()
         # Messages a poll returned while a compaction had the partitions paused: trained next.
         self._held: list[Message] = []
         self._guard_rolled_back = False
@@ -916,16 +917,9 @@ class Worker:
     def _on_kafka_error(self, error: KafkaError) -> None:
         # librdkafka's error names are a fixed set: a bounded label.
         self.metrics.kafka_errors.labels(error.name()).inc()
-        # The same error repeats many times a second while a broker is down: report it every few seconds.
-        now = time.monotonic()
         text = error.str()
-        last, suppressed = self._kafka_errors.get(text, (0.0, 0))
-        if now - last < _INVALID_LOG_INTERVAL_S:
-            self._kafka_errors[text] = (last, suppressed + 1)
-            return
-        more = f" ({suppressed} more like it)" if suppressed else ""
-        logger.warning("kafka: %s%s", text, more)
-        self._kafka_errors[text] = (now, 0)
+        if (more := self._kafka_errors.admit(text)) is not None:
+            logger.warning("kafka: %s%s", text, more)
 
 
 def _describe(keys: list[Partition]) -> str:

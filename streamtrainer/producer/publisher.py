@@ -42,6 +42,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, M
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streamtrainer.connection import (
+    RepeatedErrors,
     admin_client,
     client_config,
     ensure_topic,
@@ -57,8 +58,6 @@ from streamtrainer.settings import KafkaSettings
 logger = logging.getLogger(__name__)
 
 _FLUSH_TIMEOUT_S = 30.0
-# The same client error repeats many times a second while a broker is down.
-_ERROR_LOG_INTERVAL_S = 5.0
 # A producer that keeps failing fatally is replaced at most this many times per run.
 _MAX_RECREATES = 10
 # Errors that mean "the broker is unreachable" (an outage begins).
@@ -153,7 +152,7 @@ class Publisher:
         self.republished = 0
         self.unverified = 0
         self._errors_logged = 0
-        self._kafka_errors: dict[str, tuple[float, int]] = {}
+        self._kafka_errors = RepeatedErrors()
         self._outage_since: float | None = None
         # Why the producer is unusable (a fatal error, or stuck): the next poll replaces it.
         self._fatal: str | None = None
@@ -572,16 +571,9 @@ class Publisher:
             return
         if error.code() in _OUTAGE_ERRORS and self._outage_since is None:
             self._outage_since = time.monotonic()
-        # Report each distinct error every few seconds, not many times a second.
-        now = time.monotonic()
         text = error.str()
-        last, suppressed = self._kafka_errors.get(text, (-_ERROR_LOG_INTERVAL_S, 0))
-        if now - last < _ERROR_LOG_INTERVAL_S:
-            self._kafka_errors[text] = (last, suppressed + 1)
-            return
-        more = f" ({suppressed} more like it)" if suppressed else ""
-        logger.warning("kafka: %s%s (records are kept and retried)", text, more)
-        self._kafka_errors[text] = (now, 0)
+        if (more := self._kafka_errors.admit(text)) is not None:
+            logger.warning("kafka: %s%s (records are kept and retried)", text, more)
 
 
 def _content(message: Message) -> Content:
