@@ -7,7 +7,7 @@ records), interleaved with a bare consumer reading the same topic (the ceiling),
 and reports for the steady state (first trained batch to last):
 
 * wall microseconds per record, by step: consume, decode, learn, keep
-  (compactor.keep), prequential, the rest of ``_process`` (per-message loop,
+  (compactor.keep), prequential, the rest of ``_start_update``/``_finish_update`` (per-message loop,
   offsets, metrics), compaction, checkpoint, lag refresh;
 * CPU microseconds per record: the worker's main thread, librdkafka's threads,
   the broker process, everything else on the machine, and idle core time; this
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from confluent_kafka import Message
 from confluent_kafka.admin import AdminClient
 
 from bench.worker_runs import TimedWorker, worker_settings
@@ -133,8 +132,8 @@ class ProfiledWorker(TimedWorker):
         self._spy: subprocess.Popen[bytes] | None = None
         self.spy_log = ""
 
-    def _process(self, messages: list[Message]) -> None:
-        super()._process(messages)
+    def _finish_update(self) -> None:
+        super()._finish_update()
         limit = self.settings.max_records or 0
         if self.cpu_start is None and self.records_trained:
             self.records_at_start = self.records_trained
@@ -251,11 +250,12 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("timestamp_of", "timestamp_of", "consumer/messages.py"),
     ("offsets.done", "done", "consumer/offsets.py"),
     ("prometheus", "", "prometheus_client/"),
-    ("_process (own lines)", "_process", "consumer/worker.py"),  # PROCESS_OWN
+    ("_start/_finish_update (own lines)", "_start_update", "consumer/worker.py"),  # PROCESS_OWN
+    ("_start/_finish_update (own lines)", "_finish_update", "consumer/worker.py"),
 )
 
 
-PROCESS_OWN = "_process (own lines)"
+PROCESS_OWN = "_start/_finish_update (own lines)"
 
 
 def _frame_step(function: str, filename: str) -> str | None:
@@ -294,7 +294,7 @@ def summarize_py_spy(raw: str, us_per_record: float) -> dict[str, Any]:
         count = int(count_text)
         total += count
         inner = frames[run_at + 1 :]
-        # The outermost step below the loop, except that _process only takes what none of the
+        # The outermost step below the loop, except that _start/_finish_update only take what none of the
         # steps inside it (decode, learn, keep, ...) claims.
         matched = [
             _frame_step(qualified.rsplit(".", 1)[-1], where)
@@ -328,7 +328,7 @@ def summarize_cprofile(profile: cProfile.Profile, records: int) -> dict[str, Any
         if "consume" in function and "Consumer" in function:
             step = "consume (C call)"
         elif step == PROCESS_OWN:
-            step = "_process (total)"
+            step = "_start/_finish_update (total)"
         if step is not None and step != "prometheus":
             # The outermost function of a step has the largest cumulative time (nested ones of the
             # same name, e.g. ExponentialMean.update inside PrequentialMetrics.update, do not add).
@@ -361,6 +361,7 @@ def _print_report(report: dict[str, Any]) -> None:
         "us_consume",
         "us_decode",
         "us_learn",
+        "us_wait",
         "us_keep",
         "us_prequential",
         "us_process_rest",

@@ -62,6 +62,7 @@ RAW_BINARY = "raw consume + decode (binary"
 RIVER = "River learn_one"
 STRICT_BINARY = "worker strict (binary)"
 STRICT_BINARY_OFF = "worker strict (binary, --no-compaction)"
+STRICT_BINARY_INLINE = "worker strict (binary, --no-compaction, --no-overlap)"
 STRICT_JSON = "worker strict (json)"
 RAW_PAIRED = "raw consume + decode (binary, alongside micro-batch)"
 RAW_FROM_ASSIGNMENT = "raw consume + decode (binary, from assignment)"
@@ -108,7 +109,8 @@ FULL = Sizes(
     compaction_window=100_000,
     strict_binary={16: 400_000, 128: 100_000},
     strict_json={16: 120_000, 128: 25_000},
-    micro={16: 400_000, 128: 100_000},
+    # 1M at d=16: the raw consumer reads it in ~1 s (a shorter read is at the mercy of one stall).
+    micro={16: 1_000_000, 128: 100_000},
     micro_batch=32,
     micro_no_compaction=True,
     replay=1_000_000,
@@ -410,18 +412,32 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                 )
                 row.note = "also Message.headers() per record, which the worker no longer calls"
         for model, (task, _loss) in MODELS.items():
-            # Compaction on (the default: every 2,000 records) and off, side by side.
+            # Compaction on (the default: every 2,000 records) and off, side by side; at d=16 also
+            # with each batch trained on the poll loop's thread (--no-overlap).
             n = sizes.strict_binary[d]
             topic = topic_name(task, d, "binary")
+            strict_variants = [(STRICT_BINARY, True, True), (STRICT_BINARY_OFF, False, True)]
+            if d == 16:
+                strict_variants.append((STRICT_BINARY_INLINE, False, False))
             runs = [
                 (
                     "worker",
                     name,
                     model,
                     d,
-                    partial(_worker_rate, bootstrap, topic, model, n, d=d, update_batch=1, compaction=on),
+                    partial(
+                        _worker_rate,
+                        bootstrap,
+                        topic,
+                        model,
+                        n,
+                        d=d,
+                        update_batch=1,
+                        compaction=on,
+                        overlap=overlap,
+                    ),
                 )
-                for name, on in ((STRICT_BINARY, True), (STRICT_BINARY_OFF, False))
+                for name, on, overlap in strict_variants
             ]
             for row in bench.side_by_side(runs, reps=sizes.reps if d == 16 else sizes.reps_other):
                 row.note = _breakdown(row)
@@ -437,7 +453,10 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
             row = bench.measure("worker", STRICT_JSON, model, d, run, reps=sizes.reps_other)
             row.note = _breakdown(row)
             name = f"worker micro-batch B={sizes.micro_batch} (binary)"
-            variants = ((name, True), (f"{name[:-1]}, --no-compaction)", False))
+            variants = [(name, True, True)]
+            if sizes.micro_no_compaction:
+                variants.append((f"{name[:-1]}, --no-compaction)", False, True))
+                variants.append((f"{name[:-1]}, --no-compaction, --no-overlap)", False, False))
             runs = [
                 (
                     "worker",
@@ -453,15 +472,17 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                         d=d,
                         update_batch=sizes.micro_batch,
                         compaction=on,
+                        overlap=overlap,
                     ),
                 )
-                for label, on in variants[: 2 if sizes.micro_no_compaction else 1]
+                for label, on, overlap in variants
             ]
             # The ceiling is measured alongside: load that comes and goes hits both sides.
             runs.append(
                 ("ceiling", RAW_PAIRED, model, d, partial(raw_consume, bootstrap, topic, sizes.micro[d]))
             )
-            for row in bench.side_by_side(runs, reps=sizes.reps_other):
+            # The micro-batch target's rows: as many repetitions as the strict d=16 ones.
+            for row in bench.side_by_side(runs, reps=sizes.reps if d == 16 else sizes.reps_other):
                 if row.section == "worker":
                     row.note = _breakdown(row)
 
@@ -475,11 +496,19 @@ def _worker_rate(
     d: int,
     update_batch: int,
     compaction: bool = True,
+    overlap: bool = True,
 ) -> Timing:
     from bench.worker_runs import run_worker
 
     return run_worker(
-        bootstrap, topic, model, records, d=d, update_batch=update_batch, compaction=compaction
+        bootstrap,
+        topic,
+        model,
+        records,
+        d=d,
+        update_batch=update_batch,
+        compaction=compaction,
+        overlap=overlap,
     )[0]
 
 
@@ -491,7 +520,8 @@ def _breakdown(row: Row) -> str:
         return statistics.median(values) if values else None
 
     keys = (
-        ("us_learn", "learn"),
+        ("us_learn", "learn (lane)"),
+        ("us_wait", "wait"),
         ("us_decode", "decode"),
         ("us_keep", "keep"),
         ("us_prequential", "preq"),
@@ -693,9 +723,16 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
         )
     micro = f"worker micro-batch B={sizes.micro_batch} (binary)"
     micro_off = f"{micro[:-1]}, --no-compaction)"
+    micro_inline = f"{micro[:-1]}, --no-compaction, --no-overlap)"
     for model in MODELS:
         raw = bench.find(RAW_PAIRED, model, 16)
         add(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", bench.find(micro_off, model, 16), raw, 0.7)
+        add(
+            f"context: micro-batch d=16 {model}, --no-overlap, vs raw consume",
+            bench.find(micro_inline, model, 16),
+            raw,
+            None,
+        )
         add(
             f"context: micro-batch d=16 {model}, compaction on, vs raw consume",
             bench.find(micro, model, 16),
@@ -719,6 +756,19 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     )
     # Context, not targets: what compaction (on by default) costs the worker; how far above the
     # naive loop the broker alone (no training) goes here.
+    for model in MODELS:
+        add(
+            f"context: strict binary d=16 {model}, overlap on / off (--no-overlap)",
+            bench.find(STRICT_BINARY_OFF, model, 16),
+            bench.find(STRICT_BINARY_INLINE, model, 16),
+            None,
+        )
+        add(
+            f"context: micro-batch d=16 {model}, overlap on / off (--no-overlap)",
+            bench.find(micro_off, model, 16),
+            bench.find(micro_inline, model, 16),
+            None,
+        )
     for d in sizes.dims:
         for model in MODELS:
             add(

@@ -1,10 +1,11 @@
 """The worker end to end: a consumer-group member on the embedded broker, timed from outside.
 
 :class:`TimedWorker` only records timestamps around the worker's own steps (its
-run, assignment callback, learner creation, batch processing, and inside and
-around it decode, learn_many, compactor.keep, the prequential update, compaction,
-checkpoints and the lag refresh: per polled batch, never per record); the
-training path is the worker's, unchanged.
+run, assignment callback, learner creation, the start and the finish of each
+batch's update, and inside and around them decode, learn_many, the wait for the
+update, compactor.keep, the prequential update, compaction, checkpoints and the
+lag refresh: per polled batch, never per record); the training path is the
+worker's, unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,11 +30,14 @@ from streamtrainer.training import OnlineLearner, kernels
 from streamtrainer.training.checkpoint import Checkpoint
 
 T = TypeVar("T")
-# Timed steps of the worker: inside _process (a polled batch) ...
-INSIDE_PROCESS = ("learn", "decode", "keep", "prequential")
-# ... and in its run loop, outside _process.
-OUTSIDE_PROCESS = ("compact", "checkpoint", "lag")
-PARTS = ("process", *INSIDE_PROCESS, *OUTSIDE_PROCESS)
+# Timed steps of the worker's loop thread: starting a polled batch's update (decoding it) ...
+INSIDE_START = ("decode",)
+# ... finishing it (waiting for the update, then the bookkeeping) ...
+INSIDE_FINISH = ("wait", "keep", "prequential")
+# ... and the rest of its run loop.
+OUTSIDE_UPDATES = ("compact", "checkpoint", "lag")
+# "learn" (learn_many) runs in the training lane: a background thread unless --no-overlap.
+PARTS = ("start", "finish", "learn", *INSIDE_START, *INSIDE_FINISH, *OUTSIDE_UPDATES)
 # Garbage collection, all generations and full collections: inside whichever step it interrupts.
 GC = ("gc", "gc_full")
 
@@ -50,7 +55,7 @@ class TimedWorker(Worker):
         self.last_trained_at: float | None = None
         self.fused_from: float | None = None  # end of the first batch trained with the loop ready
         self.first_batch_records = 0
-        self.batches = 0  # _process calls
+        self.batches = 0  # batches whose update finished
         self._batches_at_first = 0
         # Seconds spent in each timed step, accumulated over the run; snapshots of them are taken at
         # the end of the first trained batch and of the last one (the steady window in between).
@@ -78,7 +83,7 @@ class TimedWorker(Worker):
 
     @property
     def process_seconds(self) -> float:
-        return self.spent["process"]
+        return self.spent["start"] + self.spent["finish"]
 
     @property
     def learn_seconds(self) -> float:
@@ -142,12 +147,28 @@ class TimedWorker(Worker):
         finally:
             self.spent["lag"] += time.perf_counter() - began
 
-    def _process(self, messages: list[Message]) -> None:
+    def _start_update(self, messages: list[Message]) -> None:
+        began = time.perf_counter()
+        try:
+            super()._start_update(messages)
+        finally:
+            self.spent["start"] += time.perf_counter() - began
+
+    def _update_result(self, update: Future[Any]) -> Any:
+        began = time.perf_counter()
+        try:
+            return super()._update_result(update)
+        finally:
+            self.spent["wait"] += time.perf_counter() - began
+
+    def _finish_update(self) -> None:
+        if self._in_flight is None or self._in_flight.update is None:
+            return
         ready_before = kernels.compile_state() == "ready"
         began = time.perf_counter()
-        super()._process(messages)
+        super()._finish_update()
         now = time.perf_counter()
-        self.spent["process"] += now - began
+        self.spent["finish"] += now - began
         self.batches += 1
         if self.records_trained and self.first_trained_at is None:
             self.first_trained_at = now
@@ -184,18 +205,24 @@ class TimedWorker(Worker):
         if self.run_ended is not None:
             extra["shutdown_s"] = self.run_ended - last
         if records > 0:
-            # Where a steady-state record's time goes (microseconds per record, first batch to last):
-            # inside _process: learn (learn_many), decode, keep (compactor.keep), prequential, and
-            # the rest of _process (per-message loop: offsets, value, codec header, key, timestamp;
-            # Prometheus metrics; index arithmetic); outside it: compact, checkpoint (+ commit),
-            # lag (watermark refresh), and consume (consumer.consume and the loop's own bookkeeping).
+            # Where a steady-state record's time goes (microseconds per record, first batch to last).
+            # The loop's thread: starting updates (decode, and the rest: the per-message calls for
+            # value, partition and offset, metrics), finishing them (wait: blocked until the update
+            # is done; keep: compactor.keep; prequential; the rest: offsets, metrics, index
+            # arithmetic), compact, checkpoint (+ commit), lag (watermark refresh), and consume
+            # (consumer.consume and the loop's own bookkeeping). learn (learn_many) runs in the
+            # training lane: in the background it overlaps the rest, and only "wait" is on the loop.
             spent = {k: self._at_last_batch[k] - self._at_first_batch[k] for k in (*PARTS, *GC)}
-            inside = sum(spent[k] for k in INSIDE_PROCESS)
-            outside = sum(spent[k] for k in OUTSIDE_PROCESS)
+            outside = sum(spent[k] for k in OUTSIDE_UPDATES)
             for part in (*PARTS, *GC):
                 extra[f"us_{part}"] = 1e6 * spent[part] / records
-            extra["us_process_rest"] = 1e6 * (spent["process"] - inside) / records
-            extra["us_consume"] = 1e6 * (seconds - spent["process"] - outside) / records
+            start_rest = spent["start"] - sum(spent[k] for k in INSIDE_START)
+            if not self.settings.overlap:
+                start_rest -= spent["learn"]  # the update ran inside _start_update, on this thread
+            finish_rest = spent["finish"] - sum(spent[k] for k in INSIDE_FINISH)
+            extra["us_process_rest"] = 1e6 * (start_rest + finish_rest) / records
+            extra["us_consume"] = 1e6 * (seconds - spent["start"] - spent["finish"] - outside) / records
+            extra["overlap"] = self.settings.overlap
             extra["records_per_batch"] = records / max(1, self.batches - self._batches_at_first)
         extra["compactions"] = self.compactor.count if self.compactor is not None else 0
         return Timing(records, seconds, extra)
@@ -210,6 +237,7 @@ def worker_settings(
     d: int,
     update_batch: int = 1,
     compaction: bool = True,
+    overlap: bool = True,
 ) -> WorkerSettings:
     values: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -222,6 +250,7 @@ def worker_settings(
         "max_records": records,
         "max_seconds": 300.0,
         "compaction": compaction,  # on by default (every 2,000 records); False: --no-compaction
+        "overlap": overlap,  # on by default (updates in a background thread); False: --no-overlap
         "metrics_port": -1,
         "session_timeout_ms": 6000,
         # Defaults otherwise (the checkpoint cadence included): the worker as deployed.
@@ -241,9 +270,17 @@ def run_worker(
     d: int,
     update_batch: int = 1,
     compaction: bool = True,
+    overlap: bool = True,
 ) -> tuple[Timing, TimedWorker]:
     settings = worker_settings(
-        bootstrap, topic, model, records, d=d, update_batch=update_batch, compaction=compaction
+        bootstrap,
+        topic,
+        model,
+        records,
+        d=d,
+        update_batch=update_batch,
+        compaction=compaction,
+        overlap=overlap,
     )
     worker = TimedWorker(settings)
     try:

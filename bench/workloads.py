@@ -25,6 +25,7 @@ from torch.nn import functional as F  # noqa: N812 - the conventional name
 from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
 from streamtrainer.records import CODEC_HEADER, BatchDecoder, encode_binary_rows
 from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC
+from streamtrainer.settings import WorkerSettings
 from streamtrainer.training import kernels
 from streamtrainer.training.compaction import CompactionStore, train_epochs
 from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer
@@ -42,6 +43,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "mlp": ("regression", "mse"),
 }
 HIDDEN = 64
+# Records per poll, and per learn_many call, in the worker (its default): the raw ceiling polls the same.
+WORKER_POLL: int = WorkerSettings.model_fields["poll_batch"].default
 
 
 def lr_for(d: int) -> float:
@@ -179,7 +182,7 @@ def river_loop(model_name: str, features: F32, labels: F32) -> Timing:
 
 
 def learner_loop(
-    model_name: str, features: F32, labels: F32, *, batch_size: int = 1, chunk: int = 2000
+    model_name: str, features: F32, labels: F32, *, batch_size: int = 1, chunk: int | None = None
 ) -> Timing:
     """``OnlineLearner.learn_many`` on in-memory arrays, ``chunk`` records per call as the worker's polls.
 
@@ -192,6 +195,7 @@ def learner_loop(
     learner = OnlineLearner(config, d)
     if not kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300):
         raise RuntimeError(f"the fused loop for {model_name} did not get ready")
+    chunk = chunk or WORKER_POLL
     started = time.perf_counter()
     for start in range(0, features.shape[0], chunk):
         learner.learn_many(
@@ -374,17 +378,18 @@ def raw_consume(
     bootstrap: str,
     topic: str,
     n: int,
-    poll_batch: int = 2000,
+    poll_batch: int | None = None,
     *,
     read_headers: bool = False,
     from_assignment: bool = False,
 ) -> Timing:
     """Read and decode ``n`` records of partition 0, no training, no group (assigned directly).
 
-    The same librdkafka settings as the worker and the same per-message work the
-    worker cannot avoid (error check, value), then one BatchDecoder call per
-    polled batch (values name their codec). ``read_headers=True`` also reads each
-    record's codec header, as the worker did before values named their codec:
+    The same librdkafka settings and poll size as the worker (``poll_batch``: its
+    default) and the same per-message work the worker cannot avoid (error check,
+    value), then one BatchDecoder call per polled batch (values name their codec).
+    ``read_headers=True`` also reads each record's codec header, as the worker did
+    before values named their codec:
     ``Message.headers()`` converts librdkafka's headers to Python on first access,
     ~1.7 us per record, as much as polling itself. ``from_assignment``: time everything from ``assign`` to
     the n-th record (the first fetch included), as the replay's read is timed.
@@ -400,21 +405,19 @@ def raw_consume(
         }
     )
     decoder = BatchDecoder()
+    poll = poll_batch or WORKER_POLL
     done = 0
     first_batch_done = 0
     started = time.perf_counter() if from_assignment else math.nan
     consumer.assign([TopicPartition(topic, 0, 0)])
     try:
         while done < n:
-            messages = consumer.consume(num_messages=min(poll_batch, n - done), timeout=1.0)
-            values: list[bytes | None] = []
-            codecs: list[str | None] = []
-            for message in messages:
-                if message.error() is not None:
-                    continue
-                values.append(message.value())
-                if read_headers:
-                    codecs.append(_codec_of(message))
+            messages = consumer.consume(num_messages=min(poll, n - done), timeout=1.0)
+            # The worker's way: list comprehensions over the batch, not a loop body per record.
+            if any([message.error() is not None for message in messages]):
+                messages = [message for message in messages if message.error() is None]
+            values: list[bytes | None] = [message.value() for message in messages]
+            codecs: list[str | None] = [_codec_of(message) for message in messages] if read_headers else []
             if not values:
                 continue
             batch = decoder.decode(values, codecs if read_headers else None)

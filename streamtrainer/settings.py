@@ -227,7 +227,16 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     prequential_window: int = Field(
         default=1000, ge=1, description="Records in the prequential loss window (EW span and summary window)."
     )
-    poll_batch: int = Field(default=2000, ge=1, description="Most records taken from the consumer per poll.")
+    poll_batch: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most records taken from the consumer per poll (and trained per update call).",
+    )
+    overlap: bool = Field(
+        default=True,
+        description="Train each polled batch in a background thread while the next one is polled "
+        "(same updates in the same order; off: train on the poll loop's thread).",
+    )
     auto_offset_reset: OffsetReset = Field(
         default="earliest", description="Where a partition with no committed offset starts."
     )

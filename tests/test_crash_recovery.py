@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,9 @@ def test_kill_minus_9_at_random_moments_applies_every_record_exactly_once(
         "700",
         "--checkpoint-interval-s",
         "0.3",
+        # Small polls: a checkpoint every few hundred records, and so many lives before the end.
+        "--poll-batch",
+        "500",
         env={"STREAMTRAINER_TEST_CHECKPOINT_WRITE_DELAY_S": "0.03"},
     )
     rng = random.Random(2024)
@@ -281,7 +285,12 @@ def test_rebalance_churn_applies_each_record_once_across_the_group(
     applied = 0
     for worker in workers:
         state = latest_state(worker.checkpoint_dir)
-        assert state is not None
+        if state is None:
+            # Assigned for a moment only, between rebalances: it trained no record, so it has
+            # nothing to checkpoint (and applied nothing: the sums below still have to add up).
+            trained = re.findall(r"trained (\d+) record\(s\)", worker.log.read_text())
+            assert set(trained) <= {"0"}, trained  # (a killed life prints no summary)
+            continue
         weights += state[1]
         applied += int(state[0]["records_applied"])  # type: ignore[call-overload]
     print(f"churn: {events}; applied {applied} of {n}")

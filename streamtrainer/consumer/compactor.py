@@ -176,6 +176,10 @@ class Compactor:
     def due(self) -> str | None:
         return self.trigger.due()
 
+    def records_until_due(self) -> int | None:
+        """Records still to train before a compaction falls due by count (None: not by count)."""
+        return self.trigger.records_until_due() if self.store is not None else None
+
     def publish_store_size(self) -> None:
         if self.store is None:
             return

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter as CountOf
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from streamtrainer.consumer.dead_letter import (
 )
 from streamtrainer.consumer.messages import HeaderCodecs, key_bytes, timestamps_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.training_lane import TrainingLane
 from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
@@ -100,6 +102,39 @@ class WorkerStatus:
 
     def as_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Polled:
+    """A polled batch, from its decoding to the end of its update (``_start_update``, ``_finish_update``)."""
+
+    records: list[Message]
+    partitions: list[int] | None  # per record; None: all of them are of the one partition in last_offsets
+    last_offsets: dict[int, int]  # per partition: its last offset in the batch
+    features: npt.NDArray[np.float32]  # the trainable rows ...
+    labels: npt.NDArray[np.float32]
+    index: npt.NDArray[np.intp]  # ... and where they are in ``records``
+    update: Future[_Update] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Update:
+    result: StepResult
+    seconds: float
+    updates: int  # optimizer steps taken
+
+
+def _learn(
+    learner: OnlineLearner,
+    features: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.float32],
+    batch_size: int,
+) -> _Update:
+    """One polled batch's update: runs in the training lane (a background thread by default)."""
+    updates_before = learner.updates
+    started = time.perf_counter()
+    result = learner.learn_many(features, labels, batch_size=batch_size)
+    return _Update(result, time.perf_counter() - started, learner.updates - updates_before)
 
 
 class _Throughput:
@@ -162,6 +197,14 @@ class Worker:
         self._kafka_errors = RepeatedErrors()
         # Messages a poll returned while a compaction had the partitions paused: trained next.
         self._held: list[Message] = []
+        # Where updates run (replaced in run() by the configured one) and the polled batch whose
+        # update may still be running there.
+        self._lane = TrainingLane(background=False)
+        self._in_flight: _Polled | None = None
+        # Counters a polled batch compares to see whether a rollback or a rebalance came meanwhile.
+        self._rewinds = 0
+        self._assignment_changes = 0
+        self._in_rebalance = False
         self._guard_rolled_back = False
         self.dead_letters: DeadLetterQueue | None = None
         self._dead_letters_unconfirmed = False
@@ -203,6 +246,7 @@ class Worker:
             if self.compactor is not None:
                 stack.enter_context(self.compactor)
             stack.enter_context(self.metrics_server)
+            self._lane = stack.enter_context(TrainingLane(background=settings.overlap))
             consumer = self._create_consumer()
             stack.callback(self._close_consumer)
             self.metrics.info.info(
@@ -233,14 +277,19 @@ class Worker:
                     now = time.monotonic()
                     if settings.max_seconds is not None and now - self._started >= settings.max_seconds:
                         break
-                    budget = settings.poll_batch
-                    if settings.max_records is not None:
-                        budget = min(budget, settings.max_records - self.records_trained)
-                        if budget <= 0:
-                            break
-                    messages = self._take_held(budget) or consumer.consume(num_messages=budget, timeout=0.2)
-                    if messages:
-                        self._process(messages)
+                    budget = self._poll_budget()
+                    if budget <= 0 and self._in_flight is None:
+                        break
+                    rewinds, assignment = self._rewinds, self._assignment_changes
+                    messages: list[Message] = []
+                    if budget > 0:
+                        # The previous batch trains in the lane meanwhile: polling and training overlap.
+                        messages = self._take_held(budget) or consumer.consume(
+                            num_messages=budget, timeout=0.2
+                        )
+                    # Its bookkeeping, then everything that needs the model and the offsets to agree,
+                    # then this batch's update starts; it runs while the next batch is polled.
+                    self._finish_update()
                     if self.compactor is not None and (reason := self.compactor.due()) is not None:
                         self._compact(reason)
                     now = time.monotonic()
@@ -264,6 +313,8 @@ class Worker:
                         run_log.write(orjson.dumps(self.status().as_json()) + b"\n")
                         run_log.flush()
                         next_log = now + _RUN_LOG_INTERVAL_S
+                    if messages:
+                        self._start_update(self._still_ours(messages, rewinds, assignment))
             finally:
                 self._running = False
                 # Clean shutdown: everything trained becomes durable, then committed.
@@ -392,7 +443,42 @@ class Worker:
 
     # -- the hot path -----------------------------------------------------------
 
-    def _process(self, messages: list[Message]) -> None:
+    def _poll_budget(self) -> int:
+        """Most records the next poll may take; 0 or less: none (both count the update in flight)."""
+        settings = self.settings
+        budget = settings.poll_batch
+        in_flight = int(self._in_flight.index.shape[0]) if self._in_flight is not None else 0
+        if settings.max_records is not None:
+            budget = min(budget, settings.max_records - self.records_trained - in_flight)
+        if self.compactor is not None and (until := self.compactor.records_until_due()) is not None:
+            # Not past the next compaction: "every N records" stays every N, whatever the poll size.
+            if until > in_flight:
+                budget = min(budget, until - in_flight)
+            elif in_flight:
+                budget = min(budget, 0)  # the batch in flight completes the count: compact first
+        return budget
+
+    def _still_ours(self, messages: list[Message], rewinds: int, assignment: int) -> list[Message]:
+        """What of a polled batch is still to be trained, after what happened since the poll began."""
+        if self._rewinds != rewinds:
+            # A rollback: the positions went back to the checkpoint and these records are read again
+            # from there. Seek there once more: the rollback may have run inside the poll, which can
+            # return records fetched after its seek.
+            self._seek_to_positions()
+            return [message for message in messages if message.error() is not None]
+        if self._assignment_changes != assignment:
+            topic, owned = self.settings.topic, self._assigned
+            return [m for m in messages if m.error() is not None or (topic, m.partition()) in owned]
+        return messages
+
+    def _start_update(self, messages: list[Message]) -> None:
+        """Decode a polled batch, route what cannot be trained on, and start the update of the rest.
+
+        The update runs in the training lane; ``_finish_update`` waits for it and
+        accounts for the batch (offsets, metrics, compaction log). Offsets move
+        only then: a checkpoint never records a position its model has not learned.
+        """
+        assert self._in_flight is None, "one update in flight at most"
         topic_name = self.settings.topic
         # A few list comprehensions over the batch, not one loop body per record: this
         # is the hottest Python in the worker (each call on a message costs 20-50 ns).
@@ -409,17 +495,20 @@ class Worker:
             return
         n = len(records)
         values = [message.value() for message in records]
-        partitions: list[int] = [message.partition() for message in records]  # type: ignore[misc]
-        record_offsets: list[int] = [message.offset() for message in records]  # type: ignore[misc]
-        # Offsets within a partition rise, so the last one per partition wins.
-        last_offsets = dict(zip(partitions, record_offsets, strict=True))
-        for partition, offset in last_offsets.items():
-            self.offsets.done(topic_name, partition, offset)
-        # Offsets moved (even for invalid records): the next checkpoint has something to record.
-        self._dirty = True
-        self._since_checkpoint += n
+        # Offsets within a partition rise, so its last record has its last offset.
+        partitions: list[int] | None = None
+        if len(self._assigned) == 1:
+            # One partition assigned: every record is of it (``_still_ours`` saw to that), and
+            # reading each record's partition and offset (~50 ns a call) can be skipped.
+            ((_, partition),) = self._assigned
+            last_offsets: dict[int, int] = {partition: records[-1].offset()}  # type: ignore[dict-item]
+            counts: dict[int, int] = {partition: n}
+        else:
+            partitions = [message.partition() for message in records]  # type: ignore[misc]
+            offsets: list[int] = [message.offset() for message in records]  # type: ignore[misc]
+            last_offsets = dict(zip(partitions, offsets, strict=True))
+            counts = CountOf(partitions)
         self.records_consumed += n
-        counts = {partitions[0]: n} if len(last_offsets) == 1 else CountOf(partitions)
         for partition, count in counts.items():
             self.metrics.records_consumed.labels(topic_name, str(partition)).inc(count)
 
@@ -432,21 +521,45 @@ class Worker:
         if self.learner is not None:
             features, labels, index = trainable_rows(batch, self.learner, errors)
         if errors:
+            rewinds, assignment = self._rewinds, self._assignment_changes
             self._route_invalid(records, errors)
+            if self._rewinds != rewinds:
+                return  # rolled back while the dead-letter topic was written: read again from there
+            if self._assignment_changes != assignment and len(index):
+                owned = np.array([(topic_name, m.partition()) in self._assigned for m in records])
+                keep = owned[index]
+                features, labels, index = features[keep], labels[keep], index[keep]
+        polled = _Polled(records, partitions, last_offsets, features, labels, index)
         if self.learner is None or not len(index):
+            self._mark_read(polled)
             return
+        polled.update = self._lane.submit(_learn, self.learner, features, labels, self.settings.update_batch)
+        self._in_flight = polled
 
-        updates_before = self.learner.updates
-        started = time.perf_counter()
-        result = self.learner.learn_many(features, labels, batch_size=self.settings.update_batch)
-        elapsed = time.perf_counter() - started
-        self.metrics.update_latency.observe(elapsed / int(index.shape[0]))
+    def _finish_update(self) -> None:
+        """Wait for the update in flight, if any, and account for its batch."""
+        polled, self._in_flight = self._in_flight, None
+        if polled is None or polled.update is None:
+            return
+        update = self._update_result(polled.update)
+        learner = self.learner
+        assert learner is not None  # a rollback waits for the update, then replaces the learner
+        topic_name = self.settings.topic
+        records, partitions = polled.records, polled.partitions
+        features, labels, index = polled.features, polled.labels, polled.index
+        result = update.result
+        self._mark_read(polled)
+        self.metrics.update_latency.observe(update.seconds / int(index.shape[0]))
+        self.metrics.model_updates.inc(update.updates)
         losses, predictions = result.losses, result.predictions
         if result.skipped_nonfinite or result.skipped_spike:
             # Records a training guard refused are not trained on: they go to the dead-letter topic.
             self.metrics.updates_skipped.labels("non_finite").inc(result.skipped_nonfinite)
             self.metrics.updates_skipped.labels("spike").inc(result.skipped_spike)
+            rewinds = self._rewinds
             self._route_skipped(records, index, result)
+            if self._rewinds != rewinds:
+                return  # rolled back meanwhile: this batch is read and trained again
             learned = np.ones(index.shape[0], dtype=np.bool_)
             learned[result.skipped] = False
             features, labels, index = features[learned], labels[learned], index[learned]
@@ -460,25 +573,33 @@ class Worker:
             self.prequential.update(
                 losses[measured], predictions[measured], labels[measured].astype(np.float64)
             )
-        self.metrics.model_updates.inc(self.learner.updates - updates_before)
         self.metrics.prequential_loss.set(self.prequential.loss.value)
         if self.prequential.score_name == "mae":
             self.metrics.prequential_mae.set(self.prequential.score.value)
         else:
             self.metrics.prequential_accuracy.set(self.prequential.score.value)
-        trained_partitions = np.asarray(partitions, dtype=np.int32)[index]
-        for partition, count in CountOf(trained_partitions.tolist()).items():
+        if partitions is None:
+            ((only, _),) = polled.last_offsets.items()
+            trained_partitions = None
+            trained_counts = {only: trained} if trained else {}
+        else:
+            trained_partitions = np.asarray(partitions, dtype=np.int32)[index]
+            kinds, numbers = np.unique(trained_partitions, return_counts=True)
+            trained_counts = dict(zip(kinds.tolist(), numbers.tolist(), strict=True))
+        for partition, count in trained_counts.items():
             self.metrics.records_trained.labels(topic_name, str(partition)).inc(count)
             key = (topic_name, partition)
             self.applied[key] = self.applied.get(key, 0) + count
         self.metrics.last_trained_timestamp.set(time.time())
         if self.compactor is not None and trained:
+            if trained_partitions is None:
+                trained_partitions = np.full(trained, only, dtype=np.int32)
             kept = [records[i] for i in index.tolist()]
             self.compactor.keep(
                 features,
                 labels,
                 trained_partitions,
-                np.asarray(record_offsets, dtype=np.int64)[index],
+                np.array([message.offset() for message in kept], dtype=np.int64),
                 # Keys are only needed to deduplicate (hashing them costs ~1 us per record).
                 [key_bytes(message) for message in kept] if self.settings.compaction_dedupe else None,
                 timestamps_of(kept),
@@ -486,6 +607,25 @@ class Worker:
             )
         if result.rollback_needed:
             self._guard_rollback()
+
+    def _update_result(self, update: Future[_Update]) -> _Update:
+        return update.result()
+
+    def _discard_update(self) -> None:
+        """Wait for the update in flight and forget its batch: the model goes back to a checkpoint next."""
+        polled, self._in_flight = self._in_flight, None
+        if polled is not None and polled.update is not None and (error := polled.update.exception()):
+            logger.warning("the update of a discarded batch failed: %s", error)
+
+    def _mark_read(self, polled: _Polled) -> None:
+        """The batch's records are trained on or routed: its offsets may go into the next checkpoint."""
+        topic_name = self.settings.topic
+        for partition, offset in polled.last_offsets.items():
+            if (topic_name, partition) in self._assigned:
+                self.offsets.done(topic_name, partition, offset)
+        # Offsets moved (even for invalid records): the next checkpoint has something to record.
+        self._dirty = True
+        self._since_checkpoint += len(polled.records)
 
     def _guard_rollback(self) -> None:
         """Too many updates in a row were refused: the model is likely broken; go back to the checkpoint."""
@@ -534,6 +674,7 @@ class Worker:
         poll still returns is held and trained after the compaction, in order;
         nothing is skipped and nothing applied twice.
         """
+        self._finish_update()
         compactor, consumer, learner = self.compactor, self._consumer, self.learner
         if compactor is None or consumer is None or learner is None:
             if compactor is not None:
@@ -568,8 +709,8 @@ class Worker:
         """Poll during long compaction epochs: heartbeats, rebalances and the poll interval stay served."""
         now = time.monotonic()
         consumer = self._consumer
-        if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or consumer is None:
-            return
+        if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or consumer is None or self._in_rebalance:
+            return  # (a rebalance callback runs inside a poll already: no poll within it)
         if not self._paused:
             self._paused = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
             if self._paused:
@@ -666,15 +807,18 @@ class Worker:
         dead_letters = self.dead_letters
         if dead_letters is not None:
             failures = [(records[position], error) for position, error in errors]
+            # Until they are confirmed no checkpoint may pass these records (a rebalance callback
+            # may try one while the group is served during the write).
+            self._dead_letters_unconfirmed = True
             confirmed = dead_letters.send(
                 failures, serve=self._serve_group, should_stop=lambda: not self._running
             )
             self._resume_paused()
             if not confirmed:
-                # Stopping while the dead-letter topic is unwritable: no checkpoint may pass these
-                # records, so they are read (and dead-lettered) again after the restart.
-                self._dead_letters_unconfirmed = True
+                # Stopping while the dead-letter topic is unwritable: the flag stays, so these records
+                # are read (and dead-lettered) again after the restart.
                 return False
+            self._dead_letters_unconfirmed = False
         self._count_invalid(errors)
         return True
 
@@ -732,6 +876,7 @@ class Worker:
 
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
+        self._finish_update()  # the model and the offsets agree only between updates
         if not self._dirty:
             return
         if self._dead_letters_unconfirmed:
@@ -845,6 +990,7 @@ class Worker:
             starts.append(
                 f"{tp.topic}[{tp.partition}]@{tp.offset if known else self.settings.auto_offset_reset}"
             )
+        self._assignment_changes += 1
         # Offsets set on these partitions only take effect if we assign them ourselves.
         if self.settings.assignment_strategy == "cooperative-sticky":
             consumer.incremental_assign(partitions)
@@ -859,8 +1005,10 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        # Before another member takes them: checkpoint, then commit (cooperative: only these are revoked).
-        self._checkpoint_and_commit()
+        # Before another member takes them: the update in flight, a checkpoint, then the commit
+        # (cooperative: only these are revoked).
+        with self._rebalancing():
+            self._checkpoint_and_commit()
         self._release(keys)
         logger.info("revoked %s", _describe(keys))
 
@@ -872,9 +1020,20 @@ class Worker:
         logger.warning(
             "lost %s without a clean revocation: rolling back to the last checkpoint", _describe(keys)
         )
-        self._rollback(consumer)
+        with self._rebalancing():
+            self._rollback(consumer)
+
+    @contextlib.contextmanager
+    def _rebalancing(self) -> Iterator[None]:
+        self._in_rebalance = True
+        try:
+            yield
+        finally:
+            self._in_rebalance = False
 
     def _rollback(self, consumer: Consumer) -> None:
+        self._discard_update()
+        self._rewinds += 1
         checkpoint = self.store.load_latest()
         self._restore(checkpoint)
         # Whatever was consumed since that checkpoint is read again: forget the copies kept of it.
@@ -887,19 +1046,28 @@ class Worker:
         self._since_checkpoint = 0
         self.metrics.rollbacks.inc()
         for topic, partition in sorted(self._assigned):
-            position = self.offsets.next_offset(topic, partition)
-            if position is None:
+            if self.offsets.next_offset(topic, partition) is None:
                 committed = consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
-                position = committed if committed >= 0 else None
+                if committed >= 0:
+                    self.offsets.done(topic, partition, committed - 1)
+        self._seek_to_positions()
+
+    def _seek_to_positions(self) -> None:
+        """Read each assigned partition again from the next offset to train."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for topic, partition in sorted(self._assigned):
+            position = self.offsets.next_offset(topic, partition)
             if position is not None:
                 consumer.seek(TopicPartition(topic, partition, position))
-                self.offsets.done(topic, partition, position - 1)
 
     def _release(self, keys: list[Partition]) -> None:
         if self.compactor is not None:
             # Another member trains these now; our copies of their records would go stale.
             self.compactor.forget([partition for _, partition in keys])
         released = set(keys)
+        self._assignment_changes += 1
         self._held = [m for m in self._held if (m.topic(), m.partition()) not in released]
         for topic, partition in keys:
             self._assigned.discard((topic, partition))

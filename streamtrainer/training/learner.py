@@ -226,8 +226,12 @@ class OnlineLearner:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
         fused = self._fused_ready(n, labels)
         if self.scaler is not None:
-            rows = np.isfinite(features).all(axis=1)
-            if rows.all():
+            # A finite sum means every value is finite (NaN and inf propagate): one fast pass for the
+            # common case; the row by row check only when the sum is not (overflow included).
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, or overflow: checked below
+                total = features.sum()
+            rows = None if np.isfinite(total) else np.isfinite(features).all(axis=1)
+            if rows is None or rows.all():
                 features = self._standardize_learn(features, fused)
             else:
                 # A non-finite row must not reach the running statistics: it is left NaN (its loss

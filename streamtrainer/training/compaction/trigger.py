@@ -85,6 +85,12 @@ class CompactionTrigger:
     def records_since_compaction(self) -> int:
         return self._records
 
+    def records_until_due(self) -> int | None:
+        """Records still to train before the record schedule falls due (None: there is none)."""
+        if self.every_records is None:
+            return None
+        return max(0, self.every_records - self._records)
+
     def observe(self, n_records: int) -> None:
         """Count records trained since the last compaction (worker thread only)."""
         self._records += n_records
