@@ -62,9 +62,9 @@ RAW_BINARY = "raw consume + decode (binary"
 RIVER = "River learn_one"
 STRICT_BINARY = "worker strict (binary)"
 STRICT_BINARY_OFF = "worker strict (binary, --no-compaction)"
-STRICT_BINARY_INLINE = "worker strict (binary, --no-compaction, --no-overlap)"
+STRICT_BINARY_LANE = "worker strict (binary, --no-compaction, --overlap)"
 STRICT_JSON = "worker strict (json)"
-RAW_PAIRED = "raw consume + decode (binary, alongside micro-batch)"
+RAW_PAIRED = "raw consume + decode (binary, alongside micro-batch, from assignment)"
 RAW_FROM_ASSIGNMENT = "raw consume + decode (binary, from assignment)"
 REPLAY = "replay read + collect into store"
 # The worker's compaction defaults: what a compaction trains, per the settings.
@@ -413,12 +413,15 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                 row.note = "also Message.headers() per record, which the worker no longer calls"
         for model, (task, _loss) in MODELS.items():
             # Compaction on (the default: every 2,000 records) and off, side by side; at d=16 also
-            # with each batch trained on the poll loop's thread (--no-overlap).
+            # with each batch trained in a background thread while the next is polled (--overlap).
             n = sizes.strict_binary[d]
             topic = topic_name(task, d, "binary")
-            strict_variants = [(STRICT_BINARY, True, True), (STRICT_BINARY_OFF, False, True)]
+            strict_variants: list[tuple[str, bool, bool | None]] = [
+                (STRICT_BINARY, True, None),
+                (STRICT_BINARY_OFF, False, None),
+            ]
             if d == 16:
-                strict_variants.append((STRICT_BINARY_INLINE, False, False))
+                strict_variants.append((STRICT_BINARY_LANE, False, True))
             runs = [
                 (
                     "worker",
@@ -453,10 +456,10 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
             row = bench.measure("worker", STRICT_JSON, model, d, run, reps=sizes.reps_other)
             row.note = _breakdown(row)
             name = f"worker micro-batch B={sizes.micro_batch} (binary)"
-            variants = [(name, True, True)]
+            variants: list[tuple[str, bool, bool | None]] = [(name, True, None)]
             if sizes.micro_no_compaction:
-                variants.append((f"{name[:-1]}, --no-compaction)", False, True))
-                variants.append((f"{name[:-1]}, --no-compaction, --no-overlap)", False, False))
+                variants.append((f"{name[:-1]}, --no-compaction)", False, None))
+                variants.append((f"{name[:-1]}, --no-compaction, --overlap)", False, True))
             runs = [
                 (
                     "worker",
@@ -473,13 +476,20 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                         update_batch=sizes.micro_batch,
                         compaction=on,
                         overlap=overlap,
+                        from_assignment=True,
                     ),
                 )
                 for label, on, overlap in variants
             ]
             # The ceiling is measured alongside: load that comes and goes hits both sides.
             runs.append(
-                ("ceiling", RAW_PAIRED, model, d, partial(raw_consume, bootstrap, topic, sizes.micro[d]))
+                (
+                    "ceiling",
+                    RAW_PAIRED,
+                    model,
+                    d,
+                    partial(raw_consume, bootstrap, topic, sizes.micro[d], from_assignment=True),
+                )
             )
             # The micro-batch target's rows: as many repetitions as the strict d=16 ones.
             for row in bench.side_by_side(runs, reps=sizes.reps if d == 16 else sizes.reps_other):
@@ -496,7 +506,8 @@ def _worker_rate(
     d: int,
     update_batch: int,
     compaction: bool = True,
-    overlap: bool = True,
+    overlap: bool | None = None,
+    from_assignment: bool = False,
 ) -> Timing:
     from bench.worker_runs import run_worker
 
@@ -509,6 +520,7 @@ def _worker_rate(
         update_batch=update_batch,
         compaction=compaction,
         overlap=overlap,
+        from_assignment=from_assignment,
     )[0]
 
 
@@ -723,13 +735,13 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
         )
     micro = f"worker micro-batch B={sizes.micro_batch} (binary)"
     micro_off = f"{micro[:-1]}, --no-compaction)"
-    micro_inline = f"{micro[:-1]}, --no-compaction, --no-overlap)"
+    micro_lane = f"{micro[:-1]}, --no-compaction, --overlap)"
     for model in MODELS:
         raw = bench.find(RAW_PAIRED, model, 16)
         add(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", bench.find(micro_off, model, 16), raw, 0.7)
         add(
-            f"context: micro-batch d=16 {model}, --no-overlap, vs raw consume",
-            bench.find(micro_inline, model, 16),
+            f"context: micro-batch d=16 {model}, --overlap, vs raw consume",
+            bench.find(micro_lane, model, 16),
             raw,
             None,
         )
@@ -758,15 +770,15 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     # naive loop the broker alone (no training) goes here.
     for model in MODELS:
         add(
-            f"context: strict binary d=16 {model}, overlap on / off (--no-overlap)",
+            f"context: strict binary d=16 {model}, --overlap / default (off)",
+            bench.find(STRICT_BINARY_LANE, model, 16),
             bench.find(STRICT_BINARY_OFF, model, 16),
-            bench.find(STRICT_BINARY_INLINE, model, 16),
             None,
         )
         add(
-            f"context: micro-batch d=16 {model}, overlap on / off (--no-overlap)",
+            f"context: micro-batch d=16 {model}, --overlap / default (off)",
+            bench.find(micro_lane, model, 16),
             bench.find(micro_off, model, 16),
-            bench.find(micro_inline, model, 16),
             None,
         )
     for d in sizes.dims:

@@ -36,7 +36,7 @@ INSIDE_START = ("decode",)
 INSIDE_FINISH = ("wait", "keep", "prequential")
 # ... and the rest of its run loop.
 OUTSIDE_UPDATES = ("compact", "checkpoint", "lag")
-# "learn" (learn_many) runs in the training lane: a background thread unless --no-overlap.
+# "learn" (learn_many) runs in the training lane: the loop's thread, or a background one with --overlap.
 PARTS = ("start", "finish", "learn", *INSIDE_START, *INSIDE_FINISH, *OUTSIDE_UPDATES)
 # Garbage collection, all generations and full collections: inside whichever step it interrupts.
 GC = ("gc", "gc_full")
@@ -180,8 +180,14 @@ class TimedWorker(Worker):
             self.fused_from = now
         self.last_trained_at = now
 
-    def timing(self) -> Timing:
-        """Steady-state rate: the records after the first batch over the time since it."""
+    def timing(self, *, from_assignment: bool = False) -> Timing:
+        """Steady-state rate: the records after the first batch over the time since it.
+
+        ``from_assignment``: the rate is every record over the time from the partition
+        assignment to the last trained record instead (the first fetch included, and no head
+        start: librdkafka prefetches while the first batch is trained). The breakdown in the
+        extras stays the steady state's.
+        """
         first, last = self.first_trained_at, self.last_trained_at
         if first is None or last is None:
             return Timing(0, 0.0)
@@ -211,7 +217,7 @@ class TimedWorker(Worker):
             # is done; keep: compactor.keep; prequential; the rest: offsets, metrics, index
             # arithmetic), compact, checkpoint (+ commit), lag (watermark refresh), and consume
             # (consumer.consume and the loop's own bookkeeping). learn (learn_many) runs in the
-            # training lane: in the background it overlaps the rest, and only "wait" is on the loop.
+            # training lane: with --overlap in the background (only "wait" is on the loop's thread).
             spent = {k: self._at_last_batch[k] - self._at_first_batch[k] for k in (*PARTS, *GC)}
             outside = sum(spent[k] for k in OUTSIDE_UPDATES)
             for part in (*PARTS, *GC):
@@ -225,6 +231,9 @@ class TimedWorker(Worker):
             extra["overlap"] = self.settings.overlap
             extra["records_per_batch"] = records / max(1, self.batches - self._batches_at_first)
         extra["compactions"] = self.compactor.count if self.compactor is not None else 0
+        if from_assignment and self.assigned_at is not None:
+            extra["steady_rate"] = records / seconds if seconds > 0 else 0.0
+            return Timing(self.records_trained, last - self.assigned_at, extra)
         return Timing(records, seconds, extra)
 
 
@@ -237,7 +246,7 @@ def worker_settings(
     d: int,
     update_batch: int = 1,
     compaction: bool = True,
-    overlap: bool = True,
+    overlap: bool | None = None,
 ) -> WorkerSettings:
     values: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -250,13 +259,14 @@ def worker_settings(
         "max_records": records,
         "max_seconds": 300.0,
         "compaction": compaction,  # on by default (every 2,000 records); False: --no-compaction
-        "overlap": overlap,  # on by default (updates in a background thread); False: --no-overlap
         "metrics_port": -1,
         "session_timeout_ms": 6000,
         # Defaults otherwise (the checkpoint cadence included): the worker as deployed.
         "checkpoint_dir": Path(tempfile.mkdtemp(prefix="streamtrainer-bench-ckpt-")),
         "fresh": True,
     }
+    if overlap is not None:
+        values["overlap"] = overlap  # the worker's default otherwise (off)
     known = WorkerSettings.model_fields
     return WorkerSettings(**{k: v for k, v in values.items() if k in known})
 
@@ -270,7 +280,8 @@ def run_worker(
     d: int,
     update_batch: int = 1,
     compaction: bool = True,
-    overlap: bool = True,
+    overlap: bool | None = None,
+    from_assignment: bool = False,
 ) -> tuple[Timing, TimedWorker]:
     settings = worker_settings(
         bootstrap,
@@ -289,7 +300,7 @@ def run_worker(
         shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
     if worker.records_trained < records:
         raise RuntimeError(f"worker trained {worker.records_trained} of {records} records from {topic}")
-    return worker.timing(), worker
+    return worker.timing(from_assignment=from_assignment), worker
 
 
 def read_rss_mb() -> float:

@@ -233,9 +233,10 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         description="Most records taken from the consumer per poll (and trained per update call).",
     )
     overlap: bool = Field(
-        default=True,
+        default=False,
         description="Train each polled batch in a background thread while the next one is polled "
-        "(same updates in the same order; off: train on the poll loop's thread).",
+        "(same updates in the same order). Off by default: under the GIL only the compiled loop "
+        "overlaps the poll (bench/README.md has the figures).",
     )
     auto_offset_reset: OffsetReset = Field(
         default="earliest", description="Where a partition with no committed offset starts."

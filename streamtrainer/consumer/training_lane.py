@@ -1,13 +1,16 @@
-"""Where a polled batch's update runs: a background thread, or the poll loop's own.
+"""Where a polled batch's update runs: the poll loop's own thread, or a background one.
 
-With the lane in the background the worker trains polled batch k while it polls
-batch k+1: the compiled loops release the GIL (numba ``nogil``) and so do
-librdkafka's fetch and torch's kernels, so polling and training overlap on two
-cores. At most one update is in flight, and the worker waits for it before
-anything that must see the model and its offsets agree: a checkpoint, a
-compaction, a rebalance, a rollback, the exit. Updates still happen one after
-the other, in the order the records were read: the model's history is the same
-either way, only the waiting moves.
+With the lane in the background (``--overlap``) the worker trains polled batch k
+while it polls batch k+1: the compiled loops release the GIL (numba ``nogil``)
+and so do librdkafka's fetch and torch's kernels, so those parts overlap. The
+Python around them does not: each side waits for the GIL while the other runs
+Python (building a poll's ``Message`` objects holds it for milliseconds), which
+is why it is off by default (bench/README.md has the figures). At most one
+update is in flight, and the worker waits for it before anything that must see
+the model and its offsets agree: a checkpoint, a compaction, a rebalance, a
+rollback, the exit. Updates still happen one after the other, in the order the
+records were read: the model's history is the same either way, only the waiting
+moves.
 """
 
 from __future__ import annotations
