@@ -230,7 +230,8 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     poll_batch: int = Field(
         default=10_000,
         ge=1,
-        description="Most records taken from the consumer per poll (and trained per update call).",
+        description="Most records taken from the consumer per poll (and trained per update call); "
+        "fewer while updates are slow (a poll's update aims at 0.1 s) and never past the next compaction.",
     )
     overlap: bool = Field(
         default=False,

@@ -73,6 +73,13 @@ _RUN_LOG_INTERVAL_S = 1.0
 _INVALID_LOG_INTERVAL_S = 5.0
 # During compaction epochs the consumer is polled this often: far inside any max.poll.interval.ms.
 _SERVE_GROUP_INTERVAL_S = 0.1
+# A poll takes no more records than its update trains in about this long (at the last update's
+# speed): big polls amortize per-batch work for the compiled loops, small ones keep a slow model
+# (autograd: ~100x slower) responsive to signals, progress and the group. The first poll, with
+# no speed known yet (and the loop perhaps still compiling), takes at most _FIRST_POLL records.
+_UPDATE_TARGET_S = 0.1
+_FIRST_POLL = 1000
+_MIN_POLL = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +212,7 @@ class Worker:
         self._rewinds = 0
         self._assignment_changes = 0
         self._in_rebalance = False
+        self._seconds_per_record: float | None = None  # of the last update
         self._guard_rolled_back = False
         self.dead_letters: DeadLetterQueue | None = None
         self._dead_letters_unconfirmed = False
@@ -283,12 +291,12 @@ class Worker:
                     rewinds, assignment = self._rewinds, self._assignment_changes
                     messages: list[Message] = []
                     if budget > 0:
-                        # The previous batch trains in the lane meanwhile: polling and training overlap.
+                        # With --overlap the previous batch trains in the background meanwhile.
                         messages = self._take_held(budget) or consumer.consume(
                             num_messages=budget, timeout=0.2
                         )
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
-                    # then this batch's update starts; it runs while the next batch is polled.
+                    # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
                     if self.compactor is not None and (reason := self.compactor.due()) is not None:
                         self._compact(reason)
@@ -447,6 +455,10 @@ class Worker:
         """Most records the next poll may take; 0 or less: none (both count the update in flight)."""
         settings = self.settings
         budget = settings.poll_batch
+        if self._seconds_per_record is None:
+            budget = min(budget, _FIRST_POLL)
+        elif self._seconds_per_record > 0:
+            budget = min(budget, max(_MIN_POLL, int(_UPDATE_TARGET_S / self._seconds_per_record)))
         in_flight = int(self._in_flight.index.shape[0]) if self._in_flight is not None else 0
         if settings.max_records is not None:
             budget = min(budget, settings.max_records - self.records_trained - in_flight)
@@ -549,7 +561,8 @@ class Worker:
         features, labels, index = polled.features, polled.labels, polled.index
         result = update.result
         self._mark_read(polled)
-        self.metrics.update_latency.observe(update.seconds / int(index.shape[0]))
+        self._seconds_per_record = update.seconds / int(index.shape[0])
+        self.metrics.update_latency.observe(self._seconds_per_record)
         self.metrics.model_updates.inc(update.updates)
         losses, predictions = result.losses, result.predictions
         if result.skipped_nonfinite or result.skipped_spike:
