@@ -532,7 +532,7 @@ def _breakdown(row: Row) -> str:
         return statistics.median(values) if values else None
 
     keys = (
-        ("us_learn", "learn (lane)"),
+        ("us_learn", "learn"),
         ("us_wait", "wait"),
         ("us_decode", "decode"),
         ("us_keep", "keep"),
