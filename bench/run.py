@@ -497,31 +497,11 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                     row.note = _breakdown(row)
 
 
-def _worker_rate(
-    bootstrap: str,
-    topic: str,
-    model: str,
-    records: int,
-    *,
-    d: int,
-    update_batch: int,
-    compaction: bool = True,
-    overlap: bool | None = None,
-    from_assignment: bool = False,
-) -> Timing:
+def _worker_rate(*args: Any, **kwargs: Any) -> Timing:
+    """``run_worker``'s timing (imported here: the worker's modules load torch and numba)."""
     from bench.worker_runs import run_worker
 
-    return run_worker(
-        bootstrap,
-        topic,
-        model,
-        records,
-        d=d,
-        update_batch=update_batch,
-        compaction=compaction,
-        overlap=overlap,
-        from_assignment=from_assignment,
-    )[0]
+    return run_worker(*args, **kwargs)[0]
 
 
 def _breakdown(row: Row) -> str:
@@ -739,18 +719,13 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     for model in MODELS:
         raw = bench.find(RAW_PAIRED, model, 16)
         add(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", bench.find(micro_off, model, 16), raw, 0.7)
-        add(
-            f"context: micro-batch d=16 {model}, --overlap, vs raw consume",
-            bench.find(micro_lane, model, 16),
-            raw,
-            None,
-        )
-        add(
-            f"context: micro-batch d=16 {model}, compaction on, vs raw consume",
-            bench.find(micro, model, 16),
-            raw,
-            None,
-        )
+        for label, name in (("--overlap", micro_lane), ("compaction on", micro)):
+            add(
+                f"context: micro-batch d=16 {model}, {label}, vs raw consume",
+                bench.find(name, model, 16),
+                raw,
+                None,
+            )
     for d in (16, 128):
         for model in MODELS:
             add(
@@ -769,18 +744,16 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     # Context, not targets: what compaction (on by default) costs the worker; how far above the
     # naive loop the broker alone (no training) goes here.
     for model in MODELS:
-        add(
-            f"context: strict binary d=16 {model}, --overlap / default (off)",
-            bench.find(STRICT_BINARY_LANE, model, 16),
-            bench.find(STRICT_BINARY_OFF, model, 16),
-            None,
-        )
-        add(
-            f"context: micro-batch d=16 {model}, --overlap / default (off)",
-            bench.find(micro_lane, model, 16),
-            bench.find(micro_off, model, 16),
-            None,
-        )
+        for mode, lane, default in (
+            ("strict binary", STRICT_BINARY_LANE, STRICT_BINARY_OFF),
+            ("micro-batch", micro_lane, micro_off),
+        ):
+            add(
+                f"context: {mode} d=16 {model}, --overlap / default (off)",
+                bench.find(lane, model, 16),
+                bench.find(default, model, 16),
+                None,
+            )
     for d in sizes.dims:
         for model in MODELS:
             add(
