@@ -360,9 +360,7 @@ def test_producer_is_recreated_after_a_fatal_idempotence_error(
     fatal = [r.message for r in caplog.records if "fatal producer error" in r.message]
     assert fatal and "unknown producer id" in fatal[0].lower(), caplog.text[-3000:]
     assert summary.recreated >= 1 and summary.resent >= 1, summary
-    assert summary.ok and summary.delivered == summary.attempted == 2000, summary
-    copies = Counter(values.values())  # how many values are there once, twice, ...
-    assert (in_topic, len(values), copies) == (2000, 2000, {1: 2000}), caplog.text[-3000:]
+    _assert_every_record_once(summary, values, in_topic, caplog.text)
 
 
 def test_producer_stuck_after_a_broker_lost_its_producer_state_is_recreated(
@@ -373,6 +371,13 @@ def test_producer_stuck_after_a_broker_lost_its_producer_state_is_recreated(
     print(f"\nstuck: {summary}")
     assert "the idempotent producer is stuck" in caplog.text, caplog.text[-3000:]
     assert summary.recreated >= 1 and summary.resent == 2000, summary
+    _assert_every_record_once(summary, values, in_topic, caplog.text)
+
+
+def _assert_every_record_once(
+    summary: ProduceSummary, values: Counter[bytes], in_topic: int, log: str
+) -> None:
+    """All 2,000 acknowledged, and each in the restarted broker's topic exactly once."""
     assert summary.ok and summary.delivered == summary.attempted == 2000, summary
     copies = Counter(values.values())  # how many values are there once, twice, ...
-    assert (in_topic, len(values), copies) == (2000, 2000, {1: 2000}), caplog.text[-3000:]
+    assert (in_topic, len(values), copies) == (2000, 2000, {1: 2000}), log[-3000:]

@@ -477,11 +477,16 @@ class Worker:
             # from there. Seek there once more: the rollback may have run inside the poll, which can
             # return records fetched after its seek.
             self._seek_to_positions()
-            return [message for message in messages if message.error() is not None]
-        if self._assignment_changes != assignment:
+            kept = [message for message in messages if message.error() is not None]
+        elif self._assignment_changes != assignment:
+            # Records of partitions revoked meanwhile: their new owner reads them from the commit.
             topic, owned = self.settings.topic, self._assigned
-            return [m for m in messages if m.error() is not None or (topic, m.partition()) in owned]
-        return messages
+            kept = [m for m in messages if m.error() is not None or (topic, m.partition()) in owned]
+        else:
+            return messages
+        if len(kept) < len(messages):
+            logger.debug("%d polled record(s) left to be read again", len(messages) - len(kept))
+        return kept
 
     def _start_update(self, messages: list[Message]) -> None:
         """Decode a polled batch, route what cannot be trained on, and start the update of the rest.
