@@ -1,7 +1,8 @@
 """Where the worker's time goes, end to end: ``python -m bench.profile_worker``.
 
 Runs the real worker (``bench.worker_runs.TimedWorker``: the product code path,
-timed per polled batch) strict, binary codec, d=16, linear, through the embedded
+timed per polled batch) strict, binary codec, d=16, linear (``--model mlp``,
+``--update-batch B`` for micro-batches), through the embedded
 broker, with ``--no-compaction`` and with the defaults (compaction every 2,000
 records), interleaved with a bare consumer reading the same topic (the ceiling),
 and reports for the steady state (first trained batch to last):
@@ -44,7 +45,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 from confluent_kafka.admin import AdminClient
 
 from bench.worker_runs import TimedWorker, worker_settings
@@ -53,6 +53,7 @@ from streamtrainer.broker import EmbeddedBroker
 from streamtrainer.connection import ensure_topic
 from streamtrainer.consumer import worker as worker_module
 from streamtrainer.training import kernels
+from streamtrainer.training.threads import set_intra_op_threads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -186,8 +187,12 @@ def run_variant(
     compaction: bool,
     broker_pid: int | None,
     mode: str = "plain",
+    model: str = "linear",
+    update_batch: int = 1,
 ) -> dict[str, Any]:
-    settings = worker_settings(bootstrap, topic, "linear", records, d=16, compaction=compaction)
+    settings = worker_settings(
+        bootstrap, topic, model, records, d=16, update_batch=update_batch, compaction=compaction
+    )
     spy_out = (
         Path(tempfile.mkdtemp(prefix="streamtrainer-pyspy-")) / "stacks.txt" if mode == "py-spy" else None
     )
@@ -414,10 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="run N busy-looping processes alongside the measured runs (what CPU contention does)",
     )
+    parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
+    parser.add_argument("--update-batch", type=int, default=1, help="records per update (1: strict)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    shape = {"model": args.model, "update_batch": args.update_batch}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    torch.set_num_threads(1)
+    set_intra_op_threads(1)
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -428,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "loadavg_start": os.getloadavg(),
         "cpus": os.cpu_count(),
+        **shape,
         "runs": [],
     }
     with EmbeddedBroker() as broker:
@@ -439,9 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         seconds = produce(bootstrap, topic, encode(features, labels, "binary"), "binary")
         log(f"produced {args.records:,} records in {seconds:.1f}s")
         # Warm: imports, torch's optimizer machinery, the compiled loop (the worker's prepare: instant).
-        kernels.prepare("linear", "sgd")
+        kernels.prepare(args.model, "sgd")
         kernels.wait_until_ready(timeout_s=300)
-        run_variant(bootstrap, topic, min(20_000, args.records), compaction=True, broker_pid=broker_pid)
+        run_variant(
+            bootstrap, topic, min(20_000, args.records), compaction=True, broker_pid=broker_pid, **shape
+        )
         log("warmed up")
         hogs = [
             subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
@@ -457,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         assert compaction is not None
                         result = run_variant(
-                            bootstrap, topic, args.records, compaction=compaction, broker_pid=broker_pid
+                            bootstrap,
+                            topic,
+                            args.records,
+                            compaction=compaction,
+                            broker_pid=broker_pid,
+                            **shape,
                         )
                     report["runs"].append(result)
                     log(f"rep {rep + 1} {result['variant']}: {result['rate']:,.0f} records/s")
@@ -472,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                         compaction=compaction,
                         broker_pid=broker_pid,
                         mode=mode,
+                        **shape,
                     )
                     report["runs"].append(result)
                     log(f"{mode} {result['variant']}: {result['rate']:,.0f} records/s")

@@ -54,6 +54,7 @@ from bench.workloads import (
 from streamtrainer.broker import EmbeddedBroker
 from streamtrainer.connection import ensure_topic
 from streamtrainer.settings import WorkerSettings
+from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger("bench")
 
@@ -883,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    torch.set_num_threads(1)
+    set_intra_op_threads(1)
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     bench = Bench({"smoke": SMOKE, "quick": QUICK, "full": FULL}[mode], reps=args.reps)

@@ -174,7 +174,9 @@ class ModelSettings(_Settings):
     seed: int = Field(default=0, description="Seed for model initialisation (and replay's shuffles).")
     device: str = Field(default="cpu", description="Torch device.")
     torch_threads: int = Field(
-        default=1, ge=1, description="Torch intra-op threads (1 is fastest beside the broker)."
+        default=1,
+        ge=1,
+        description="Intra-op threads of torch and of the compiled loop's BLAS (1: best beside the broker).",
     )
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from streamtrainer.training import kernels
+from streamtrainer.training import fused_loops, kernels
 from streamtrainer.training.kernels import FusedUnsupportedError, fused_learn, fused_supported
 from streamtrainer.training.learner import LearnerConfig, OnlineLearner, StepResult, make_optimizer
 from streamtrainer.training.models import build_model
@@ -117,7 +117,13 @@ def _assert_same_state(
             torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+# 1: strict. Below BLAS_MIN_ROWS a group's rows go through the row-by-row pass; from it on,
+# a hidden layer's group goes through matrix products (8, 32: with partial last groups of 5
+# and 13 rows, which take them too).
+BATCHES = [1, fused_loops.BLAS_MIN_ROWS - 1, 8, 32]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("case", MODELS, ids=lambda case: "-".join(map(str, case)))
 def test_fused_equals_autograd(case: tuple[str, str, str, int], optimizer: str, batch: int) -> None:

@@ -73,6 +73,7 @@ from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.compaction.epochs import evaluate, split_holdout, train_epochs
 from streamtrainer.training.compaction.store import CompactionStore, EpochData
 from streamtrainer.training.exceptions import CheckpointError, TrainingError
+from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +526,7 @@ class _Collector:
 def run_replay(settings: ReplaySettings) -> ReplayResult:
     """Read the range, train, write the checkpoint and the manifest (see the module docstring)."""
     started = time.monotonic()
-    torch.set_num_threads(settings.torch_threads)
+    set_intra_op_threads(settings.torch_threads)
     if settings.device.startswith("cuda"):
         # Deterministic cuBLAS needs this before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -64,6 +64,7 @@ from streamtrainer.settings import WorkerSettings
 from streamtrainer.training import LearnerConfig, OnlineLearner, PrequentialMetrics, StepResult, kernels
 from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.exceptions import CheckpointError, TrainingError
+from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class Worker:
 
     def run(self) -> WorkerStatus:
         settings = self.settings
-        torch.set_num_threads(settings.torch_threads)
+        set_intra_op_threads(settings.torch_threads)
         with ExitStack() as stack:
             stack.enter_context(self._signals_stop_the_loop())
             self._check_topic()

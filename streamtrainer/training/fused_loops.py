@@ -33,7 +33,13 @@ Why it is written the way it is:
   vectorize (a sequential float32 reduction is latency-bound) while NaN and
   Inf keep their meaning: a diverging model reports NaN losses as torch does;
 * ``error_model="numpy"``: a float division by zero gives Inf as in torch,
-  and no per-division check keeps the element-wise loops from vectorizing.
+  and no per-division check keeps the element-wise loops from vectorizing;
+* a hidden layer's groups of ``BLAS_MIN_ROWS`` rows or more go through two
+  matrix products (:func:`_hidden_layer_group`, SciPy's BLAS via ``np.dot``):
+  every row of a group sees the same parameters, so nothing per-record is
+  lost, and d=16, 64 hidden units, groups of 32 train 2-3x as fast as row by
+  row, whose h dot products of length d each end in a horizontal sum. Strict
+  learning (groups of one) keeps the row-by-row pass.
 """
 
 from __future__ import annotations
@@ -56,10 +62,22 @@ ADAGRAD: Final = 2
 _FASTMATH: Final = {"reassoc", "contract"}
 
 
-def work_size(n_features: int, hidden: int, n_outputs: int) -> int:
+# Groups of at least this many rows take a hidden layer through matrix products (see
+# _hidden_layer_group); below it a BLAS call costs more than it saves.
+BLAS_MIN_ROWS: Final = 4
+
+
+def work_size(n_features: int, hidden: int, n_outputs: int, batch: int = 1) -> int:
     """float32 scratch :func:`train_loop` needs (``hidden`` 0 for a linear model)."""
     width = hidden if hidden else n_features
-    return hidden * n_features + 3 * hidden + n_outputs * width + 3 * n_outputs
+    per_row = hidden * n_features + 3 * hidden + n_outputs * width + 3 * n_outputs
+    return per_row + 2 * _group_rows(hidden, batch) * (hidden + n_outputs)
+
+
+@njit(cache=True)
+def _group_rows(hidden: int, batch: int) -> int:
+    """Rows of the group buffers: a model with a hidden layer trained in groups large enough."""
+    return batch if hidden > 0 and batch >= BLAS_MIN_ROWS else 0
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
@@ -175,6 +193,89 @@ def _loss_and_slope(  # noqa: PLR0917
     dout[0] = np.float32(slope)
 
 
+@njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
+def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalars positionally
+    xg: np.ndarray,
+    yg: np.ndarray,
+    w1: np.ndarray,
+    b1: np.ndarray,
+    w2: np.ndarray,
+    b2: np.ndarray,
+    loss: int,
+    losses: np.ndarray,
+    predictions: np.ndarray,
+    first_row: int,
+    group: np.ndarray,
+    grad_w1: np.ndarray,
+    grad_b1: np.ndarray,
+    grad_w2: np.ndarray,
+    grad_b2: np.ndarray,
+) -> None:
+    """One group's gradients of ``Linear(d, h) -> ReLU -> Linear(h, k)`` by matrix products.
+
+    Every row of a group sees the same parameters, so the forward and backward
+    passes of its m rows are matrix products (BLAS sgemm: m x d x h multiply-adds
+    each, register-blocked), where row by row they were h dot products of
+    length d each ending in a horizontal sum. Fills the gradients of the group's
+    mean loss and its rows' losses and predictions; ``group`` is the float32
+    scratch of :func:`work_size`'s group buffers.
+    """
+    m, d = xg.shape
+    h, k = b1.shape[0], b2.shape[0]
+    scale = 1.0 / m
+    hidden = group[: m * h].reshape((m, h))
+    grad_hidden = group[m * h : 2 * m * h].reshape((m, h))
+    out = group[2 * m * h : 2 * m * h + m * k].reshape((m, k))
+    dout = group[2 * m * h + m * k : 2 * m * h + 2 * m * k].reshape((m, k))
+    # -- forward: the hidden layer by one matrix product, the (narrow) output layer by loops --
+    np.dot(xg, w1.reshape((h, d)).T, hidden)
+    for r in range(m):
+        for j in range(h):
+            a = hidden[r, j] + b1[j]
+            hidden[r, j] = a if (a > 0 or math.isnan(a)) else np.float32(0.0)  # relu; NaN passes
+        for o in range(k):
+            base = o * h
+            acc = np.float32(0.0)
+            for j in range(h):
+                acc += w2[base + j] * hidden[r, j]
+            out[r, o] = acc + b2[o]
+        # -- loss, prediction and d(mean loss)/d(out) ----------------------------------
+        if loss == CE:
+            _loss_and_slope(out[r], dout[r], float(yg[r]), loss, scale, losses, predictions, first_row + r)
+        else:  # one output: scalars only, no array views made per row
+            value, slope, prediction = _scalar_loss(float(out[r, 0]), float(yg[r]), loss, scale)
+            losses[first_row + r], predictions[first_row + r] = value, prediction
+            dout[r, 0] = np.float32(slope)
+    # -- backward: the output layer by loops, the hidden layer by one matrix product ------
+    for j in range(k * h):
+        grad_w2[j] = 0.0
+    for o in range(k):
+        grad_b2[o] = 0.0
+    for r in range(m):
+        for o in range(k):
+            g = dout[r, o]
+            base = o * h
+            grad_b2[o] += g
+            for j in range(h):
+                grad_w2[base + j] += g * hidden[r, j]
+        for j in range(h):
+            grad_hidden[r, j] = 0.0
+        for o in range(k):  # with the output layer's weights of the forward pass
+            g = dout[r, o]
+            base = o * h
+            for j in range(h):
+                grad_hidden[r, j] += g * w2[base + j]
+        for j in range(h):
+            if hidden[r, j] <= 0:  # relu backward: threshold_backward(grad, result, 0)
+                grad_hidden[r, j] = 0.0
+    np.dot(grad_hidden.T, xg, grad_w1.reshape((h, d)))
+    for j in range(h):
+        grad_b1[j] = grad_hidden[0, j]
+    for r in range(1, m):
+        for j in range(h):
+            grad_b1[j] += grad_hidden[r, j]
+
+
 def make_train_loop(opt: int, hidden_layer: bool) -> Any:
     """The loop specialised for one optimizer, with or without a hidden layer.
 
@@ -234,71 +335,79 @@ def make_train_loop(opt: int, hidden_layer: bool) -> Any:
         grad_b2 = work[at : at + k]
         out = work[at + k : at + 2 * k]
         dout = work[at + 2 * k : at + 3 * k]
+        at += 3 * k
+        group = work[at : at + 2 * _group_rows(h, batch) * (h + k)]
         first_param = 0 if hidden_layer else 2  # without a hidden layer only w2, b2 take steps
 
         for start in range(0, n, batch):
             stop = start + batch if start + batch < n else n
             scale = 1.0 / (stop - start)
-            for r in range(start, stop):
-                xr = x[r]
-                first = r == start  # the group's first row overwrites the gradient buffers
-                # -- forward ---------------------------------------------------------
-                if hidden_layer:
-                    for j in range(h):
-                        base = j * d
+            if hidden_layer and stop - start >= BLAS_MIN_ROWS:
+                _hidden_layer_group(
+                    x[start:stop], y[start:stop], w1, b1, w2, b2, loss, losses, predictions, start,
+                    group, grad_w1, grad_b1, grad_w2, grad_b2,
+                )  # fmt: skip
+            else:
+                for r in range(start, stop):
+                    xr = x[r]
+                    first = r == start  # the group's first row overwrites the gradient buffers
+                    # -- forward ---------------------------------------------------------
+                    if hidden_layer:
+                        for j in range(h):
+                            base = j * d
+                            acc = np.float32(0.0)
+                            for i in range(d):
+                                acc += w1[base + i] * xr[i]
+                            a = acc + b1[j]
+                            # relu; NaN passes through, as in torch
+                            hidden[j] = a if (a > 0 or math.isnan(a)) else np.float32(0.0)
+                        inputs = hidden
+                    else:
+                        inputs = xr
+                    for o in range(k):
+                        base = o * width
                         acc = np.float32(0.0)
-                        for i in range(d):
-                            acc += w1[base + i] * xr[i]
-                        a = acc + b1[j]
-                        # relu; NaN passes through, as in torch
-                        hidden[j] = a if (a > 0 or math.isnan(a)) else np.float32(0.0)
-                    inputs = hidden
-                else:
-                    inputs = xr
-                for o in range(k):
-                    base = o * width
-                    acc = np.float32(0.0)
-                    for j in range(width):
-                        acc += w2[base + j] * inputs[j]
-                    out[o] = acc + b2[o]
-                # -- loss, prediction and d(mean loss)/d(out) ------------------------
-                _loss_and_slope(out, dout, float(y[r]), loss, scale, losses, predictions, r)
-                # -- backward ------------------------------------------------------
-                if hidden_layer:
-                    # through the output layer with its weights as they were in the forward pass
-                    for j in range(h):
-                        grad_hidden[j] = 0.0
+                        for j in range(width):
+                            acc += w2[base + j] * inputs[j]
+                        out[o] = acc + b2[o]
+                    # -- loss, prediction and d(mean loss)/d(out) ------------------------
+                    _loss_and_slope(out, dout, float(y[r]), loss, scale, losses, predictions, r)
+                    # -- backward ------------------------------------------------------
+                    if hidden_layer:
+                        # through the output layer with its weights as they were in the forward pass
+                        for j in range(h):
+                            grad_hidden[j] = 0.0
+                        for o in range(k):
+                            g = dout[o]
+                            base = o * h
+                            for j in range(h):
+                                grad_hidden[j] += g * w2[base + j]
+                        for j in range(h):
+                            if hidden[j] <= 0:  # relu backward: threshold_backward(grad, result, 0)
+                                grad_hidden[j] = 0.0
                     for o in range(k):
                         g = dout[o]
-                        base = o * h
-                        for j in range(h):
-                            grad_hidden[j] += g * w2[base + j]
-                    for j in range(h):
-                        if hidden[j] <= 0:  # relu backward: threshold_backward(grad, result, 0)
-                            grad_hidden[j] = 0.0
-                for o in range(k):
-                    g = dout[o]
-                    base = o * width
-                    if first:
-                        for j in range(width):
-                            grad_w2[base + j] = g * inputs[j]
-                        grad_b2[o] = g
-                    else:
-                        for j in range(width):
-                            grad_w2[base + j] += g * inputs[j]
-                        grad_b2[o] += g
-                if hidden_layer:
-                    for j in range(h):
-                        g = grad_hidden[j]
-                        base = j * d
+                        base = o * width
                         if first:
-                            for i in range(d):
-                                grad_w1[base + i] = g * xr[i]
-                            grad_b1[j] = g
+                            for j in range(width):
+                                grad_w2[base + j] = g * inputs[j]
+                            grad_b2[o] = g
                         else:
-                            for i in range(d):
-                                grad_w1[base + i] += g * xr[i]
-                            grad_b1[j] += g
+                            for j in range(width):
+                                grad_w2[base + j] += g * inputs[j]
+                            grad_b2[o] += g
+                    if hidden_layer:
+                        for j in range(h):
+                            g = grad_hidden[j]
+                            base = j * d
+                            if first:
+                                for i in range(d):
+                                    grad_w1[base + i] = g * xr[i]
+                                grad_b1[j] = g
+                            else:
+                                for i in range(d):
+                                    grad_w1[base + i] += g * xr[i]
+                                grad_b1[j] += g
 
             # -- optimizer step, parameter by parameter as torch.optim does ------------
             if opt == SGD:

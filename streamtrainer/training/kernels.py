@@ -154,7 +154,7 @@ def fused_learn(
     round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
     hidden = plan.params[1].shape[0] if plan.kind == "mlp" else 0
     n_outputs = plan.params[-1].shape[0]
-    work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs), dtype=np.float32)
+    work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs, batch_size), dtype=np.float32)
 
     _train_loop(_variant(plan))(
         x,
