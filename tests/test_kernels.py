@@ -142,6 +142,25 @@ def test_fused_equals_autograd(case: tuple[str, str, str, int], optimizer: str, 
     np.testing.assert_allclose(predictions, expected_predictions, rtol=1e-5, atol=1e-5)
 
 
+def test_micro_batches_of_a_hidden_layer_take_the_grouped_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parity tests above cover the matrix-product pass only if fused_learn takes it.
+    used: list[tuple[int, bool, bool]] = []
+    real = kernels._train_loop
+
+    def spy(variant: tuple[int, bool, bool]) -> Any:
+        used.append(variant)
+        return real(variant)
+
+    monkeypatch.setattr(kernels, "_train_loop", spy)
+    x, y = _data("regression", 40)
+    for name in ("mlp", "linear"):
+        model, opt, _, _ = _pair(name, 1, "sgd")
+        for batch in (1, fused_loops.BLAS_MIN_ROWS - 1, fused_loops.BLAS_MIN_ROWS, 32):
+            fused_learn(model, opt, x, y, loss="mse", task="regression", batch_size=batch)
+    grouped = [variant[2] for variant in used]
+    assert grouped == [False, False, True, True] + [False] * 4
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("name", ["linear", "mlp"])
 def test_state_continuity_fused_then_autograd(name: str, optimizer: str) -> None:

@@ -67,17 +67,14 @@ _FASTMATH: Final = {"reassoc", "contract"}
 BLAS_MIN_ROWS: Final = 4
 
 
-def work_size(n_features: int, hidden: int, n_outputs: int, batch: int = 1) -> int:
-    """float32 scratch :func:`train_loop` needs (``hidden`` 0 for a linear model)."""
+def work_size(n_features: int, hidden: int, n_outputs: int, group_rows: int = 0) -> int:
+    """float32 scratch :func:`train_loop` needs (``hidden`` 0 for a linear model).
+
+    ``group_rows``: the batch size, for a grouped variant (its group buffers).
+    """
     width = hidden if hidden else n_features
     per_row = hidden * n_features + 3 * hidden + n_outputs * width + 3 * n_outputs
-    return per_row + 2 * _group_rows(hidden, batch) * (hidden + n_outputs)
-
-
-@njit(cache=True)
-def _group_rows(hidden: int, batch: int) -> int:
-    """Rows of the group buffers: a model with a hidden layer trained in groups large enough."""
-    return batch if hidden > 0 and batch >= BLAS_MIN_ROWS else 0
+    return per_row + 2 * group_rows * (hidden + n_outputs)
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
@@ -276,14 +273,17 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
             grad_b1[j] += grad_hidden[r, j]
 
 
-def make_train_loop(opt: int, hidden_layer: bool) -> Any:
+def make_train_loop(opt: int, hidden_layer: bool, grouped: bool = False) -> Any:
     """The loop specialised for one optimizer, with or without a hidden layer.
 
-    ``opt`` and ``hidden_layer`` are closure constants: numba drops the branches
-    they rule out before it compiles, so each variant compiles only its own code
-    (1-2.5 s cold instead of ~4 s for one loop that does everything) and is
-    cached on disk under its own key. The loss stays a run-time code: its branch
-    is taken once per record, outside the inner loops.
+    ``opt``, ``hidden_layer`` and ``grouped`` are closure constants: numba drops
+    the branches they rule out before it compiles, so each variant compiles only
+    its own code (1-2.5 s cold instead of ~4 s for one loop that does
+    everything) and is cached on disk under its own key. ``grouped`` (a hidden
+    layer only) adds the matrix-product pass for groups of ``BLAS_MIN_ROWS`` rows
+    or more, ~2 s more to compile: a separate variant, so that strict learning
+    never waits for it. The loss stays a run-time code: its branch is taken once
+    per record, outside the inner loops.
     """
 
     @njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
@@ -336,13 +336,13 @@ def make_train_loop(opt: int, hidden_layer: bool) -> Any:
         out = work[at + k : at + 2 * k]
         dout = work[at + 2 * k : at + 3 * k]
         at += 3 * k
-        group = work[at : at + 2 * _group_rows(h, batch) * (h + k)]
+        group = work[at : at + 2 * (batch if grouped else 0) * (h + k)]
         first_param = 0 if hidden_layer else 2  # without a hidden layer only w2, b2 take steps
 
         for start in range(0, n, batch):
             stop = start + batch if start + batch < n else n
             scale = 1.0 / (stop - start)
-            if hidden_layer and stop - start >= BLAS_MIN_ROWS:
+            if grouped and stop - start >= BLAS_MIN_ROWS:
                 _hidden_layer_group(
                     x[start:stop], y[start:stop], w1, b1, w2, b2, loss, losses, predictions, start,
                     group, grad_w1, grad_b1, grad_w2, grad_b2,
@@ -486,21 +486,23 @@ def standardize_loop(  # noqa: PLR0917 - a compiled entry point takes arrays and
             out[r, i] = np.float32((value - mean[i]) / math.sqrt(m2[i] / count + eps))
 
 
-def compile_variant(opt: int, hidden_layer: bool) -> Any:
+def compile_variant(opt: int, hidden_layer: bool, grouped: bool = False) -> Any:
     """Make and compile one training-loop variant (or load it from the on-disk cache).
 
     The call uses tiny arrays of exactly the types ``kernels.fused_learn`` passes
     (C-contiguous writable float32/float64, int64 and float64 scalars), so this
     compiles the one signature that is used. Returns the dispatcher.
     """
-    loop = make_train_loop(opt, hidden_layer)
-    d, h = 2, (2 if hidden_layer else 0)
-    empty = np.empty(0, dtype=np.float32)
-    layer1 = [np.zeros(h * d, np.float32), np.zeros(h, np.float32)] if hidden_layer else [empty, empty]
+    loop = make_train_loop(opt, hidden_layer, grouped)
+    d, h, batch = 2, (2 if hidden_layer else 0), (BLAS_MIN_ROWS if grouped else 1)
+    sizes = (h * d, h, h or d, 1)  # w1, b1, w2, b2 (w1 and b1 empty without a hidden layer)
+    params = [np.zeros(size, np.float32) for size in sizes]
+    # Optimizer state of every parameter's size: the Adam and Adagrad steps index it.
+    state = [np.zeros(size, np.float32) for size in sizes for _ in range(2)]
     loop(
-        np.zeros((1, d), np.float32), np.zeros(1, np.float32), *layer1, np.zeros(h or d, np.float32),
-        np.zeros(1, np.float32), *([empty] * 8), np.zeros(4), 0, 0.0, 0.9, 0.999, 1e-8, 0.0, True, 1,
-        np.empty(1), np.empty(1), np.empty(work_size(d, h, 1), np.float32),
+        np.zeros((batch, d), np.float32), np.zeros(batch, np.float32), *params, *state, np.zeros(4), 0,
+        0.0, 0.9, 0.999, 1e-8, 0.0, True, batch, np.empty(batch), np.empty(batch),
+        np.empty(work_size(d, h, 1, batch if grouped else 0), np.float32),
     )  # fmt: skip
     return loop
 

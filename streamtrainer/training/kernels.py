@@ -154,9 +154,18 @@ def fused_learn(
     round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
     hidden = plan.params[1].shape[0] if plan.kind == "mlp" else 0
     n_outputs = plan.params[-1].shape[0]
-    work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs, batch_size), dtype=np.float32)
+    variant, group_rows = _variants(plan)[0], 0
+    if hidden and batch_size >= _loops().BLAS_MIN_ROWS:
+        # Micro-batches of a hidden layer: the grouped variant once it is compiled (it was
+        # scheduled with the row-by-row one); the row-by-row pass until then, same results.
+        grouped = _variants(plan)[1]
+        if _ready(grouped):
+            variant, group_rows = grouped, int(batch_size)
+        else:
+            _schedule(grouped)  # without kernels_ready first: compile it in the background now
+    work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs, group_rows), dtype=np.float32)
 
-    _train_loop(_variant(plan))(
+    _train_loop(variant)(
         x,
         y,
         *flat,
@@ -222,7 +231,7 @@ def prepare(model: str | None = None, optimizer: str | None = None) -> None:
     """
     code = {"sgd": _SGD, "adam": _ADAM, "adagrad": _ADAGRAD}.get(optimizer or "")
     if code is not None and model in _BUILTIN_KINDS and _numba_installed():
-        _schedule((code, _BUILTIN_KINDS[model] == "mlp"))
+        _schedule(*_variants_of(code, _BUILTIN_KINDS[model]))
     else:
         with _lock:
             _submit_base()
@@ -232,15 +241,17 @@ def kernels_ready(model: nn.Module, optimizer: torch.optim.Optimizer, *, loss: s
     """Whether :func:`fused_learn` runs this combination without compiling first. Never blocks.
 
     False for an unsupported combination. Otherwise the first call schedules the
-    combination's loop for compilation in the background; until it is ready the
-    caller trains through autograd, and since both agree to float32 rounding,
-    switching over between two batches is seamless.
+    combination's loop for compilation in the background (for a hidden layer
+    also its grouped variant, which :func:`fused_learn` takes for micro-batches
+    once it is ready); until it is ready the caller trains through autograd, and
+    since both agree to float32 rounding, switching over between two batches is
+    seamless.
     """
     plan = _plan(model, optimizer, loss, task)
     if isinstance(plan, str):
         return False
-    future = _schedule(_variant(plan))
-    return future.done() and future.exception() is None
+    _schedule(*_variants(plan))
+    return _ready(_variants(plan)[0])
 
 
 def wait_until_ready(
@@ -284,7 +295,7 @@ def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> flo
     """
     started = time.perf_counter()
     codes = {"sgd": _SGD, "adam": _ADAM, "adagrad": _ADAGRAD}
-    wanted = tuple((codes[optimizer], kind == "mlp") for kind, optimizer in variants)
+    wanted = tuple(v for kind, optimizer in variants for v in _variants_of(codes[optimizer], kind))
     # Two compiler processes: the machines this runs on have two cores or more.
     _prepare_base(tuple(v for v in wanted if v not in _dispatchers), processes=2)
     for variant in wanted:
@@ -296,7 +307,8 @@ def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> flo
 
 # -- compilation ------------------------------------------------------------------
 
-Variant = tuple[int, bool]  # (optimizer code, has a hidden layer)
+# (optimizer code, has a hidden layer, grouped: a hidden layer's micro-batches by matrix products)
+Variant = tuple[int, bool, bool]
 
 _lock = threading.Lock()
 _jobs: dict[str | Variant, concurrent.futures.Future[None]] = {}
@@ -319,14 +331,23 @@ def _submit_base(variants: tuple[Variant, ...] = ()) -> None:
         _jobs["base"].add_done_callback(_log_failure)
 
 
-def _schedule(variant: Variant) -> concurrent.futures.Future[None]:
+def _schedule(*variants: Variant) -> None:
+    """Queue the compilation of each of ``variants`` not queued yet, in order, behind the base."""
     with _lock:
-        _submit_base((variant,))
+        _submit_base(variants)
+        for variant in variants:
+            if variant not in _jobs:
+                _jobs[variant] = _background().submit(_compile, variant)
+                _jobs[variant].add_done_callback(_log_failure)
+
+
+def _ready(variant: Variant) -> bool:
+    """Compiled: by a background job that has finished, or by :func:`warm_up`."""
+    with _lock:
+        if variant in _dispatchers:
+            return True
         future = _jobs.get(variant)
-        if future is None:
-            future = _jobs[variant] = _background().submit(_compile, variant)
-            future.add_done_callback(_log_failure)
-        return future
+    return future is not None and future.done() and future.exception() is None
 
 
 def _log_failure(future: concurrent.futures.Future[None]) -> None:
@@ -336,8 +357,19 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
         logger.error("preparing the fused loops failed; training stays on autograd: %r", error)
 
 
-def _variant(plan: _Plan) -> Variant:
-    return plan.opt, plan.kind == "mlp"
+def _variants(plan: _Plan) -> tuple[Variant, ...]:
+    return _variants_of(plan.opt, plan.kind)
+
+
+def _variants_of(opt: int, kind: str) -> tuple[Variant, ...]:
+    """The row-by-row loop first; for a hidden layer also the grouped one (micro-batches).
+
+    A hidden layer's grouped variant compiles ~2 s longer: strict learning, and the
+    first micro-batches, take the row-by-row loop meanwhile (the same updates).
+    """
+    if kind == "mlp":
+        return (opt, True, False), (opt, True, True)
+    return ((opt, False, False),)
 
 
 def _train_loop(variant: Variant) -> Any:
@@ -397,8 +429,8 @@ for name in ("streamtrainer", "streamtrainer.training"):
 from streamtrainer.training import fused_loops
 fused_loops.compile_standardizer()
 for job in filter(None, jobs.split(",")):
-    opt, hidden = job.split(":")
-    fused_loops.compile_variant(int(opt), hidden == "1")
+    opt, hidden, grouped = job.split(":")
+    fused_loops.compile_variant(int(opt), hidden == "1", grouped == "1")
 """
 _precompiled: set[Variant] = set()
 
@@ -411,7 +443,7 @@ def _start_compilers(variants: tuple[Variant, ...], processes: int) -> list[subp
     shares = [variants[i::processes] for i in range(min(processes, len(variants)))]
     children = []
     for share in shares:
-        jobs = ",".join(f"{opt}:{int(hidden)}" for opt, hidden in share)
+        jobs = ",".join(f"{opt}:{int(hidden)}:{int(grouped)}" for opt, hidden, grouped in share)
         try:
             children.append(
                 subprocess.Popen(
