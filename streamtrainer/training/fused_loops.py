@@ -226,6 +226,34 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
     dout = group[2 * m * h + m * k : 2 * m * h + 2 * m * k].reshape((m, k))
     # -- forward: the hidden layer by one matrix product, the (narrow) output layer by loops --
     np.dot(xg, w1.reshape((h, d)).T, hidden)
+    if k == 1:
+        # One output (every loss but cross-entropy): each row's whole remaining pass in two
+        # sweeps over its hidden units, the loss in scalars between them.
+        grad_b2[0] = 0.0
+        for j in range(h):
+            grad_w2[j] = 0.0
+            grad_b1[j] = 0.0
+        for r in range(m):
+            acc = np.float32(0.0)
+            for j in range(h):
+                a = hidden[r, j] + b1[j]
+                a = a if (a > 0 or math.isnan(a)) else np.float32(0.0)  # relu; NaN passes
+                hidden[r, j] = a
+                acc += w2[j] * a
+            value, slope, prediction = _scalar_loss(float(acc + b2[0]), float(yg[r]), loss, scale)
+            losses[first_row + r], predictions[first_row + r] = value, prediction
+            g = np.float32(slope)
+            grad_b2[0] += g
+            for j in range(h):
+                a = hidden[r, j]
+                grad_w2[j] += g * a
+                # relu backward (threshold_backward), with the output weights of the forward pass
+                gh = np.float32(0.0) if a <= 0 else g * w2[j]
+                grad_hidden[r, j] = gh
+                grad_b1[j] += gh
+        np.dot(grad_hidden.T, xg, grad_w1.reshape((h, d)))
+        return
+    # Several outputs (cross-entropy): the output layer and the loss row by row.
     for r in range(m):
         for j in range(h):
             a = hidden[r, j] + b1[j]
@@ -237,12 +265,7 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
                 acc += w2[base + j] * hidden[r, j]
             out[r, o] = acc + b2[o]
         # -- loss, prediction and d(mean loss)/d(out) ----------------------------------
-        if loss == CE:
-            _loss_and_slope(out[r], dout[r], float(yg[r]), loss, scale, losses, predictions, first_row + r)
-        else:  # one output: scalars only, no array views made per row
-            value, slope, prediction = _scalar_loss(float(out[r, 0]), float(yg[r]), loss, scale)
-            losses[first_row + r], predictions[first_row + r] = value, prediction
-            dout[r, 0] = np.float32(slope)
+        _loss_and_slope(out[r], dout[r], float(yg[r]), loss, scale, losses, predictions, first_row + r)
     # -- backward: the output layer by loops, the hidden layer by one matrix product ------
     for j in range(k * h):
         grad_w2[j] = 0.0
