@@ -34,12 +34,15 @@ Why it is written the way it is:
   Inf keep their meaning: a diverging model reports NaN losses as torch does;
 * ``error_model="numpy"``: a float division by zero gives Inf as in torch,
   and no per-division check keeps the element-wise loops from vectorizing;
-* a hidden layer's groups of ``BLAS_MIN_ROWS`` rows or more go through two
-  matrix products (:func:`_hidden_layer_group`, SciPy's BLAS via ``np.dot``):
-  every row of a group sees the same parameters, so nothing per-record is
-  lost, and d=16, 64 hidden units, groups of 32 train 2-3x as fast as row by
-  row, whose h dot products of length d each end in a horizontal sum. Strict
-  learning (groups of one) keeps the row-by-row pass.
+* micro-batches of a hidden layer (groups of ``BLAS_MIN_ROWS`` rows or more)
+  have a variant of their own (``grouped``, :func:`_hidden_layer_group`): every
+  row of a group sees the same parameters, so the hidden layer's forward pass
+  and weight gradient are two matrix products (SciPy's BLAS through numba's
+  ``np.dot``) instead of h dot products of length d per row, each ending in a
+  horizontal sum. In memory (d=16, 64 hidden units, groups of 32, SGD) a
+  record took 0.12 us that way against 0.31-0.58 us row by row. Strict
+  learning (groups of one) stays row by row, and never waits for the grouped
+  variant's longer compile.
 """
 
 from __future__ import annotations
@@ -215,7 +218,8 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
     each, register-blocked), where row by row they were h dot products of
     length d each ending in a horizontal sum. Fills the gradients of the group's
     mean loss and its rows' losses and predictions; ``group`` is the float32
-    scratch of :func:`work_size`'s group buffers.
+    scratch of :func:`work_size`'s group buffers. It takes arrays, unlike the
+    per-record helpers: it is called once per group, not once per record.
     """
     m, d = xg.shape
     h, k = b1.shape[0], b2.shape[0]
