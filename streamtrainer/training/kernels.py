@@ -154,15 +154,15 @@ def fused_learn(
     round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
     hidden = plan.params[1].shape[0] if plan.kind == "mlp" else 0
     n_outputs = plan.params[-1].shape[0]
-    variant, group_rows = _variants(plan)[0], 0
+    variants = _variants(plan)
+    variant, group_rows = variants[0], 0
     if hidden and batch_size >= _loops().BLAS_MIN_ROWS:
         # Micro-batches of a hidden layer: the grouped variant once it is compiled (it was
         # scheduled with the row-by-row one); the row-by-row pass until then, same results.
-        grouped = _variants(plan)[1]
-        if _ready(grouped):
-            variant, group_rows = grouped, int(batch_size)
+        if _ready(variants[1]):
+            variant, group_rows = variants[1], int(batch_size)
         else:
-            _schedule(grouped)  # without kernels_ready first: compile it in the background now
+            _schedule(variants[1])  # without kernels_ready first: compile it in the background now
     work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs, group_rows), dtype=np.float32)
 
     _train_loop(variant)(
@@ -250,8 +250,9 @@ def kernels_ready(model: nn.Module, optimizer: torch.optim.Optimizer, *, loss: s
     plan = _plan(model, optimizer, loss, task)
     if isinstance(plan, str):
         return False
-    _schedule(*_variants(plan))
-    return _ready(_variants(plan)[0])
+    variants = _variants(plan)
+    _schedule(*variants)
+    return _ready(variants[0])
 
 
 def wait_until_ready(
