@@ -227,8 +227,6 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
     scale = 1.0 / m
     hidden = group[: m * h].reshape((m, h))
     grad_hidden = group[m * h : 2 * m * h].reshape((m, h))
-    out = group[2 * m * h : 2 * m * h + m * k].reshape((m, k))
-    dout = group[2 * m * h + m * k : 2 * m * h + 2 * m * k].reshape((m, k))
     # -- forward: the hidden layer by one matrix product, the (narrow) output layer by loops --
     np.dot(xg, w1.reshape((h, d)).T, hidden)
     if k == 1:
@@ -259,6 +257,8 @@ def _hidden_layer_group(  # noqa: PLR0917 - a compiled helper: arrays and scalar
         np.dot(grad_hidden.T, xg, grad_w1.reshape((h, d)))
         return
     # Several outputs (cross-entropy): the output layer and the loss row by row.
+    out = group[2 * m * h : 2 * m * h + m * k].reshape((m, k))
+    dout = group[2 * m * h + m * k : 2 * m * h + 2 * m * k].reshape((m, k))
     for r in range(m):
         for j in range(h):
             a = hidden[r, j] + b1[j]
