@@ -2,7 +2,7 @@
 
 Runs the real worker (``bench.worker_runs.TimedWorker``: the product code path,
 timed per polled batch) strict, binary codec, d=16, linear (``--model mlp``,
-``--update-batch B`` for micro-batches), through the embedded
+``--update-batch B`` for micro-batches, ``--overlap``), through the embedded
 broker, with ``--no-compaction`` and with the defaults (compaction every 2,000
 records), interleaved with a bare consumer reading the same topic (the ceiling),
 and reports for the steady state (first trained batch to last):
@@ -189,9 +189,17 @@ def run_variant(
     mode: str = "plain",
     model: str = "linear",
     update_batch: int = 1,
+    overlap: bool = False,
 ) -> dict[str, Any]:
     settings = worker_settings(
-        bootstrap, topic, model, records, d=16, update_batch=update_batch, compaction=compaction
+        bootstrap,
+        topic,
+        model,
+        records,
+        d=16,
+        update_batch=update_batch,
+        compaction=compaction,
+        overlap=overlap,
     )
     spy_out = (
         Path(tempfile.mkdtemp(prefix="streamtrainer-pyspy-")) / "stacks.txt" if mode == "py-spy" else None
@@ -247,7 +255,9 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("checkpoint", "_checkpoint_and_commit", "consumer/worker.py"),
     ("lag", "_refresh_lag", "consumer/worker.py"),
     ("decode", "decode", "records/codec.py"),
-    ("learn", "learn_many", "training/learner.py"),
+    ("learn start", "start_learn_many", "training/learner.py"),
+    ("learn", "compute", "training/learner.py"),
+    ("learn finish", "_finish_steps", "training/learner.py"),
     ("keep", "keep", "consumer/compactor.py"),
     ("prequential", "update", "training/prequential.py"),
     ("codec_of (headers)", "codec_of", "consumer/messages.py"),
@@ -365,8 +375,10 @@ def _print_report(report: dict[str, Any]) -> None:
     keys = (
         "us_consume",
         "us_decode",
+        "us_learn_start",
         "us_learn",
         "us_wait",
+        "us_learn_finish",
         "us_keep",
         "us_prequential",
         "us_process_rest",
@@ -421,9 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
     parser.add_argument("--update-batch", type=int, default=1, help="records per update (1: strict)")
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="the worker with --overlap (the compiled loop in the training lane)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    shape = {"model": args.model, "update_batch": args.update_batch}
+    shape = {"model": args.model, "update_batch": args.update_batch, "overlap": args.overlap}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     set_intra_op_threads(1)
     started = time.perf_counter()

@@ -513,8 +513,10 @@ def _breakdown(row: Row) -> str:
         return statistics.median(values) if values else None
 
     keys = (
+        ("us_learn_start", "learn start"),
         ("us_learn", "learn"),
         ("us_wait", "wait"),
+        ("us_learn_finish", "learn finish"),
         ("us_decode", "decode"),
         ("us_keep", "keep"),
         ("us_prequential", "preq"),

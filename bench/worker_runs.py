@@ -30,13 +30,16 @@ from streamtrainer.training import OnlineLearner, kernels
 from streamtrainer.training.checkpoint import Checkpoint
 
 T = TypeVar("T")
-# Timed steps of the worker's loop thread: starting a polled batch's update (decoding it) ...
-INSIDE_START = ("decode",)
-# ... finishing it (waiting for the update, then the bookkeeping) ...
-INSIDE_FINISH = ("wait", "keep", "prequential")
+# Timed steps of the worker's loop thread: starting a polled batch's update (decoding it, then
+# start_learn_many: scaling, the compiled loop prepared) ...
+INSIDE_START = ("decode", "learn_start")
+# ... finishing it (waiting for the update, PendingSteps.finish: the guards' checks, then the
+# bookkeeping) ...
+INSIDE_FINISH = ("wait", "learn_finish", "keep", "prequential")
 # ... and the rest of its run loop.
 OUTSIDE_UPDATES = ("compact", "checkpoint", "lag")
-# "learn" (learn_many) runs in the training lane: the loop's thread, or a background one with --overlap.
+# "learn" (PendingSteps.compute: the compiled loop) runs in the training lane: the loop's thread,
+# or a background one with --overlap.
 PARTS = ("start", "finish", "learn", *INSIDE_START, *INSIDE_FINISH, *OUTSIDE_UPDATES)
 # Garbage collection, all generations and full collections: inside whichever step it interrupts.
 GC = ("gc", "gc_full")
@@ -118,7 +121,8 @@ class TimedWorker(Worker):
         started = time.perf_counter()
         learner = super()._create_learner(n_features)
         self.learner_seconds = time.perf_counter() - started
-        learner.learn_many = self._timed("learn", learner.learn_many)  # type: ignore[method-assign]
+        learner.start_learn_many = self._timed("learn_start", learner.start_learn_many)  # type: ignore[method-assign]
+        learner._finish_steps = self._timed("learn_finish", learner._finish_steps)  # type: ignore[method-assign]
         return learner
 
     def _restore(self, checkpoint: Checkpoint | None) -> None:
@@ -154,12 +158,14 @@ class TimedWorker(Worker):
         finally:
             self.spent["start"] += time.perf_counter() - began
 
-    def _update_result(self, update: Future[Any]) -> Any:
+    def _update_result(self, update: Future[float]) -> float:
         began = time.perf_counter()
         try:
-            return super()._update_result(update)
+            seconds = super()._update_result(update)
         finally:
             self.spent["wait"] += time.perf_counter() - began
+        self.spent["learn"] += seconds  # the compiled loop, timed where it ran (the lane)
+        return seconds
 
     def _finish_update(self) -> None:
         if self._in_flight is None or self._in_flight.update is None:
@@ -212,12 +218,13 @@ class TimedWorker(Worker):
             extra["shutdown_s"] = self.run_ended - last
         if records > 0:
             # Where a steady-state record's time goes (microseconds per record, first batch to last).
-            # The loop's thread: starting updates (decode, and the rest: the per-message calls for
-            # value, partition and offset, metrics), finishing them (wait: blocked until the update
-            # is done; keep: compactor.keep; prequential; the rest: offsets, metrics, index
-            # arithmetic), compact, checkpoint (+ commit), lag (watermark refresh), and consume
-            # (consumer.consume and the loop's own bookkeeping). learn (learn_many) runs in the
-            # training lane: with --overlap in the background (only "wait" is on the loop's thread).
+            # The loop's thread: starting updates (decode, learn_start, and the rest: the
+            # per-message calls for value, partition and offset, metrics), finishing them (wait:
+            # blocked until the update is done; learn_finish; keep: compactor.keep; prequential;
+            # the rest: offsets, metrics, index arithmetic), compact, checkpoint (+ commit), lag
+            # (watermark refresh), and consume (consumer.consume and the loop's own bookkeeping).
+            # learn (the compiled loop) runs in the training lane: with --overlap in the
+            # background (only "wait" is on the loop's thread).
             spent = {k: self._at_last_batch[k] - self._at_first_batch[k] for k in (*PARTS, *GC)}
             outside = sum(spent[k] for k in OUTSIDE_UPDATES)
             for part in (*PARTS, *GC):

@@ -237,9 +237,9 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
     )
     overlap: bool = Field(
         default=False,
-        description="Train each polled batch in a background thread while the next one is polled "
-        "(same updates in the same order). Off by default: under the GIL only the compiled loop "
-        "overlaps the poll (bench/README.md has the figures).",
+        description="Run each polled batch's compiled training loop in a background thread while "
+        "the next one is polled (same updates in the same order). Off by default: on two cores shared "
+        "with the broker it does not pay (bench/README.md has the figures).",
     )
     auto_offset_reset: OffsetReset = Field(
         default="earliest", description="Where a partition with no committed offset starts."

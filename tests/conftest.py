@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
 
@@ -100,13 +99,13 @@ def group_id() -> str:
 
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records per kernels.fused_learn call made by the learner."""
+    """Records per run of the compiled loop (kernels.fused_call, fused_learn's too) made by the learner."""
     calls: list[int] = []
-    original = kernels.fused_learn
+    original = kernels.fused_call
 
-    def spy(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+    def spy(*args: object, **kwargs: object) -> kernels.FusedCall:
         calls.append(len(args[2]))  # type: ignore[arg-type]
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(kernels, "fused_learn", spy)
+    monkeypatch.setattr(kernels, "fused_call", spy)
     return calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from streamtrainer.training import fused_loops, kernels
+from streamtrainer.training.exceptions import TrainingError
 from streamtrainer.training.kernels import FusedUnsupportedError, fused_learn, fused_supported
 from streamtrainer.training.learner import LearnerConfig, OnlineLearner, StepResult, make_optimizer
 from streamtrainer.training.models import build_model
@@ -433,6 +435,66 @@ def test_learner_fused_equals_autograd_and_checkpoints(
     _assert_same_learner(learner, reference)
     _assert_same_results(resumed, StepResult(expected.losses[N // 2 :], expected.predictions[N // 2 :]))
     _assert_same_learner(restored, reference)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("case", LEARNERS, ids=lambda case: case[0])
+def test_learn_many_in_three_parts_with_the_loop_on_another_thread_is_learn_many(
+    case: tuple[str, str, int | None], batch: int, fused: bool, fused_calls: list[int]
+) -> None:
+    """start_learn_many here, compute on another thread, finish here: learn_many's updates, bit for bit."""
+    x, y = _data(case[1], N, seed=4)
+    whole = OnlineLearner(_config(case, "adam", True, fused=fused), D)
+    parts = OnlineLearner(_config(case, "adam", True, fused=fused), D)
+    if fused:
+        _wait_for_kernels(whole)
+        _wait_for_kernels(parts)
+    expected = _learn(whole, x, y, batch)
+    calls_whole = len(fused_calls)
+    results = []
+    for start in range(0, N, CHUNK):
+        pending = parts.start_learn_many(x[start : start + CHUNK], y[start : start + CHUNK], batch_size=batch)
+        lane = threading.Thread(target=pending.compute)
+        lane.start()
+        lane.join(timeout=60)
+        results.append(pending.finish())
+
+    assert fused_calls == ([CHUNK] * (2 * N // CHUNK) if fused else [])
+    assert calls_whole == (N // CHUNK if fused else 0)
+    np.testing.assert_array_equal(np.concatenate([r.losses for r in results]), expected.losses)
+    np.testing.assert_array_equal(np.concatenate([r.predictions for r in results]), expected.predictions)
+    for a, b in zip(whole.model.parameters(), parts.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    tensors_whole, tensors_parts = whole.state()[0], parts.state()[0]
+    for key, value in tensors_whole.items():
+        assert torch.equal(value, tensors_parts[key]), key  # optimizer state, step counts, scaler
+    assert whole.updates == parts.updates
+
+
+def test_a_learner_takes_no_new_steps_until_the_pending_ones_finish() -> None:
+    x, y = _data("regression", 64, seed=5)
+    learner = OnlineLearner(_config(LEARNERS[0], "sgd", True), D)
+    _wait_for_kernels(learner)
+    tensors, metadata = learner.state()
+    pending = learner.start_learn_many(x, y, batch_size=4)
+    for refused in (
+        lambda: learner.learn_many(x, y),
+        lambda: learner.start_learn_many(x, y),
+        lambda: learner.fit_rows(x, y, batch_size=4),
+    ):
+        with pytest.raises(TrainingError, match="not finished"):
+            refused()
+    pending.compute()
+    assert pending.finish().losses.shape == (64,)
+    learner.learn_many(x, y)  # free again
+    # A rollback replaces the state: steps started before it are forgotten ...
+    learner.start_learn_many(x, y)
+    learner.load_state(tensors, json.loads(json.dumps(metadata)))
+    learner.learn_many(x, y)
+    # ... and so does a caller that abandons them.
+    learner.start_learn_many(x, y).abandon()
+    learner.learn_many(x, y)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

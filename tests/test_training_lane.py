@@ -40,3 +40,29 @@ def test_an_error_in_an_update_reaches_the_caller(background: bool) -> None:
             future.result(timeout=10)
         # The lane goes on after a failed update.
         assert lane.submit(lambda: 7).result(timeout=10) == 7
+
+
+def test_submit_returns_once_the_lane_has_started_the_update() -> None:
+    """The poll that follows must not take the GIL before the lane's thread holds the update."""
+    release = threading.Event()
+    second_started = threading.Event()
+    submitted = threading.Event()
+
+    def first() -> None:
+        release.wait(timeout=10)
+
+    def second() -> None:
+        second_started.set()
+
+    with TrainingLane(background=True) as lane:
+        lane.submit(first)
+        # The lane's one thread is busy with the first update: the second cannot start, so
+        # submitting it does not return ...
+        caller = threading.Thread(target=lambda: (lane.submit(second), submitted.set()))
+        caller.start()
+        assert not submitted.wait(timeout=0.3)
+        # ... until it has started.
+        release.set()
+        assert submitted.wait(timeout=10)
+        assert second_started.is_set()
+        caller.join(timeout=10)

@@ -149,6 +149,33 @@ def test_sigterm_style_stop_commits_what_was_trained(bootstrap: str, topic_facto
     assert committed_offsets(bootstrap, topic, group_id) == {0: 2000}
 
 
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+def test_a_new_group_starts_where_the_reset_policy_says(
+    bootstrap: str, topic_factory, group_id: str, reset: str
+) -> None:
+    """No checkpoint, no committed offset: earliest trains the records already there, latest only new ones."""
+    topic = topic_factory(partitions=1)
+    old = 300
+    produce(bootstrap, topic, generate(SyntheticSpec(n_features=3, seed=2), old))
+    settings = worker_settings(bootstrap, topic, group_id, auto_offset_reset=reset, max_records=200)
+    worker = Worker(settings)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    # New records keep coming until the worker has trained its 200 (the latest offset is
+    # resolved after the assignment: records produced meanwhile may fall before it).
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        produce(bootstrap, topic, generate(SyntheticSpec(n_features=3, seed=3), 50))
+        time.sleep(0.1)
+    thread.join(timeout=30)
+    assert worker.records_trained == 200
+    (committed,) = committed_offsets(bootstrap, topic, group_id).values()
+    if reset == "earliest":
+        assert committed == 200  # from offset 0
+    else:
+        assert committed >= old + 200  # none of the records that were there before it joined
+
+
 def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
     bootstrap: str, topic_factory, group_id: str, tmp_path
 ) -> None:

@@ -1,20 +1,23 @@
-"""Where a polled batch's update runs: the poll loop's own thread, or a background one.
+"""Where the compiled part of a polled batch's update runs: the poll loop's thread, or a background one.
 
 With the lane in the background (``--overlap``) the worker trains polled batch k
-while it polls batch k+1: the compiled loops release the GIL (numba ``nogil``)
-and so do librdkafka's fetch and torch's kernels, so those parts overlap. The
-Python around them does not: each side waits for the GIL while the other runs
-Python (building a poll's ``Message`` objects holds it for milliseconds), which
-is why it is off by default (bench/README.md has the figures). At most one
-update is in flight, and the worker waits for it before anything that must see
-the model and its offsets agree: a checkpoint, a compaction, a rebalance, a
-rollback, the exit. Updates still happen one after the other, in the order the
-records were read: the model's history is the same either way, only the waiting
-moves.
+while it polls batch k+1. Only code that releases the GIL overlaps: what the
+lane runs is the compiled loop alone (``PendingSteps.compute``: one numba
+``nogil`` call), while the Python around it (scaling the batch before, the
+guards' checks after) stays on the loop's thread. ``submit`` returns once the
+lane's thread has the work in hand: otherwise the poll that follows could take
+the GIL first and hold it for milliseconds (librdkafka's binding builds a poll's
+``Message`` objects without letting go of it), and the lane would not even start
+until the poll ended. At most one update is in flight, and the worker waits for
+it before anything that must see the model and its offsets agree: a checkpoint,
+a compaction, a rebalance, a rollback, the exit. Updates still happen one after
+the other, in the order the records were read: the model's history is the same
+either way, only the waiting moves.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,7 +36,15 @@ class TrainingLane:
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
         if self._executor is not None:
-            return self._executor.submit(function, *args)
+            started = threading.Event()
+
+            def run() -> T:
+                started.set()
+                return function(*args)
+
+            submitted = self._executor.submit(run)
+            started.wait()
+            return submitted
         future: Future[T] = Future()
         try:
             future.set_result(function(*args))

@@ -119,6 +119,65 @@ def fused_learn(
     ``x`` must already be standardized; ``y`` must be valid for the task.
     Raises :class:`FusedUnsupportedError` when :func:`fused_supported` is false.
     """
+    return fused_call(model, optimizer, x, y, loss=loss, task=task, batch_size=batch_size).result()
+
+
+class FusedCall:
+    """One run of the compiled loop, prepared: :meth:`run` it, then take its :meth:`result`.
+
+    ``run`` is a single call into the compiled loop, which releases the GIL: it
+    may run on another thread (the worker's training lane) while the caller's
+    thread polls, as long as nothing else touches the model or the optimizer
+    until ``result``. ``result`` (on any thread; it runs the loop first if need
+    be) writes the optimizer's step counts back and returns the losses and
+    predictions.
+    """
+
+    __slots__ = ("_args", "_loop", "_ran", "_step_slots", "_steps", "losses", "predictions")
+
+    def __init__(
+        self,
+        loop: Any,
+        args: tuple[Any, ...],
+        *,
+        losses: F64,
+        predictions: F64,
+        steps: F64,
+        step_slots: list[tuple[int, torch.Tensor]],
+    ) -> None:
+        self._loop, self._args = loop, args
+        self.losses, self.predictions = losses, predictions
+        self._steps, self._step_slots = steps, step_slots
+        self._ran = loop is None  # nothing to run (no rows)
+
+    def run(self) -> None:
+        if not self._ran:
+            self._loop(*self._args)
+            self._ran = True
+
+    def result(self) -> tuple[F64, F64]:
+        self.run()
+        for index, tensor in self._step_slots:
+            tensor.fill_(float(self._steps[index]))
+        self._step_slots = []
+        return self.losses, self.predictions
+
+
+def fused_call(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    *,
+    loss: str,
+    task: str,
+    batch_size: int = 1,
+) -> FusedCall:
+    """:func:`fused_learn`, prepared but not run: checks, views of the state, the loop to call.
+
+    Raises :class:`FusedUnsupportedError` (nothing has moved yet) when
+    :func:`fused_supported` is false.
+    """
     plan = _plan(model, optimizer, loss, task)
     if isinstance(plan, str):
         raise FusedUnsupportedError(plan)
@@ -134,7 +193,7 @@ def fused_learn(
     losses = np.empty(n, dtype=np.float64)
     predictions = np.empty(n, dtype=np.float64)
     if n == 0:
-        return losses, predictions
+        return FusedCall(None, (), losses=losses, predictions=predictions, steps=np.zeros(0), step_slots=[])
 
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
@@ -165,7 +224,7 @@ def fused_learn(
             _schedule(variants[1])  # without kernels_ready first: compile it in the background now
     work = np.empty(_loops().work_size(plan.n_features, hidden, n_outputs, group_rows), dtype=np.float32)
 
-    _train_loop(variant)(
+    args = (
         x,
         y,
         *flat,
@@ -183,10 +242,10 @@ def fused_learn(
         predictions,
         work,
     )
-    for index, tensor in enumerate(step_tensors, start=padding):
-        if tensor is not None:
-            tensor.fill_(float(steps[index]))
-    return losses, predictions
+    step_slots = [(i, t) for i, t in enumerate(step_tensors, start=padding) if t is not None]
+    return FusedCall(
+        _train_loop(variant), args, losses=losses, predictions=predictions, steps=steps, step_slots=step_slots
+    )
 
 
 def fused_standardize(

@@ -204,6 +204,7 @@ class OnlineLearner:
         self._params = list(self.model.parameters())
         self._streak = 0  # records skipped in a row
         self._rollback_needed = False
+        self._pending: PendingSteps | None = None  # started by start_learn_many, not yet finished
 
     # -- public API ---------------------------------------------------------
 
@@ -219,6 +220,28 @@ class OnlineLearner:
         batch_size: int = 1,
     ) -> StepResult:
         """Learn from the rows in order, ``batch_size`` records per update (1: strict)."""
+        pending = self.start_learn_many(features, labels, batch_size=batch_size)
+        pending.run_here()
+        return pending.finish()
+
+    def start_learn_many(
+        self,
+        features: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.float32],
+        *,
+        batch_size: int = 1,
+    ) -> PendingSteps:
+        """``learn_many`` in three parts, for a caller that overlaps the middle one with other work.
+
+        This call checks and scales the rows (the running statistics learn from
+        them here) and prepares the compiled loop; :meth:`PendingSteps.compute`
+        runs it over the whole batch without the GIL, on any one thread;
+        :meth:`PendingSteps.finish`, on the caller's thread, checks the outcome
+        (guards; a batch that fails them is redone as ``learn_many`` would) and
+        returns the result. Until ``finish`` (or ``load_state``) nothing else may
+        use the learner. Without the compiled loop ``compute`` does nothing and
+        ``finish`` does all the steps.
+        """
         n = features.shape[0]
         if features.ndim != 2 or features.shape[1] != self.n_features:
             raise TrainingError(f"expected features of shape (n, {self.n_features}), got {features.shape}")
@@ -239,7 +262,7 @@ class OnlineLearner:
                 scaled = np.full(features.shape, np.nan, dtype=np.float32)
                 scaled[rows] = self._standardize_learn(features[rows], fused)
                 features = scaled
-        return self._steps(features, labels, batch_size=batch_size, fused=fused, stream=True)
+        return self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=True)
 
     def _standardize_learn(self, features: npt.NDArray[np.float32], fused: bool) -> npt.NDArray[np.float32]:
         assert self.scaler is not None
@@ -278,9 +301,11 @@ class OnlineLearner:
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
         fused = self._fused_ready(features.shape[0], labels)
-        return self._steps(features, labels, batch_size=batch_size, fused=fused, stream=False).losses
+        pending = self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=False)
+        pending.run_here()
+        return pending.finish().losses
 
-    def _steps(
+    def _start_steps(
         self,
         features: npt.NDArray[np.float32],
         labels: npt.NDArray[np.float32],
@@ -288,14 +313,52 @@ class OnlineLearner:
         batch_size: int,
         fused: bool,
         stream: bool,
-    ) -> StepResult:
+    ) -> PendingSteps:
         """Guarded steps over scaled rows, ``batch_size`` per update: the compiled loop, or autograd.
 
         ``stream``: records of the stream (spike check, running loss, skip streak), not a replay.
+        The compiled loop's first run covers the whole batch, after a snapshot; it is what
+        ``PendingSteps.compute`` runs, and ``_finish_steps`` checks it.
         """
+        if self._pending is not None:
+            raise TrainingError("the previous batch's steps are not finished (PendingSteps.finish)")
+        call = None
+        if fused:
+            self._snapshot.take()
+            try:
+                call = kernels.fused_call(
+                    self.model,
+                    self.optimizer,
+                    features,
+                    labels,
+                    loss=self._loss_name,
+                    task=self.config.task,
+                    batch_size=batch_size,
+                )
+            except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
+                logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+        pending = PendingSteps(
+            self,
+            features=features,
+            labels=labels,
+            batch_size=batch_size,
+            stream=stream,
+            call=call,
+        )
+        self._pending = pending
+        return pending
+
+    def _finish_steps(self, pending: PendingSteps) -> StepResult:
+        assert pending is self._pending, "finish the steps this learner started last"
+        self._pending = None
+        features, labels = pending.features, pending.labels
+        batch_size, stream = pending.batch_size, pending.stream
         n = features.shape[0]
         out = _Outcome(np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64))
-        done = self._fused_steps(features, labels, batch_size, stream, out) if fused else 0
+        done = 0
+        if pending.call is not None:
+            first = pending.call.result()
+            done = self._fused_steps(features, labels, batch_size, stream, out, first=first)
         if done < n:
             self._autograd_steps(
                 features[done:], labels[done:], batch_size=batch_size, stream=stream, out=out, offset=done
@@ -315,9 +378,13 @@ class OnlineLearner:
         batch_size: int,
         stream: bool,
         out: _Outcome,
+        *,
+        first: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
     ) -> int:
         """The compiled loop, checked afterwards; returns how many leading records it has handled.
 
+        ``first``: the losses and predictions of its first run, over all of ``x``
+        (``_start_steps`` took the snapshot and ``PendingSteps.compute`` ran it).
         A snapshot is taken before each run. From the first group that fails the
         check the run is undone: the records before it are learned again through
         the loop (deterministic: same results), and that group is skipped (a
@@ -328,14 +395,19 @@ class OnlineLearner:
         """
         n, pos = x.shape[0], 0
         window = max(n, 1)
+        ran: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = first
         while pos < n or n == 0:  # an empty batch runs too (as the loop always has)
             end = min(n, pos + window)
-            self._snapshot.take()
-            try:
-                losses, predictions = self._fused_run(x[pos:end], y[pos:end], batch_size)
-            except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
-                logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
-                return pos
+            if ran is not None:
+                losses, predictions = ran  # the run over [0, n), prepared in _start_steps
+                ran = None
+            else:
+                self._snapshot.take()
+                try:
+                    losses, predictions = self._fused_run(x[pos:end], y[pos:end], batch_size)
+                except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
+                    logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+                    return pos
             bad = self._first_failure(losses, x[pos:end], batch_size, stream)
             if bad == losses.shape[0] and self._snapshot.finite():
                 self._accept_fused(losses, predictions, pos, batch_size=batch_size, stream=stream, out=out)
@@ -753,6 +825,7 @@ class OnlineLearner:
             )
         updates = metadata.get("updates", 0)
         self.updates = updates if isinstance(updates, int) else 0
+        self._pending = None  # steps started before are forgotten: the state is the checkpoint's
         self.reset_guards()
 
     def valid_labels(self, labels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
@@ -763,6 +836,48 @@ class OnlineLearner:
         if task == "multiclass":
             return (labels >= 0) & (labels < self.n_outputs) & (labels == np.floor(labels))
         return np.isfinite(labels)
+
+
+class PendingSteps:
+    """One ``learn_many`` call between :meth:`OnlineLearner.start_learn_many` and :meth:`finish`."""
+
+    __slots__ = ("_learner", "batch_size", "call", "features", "labels", "stream")
+
+    def __init__(
+        self,
+        learner: OnlineLearner,
+        *,
+        features: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.float32],
+        batch_size: int,
+        stream: bool,
+        call: kernels.FusedCall | None,
+    ) -> None:
+        self._learner = learner
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.stream, self.call = stream, call  # call: the compiled loop's first run (None: autograd)
+
+    def compute(self) -> None:
+        """The compiled loop over the whole batch: one call that releases the GIL (any one thread)."""
+        if self.call is not None:
+            self.call.run()
+
+    def finish(self) -> StepResult:
+        """Check the outcome and return the result (the caller's thread): ``learn_many``'s return value."""
+        return self._learner._finish_steps(self)
+
+    def abandon(self) -> None:
+        """Give up on these steps (the learner's state is to be replaced): the learner is free again."""
+        if self._learner._pending is self:
+            self._learner._pending = None
+
+    def run_here(self) -> None:
+        """``compute`` on this thread; the learner is freed if it fails."""
+        try:
+            self.compute()
+        except BaseException:
+            self.abandon()
+            raise
 
 
 @dataclass(slots=True)
