@@ -12,6 +12,9 @@ compiled kernels of :mod:`streamtrainer.training.kernels` once they are ready
 cover, it takes the autograd path). Both paths agree to float32 rounding and
 share the model's parameters and the optimizer's state, so a learner may switch
 between them at any batch; ``LearnerConfig.fused=False`` keeps it on autograd.
+``start_learn_many`` splits a ``learn_many`` call in three (prepare, the
+compiled loop without the GIL on any thread, check and finish) for a caller
+that overlaps the loop with other work (the worker's ``--overlap``).
 
 Guards (:mod:`streamtrainer.training.guards`) protect the model from bad records:
 
