@@ -2,7 +2,7 @@
 
 Runs the real worker (``bench.worker_runs.TimedWorker``: the product code path,
 timed per polled batch) strict, binary codec, d=16, linear (``--model mlp``,
-``--update-batch B`` for micro-batches, ``--overlap``), through the embedded
+``--update-batch B`` for micro-batches, ``--no-overlap``), through the embedded
 broker, with ``--no-compaction`` and with the defaults (compaction every 2,000
 records), interleaved with a bare consumer reading the same topic (the ceiling),
 and reports for the steady state (first trained batch to last):
@@ -189,7 +189,7 @@ def run_variant(
     mode: str = "plain",
     model: str = "linear",
     update_batch: int = 1,
-    overlap: bool = False,
+    overlap: bool = True,
 ) -> dict[str, Any]:
     settings = worker_settings(
         bootstrap,
@@ -434,13 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
     parser.add_argument("--update-batch", type=int, default=1, help="records per update (1: strict)")
     parser.add_argument(
-        "--overlap",
+        "--no-overlap",
         action="store_true",
-        help="the worker with --overlap (the compiled loop in the training lane)",
+        help="the worker with --no-overlap (the compiled loop on the poll loop's thread)",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    shape = {"model": args.model, "update_batch": args.update_batch, "overlap": args.overlap}
+    shape = {"model": args.model, "update_batch": args.update_batch, "overlap": not args.no_overlap}
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     set_intra_op_threads(1)
     started = time.perf_counter()

@@ -63,7 +63,7 @@ RAW_BINARY = "raw consume + decode (binary"
 RIVER = "River learn_one"
 STRICT_BINARY = "worker strict (binary)"
 STRICT_BINARY_OFF = "worker strict (binary, --no-compaction)"
-STRICT_BINARY_LANE = "worker strict (binary, --no-compaction, --overlap)"
+STRICT_BINARY_INLINE = "worker strict (binary, --no-compaction, --no-overlap)"
 STRICT_JSON = "worker strict (json)"
 RAW_PAIRED = "raw consume + decode (binary, alongside micro-batch, from assignment)"
 RAW_FROM_ASSIGNMENT = "raw consume + decode (binary, from assignment)"
@@ -414,7 +414,8 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                 row.note = "also Message.headers() per record, which the worker no longer calls"
         for model, (task, _loss) in MODELS.items():
             # Compaction on (the default: every 2,000 records) and off, side by side; at d=16 also
-            # with each batch trained in a background thread while the next is polled (--overlap).
+            # with each batch's compiled loop on the poll loop's thread (--no-overlap; by default it
+            # runs in a background thread while the next batch is polled).
             n = sizes.strict_binary[d]
             topic = topic_name(task, d, "binary")
             strict_variants: list[tuple[str, bool, bool | None]] = [
@@ -422,7 +423,7 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
                 (STRICT_BINARY_OFF, False, None),
             ]
             if d == 16:
-                strict_variants.append((STRICT_BINARY_LANE, False, True))
+                strict_variants.append((STRICT_BINARY_INLINE, False, False))
             runs = [
                 (
                     "worker",
@@ -460,7 +461,7 @@ def end_to_end(bench: Bench, bootstrap: str) -> None:
             variants: list[tuple[str, bool, bool | None]] = [(name, True, None)]
             if sizes.micro_no_compaction:
                 variants.append((f"{name[:-1]}, --no-compaction)", False, None))
-                variants.append((f"{name[:-1]}, --no-compaction, --overlap)", False, True))
+                variants.append((f"{name[:-1]}, --no-compaction, --no-overlap)", False, False))
             runs = [
                 (
                     "worker",
@@ -727,11 +728,11 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
         )
     micro = f"worker micro-batch B={sizes.micro_batch} (binary)"
     micro_off = f"{micro[:-1]}, --no-compaction)"
-    micro_lane = f"{micro[:-1]}, --no-compaction, --overlap)"
+    micro_inline = f"{micro[:-1]}, --no-compaction, --no-overlap)"
     for model in MODELS:
         raw = bench.find(RAW_PAIRED, model, 16)
         add(f"micro-batch d=16 {model} vs raw consume (>= 0.7x)", bench.find(micro_off, model, 16), raw, 0.7)
-        for label, name in (("--overlap", micro_lane), ("compaction on", micro)):
+        for label, name in (("--no-overlap", micro_inline), ("compaction on", micro)):
             add(
                 f"context: micro-batch d=16 {model}, {label}, vs raw consume",
                 bench.find(name, model, 16),
@@ -756,14 +757,14 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[dict[str, Any]]:
     # Context, not targets: what compaction (on by default) costs the worker; how far above the
     # naive loop the broker alone (no training) goes here.
     for model in MODELS:
-        for mode, lane, default in (
-            ("strict binary", STRICT_BINARY_LANE, STRICT_BINARY_OFF),
-            ("micro-batch", micro_lane, micro_off),
+        for mode, default, inline in (
+            ("strict binary", STRICT_BINARY_OFF, STRICT_BINARY_INLINE),
+            ("micro-batch", micro_off, micro_inline),
         ):
             add(
-                f"context: {mode} d=16 {model}, --overlap / default (off)",
-                bench.find(lane, model, 16),
+                f"context: {mode} d=16 {model}, default (--overlap) / --no-overlap",
                 bench.find(default, model, 16),
+                bench.find(inline, model, 16),
                 None,
             )
     for d in sizes.dims:

@@ -273,7 +273,7 @@ def worker_settings(
         "fresh": True,
     }
     if overlap is not None:
-        values["overlap"] = overlap  # the worker's default otherwise (off)
+        values["overlap"] = overlap  # the worker's default otherwise (on)
     known = WorkerSettings.model_fields
     return WorkerSettings(**{k: v for k, v in values.items() if k in known})
 

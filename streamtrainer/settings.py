@@ -236,10 +236,10 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         "fewer while updates are slow (a poll's update aims at 0.1 s) and never past the next compaction.",
     )
     overlap: bool = Field(
-        default=False,
+        default=True,
         description="Run each polled batch's compiled training loop in a background thread while "
-        "the next one is polled (same updates in the same order). Off by default: on two cores shared "
-        "with the broker it does not pay (bench/README.md has the figures).",
+        "the next one is polled (same updates in the same order). --no-overlap keeps it on the poll "
+        "loop's thread (bench/README.md has the figures).",
     )
     auto_offset_reset: OffsetReset = Field(
         default="earliest", description="Where a partition with no committed offset starts."
