@@ -29,6 +29,10 @@ Compiling takes seconds, so it happens in a background thread: :func:`prepare`
 :func:`kernels_ready` (per batch, never blocking) schedules the loop of the
 model/optimizer at hand and says whether it is compiled; until then the caller
 keeps its autograd path. numba caches each compiled loop on disk.
+
+:func:`fused_call` prepares a run without running it: its ``run`` is one call
+into the compiled loop that releases the GIL, so a caller may run it on
+another thread (the worker's training lane) while it polls.
 """
 
 from __future__ import annotations
