@@ -859,7 +859,7 @@ def code_paths() -> dict[str, bool]:
     from streamtrainer.training import learner
 
     return {
-        "learner_uses_kernels": "kernels.fused_learn" in inspect.getsource(learner),
+        "learner_uses_kernels": "kernels.fused_call" in inspect.getsource(learner),
         "worker_prepares_kernels": "kernels.prepare" in inspect.getsource(worker),
     }
 

@@ -329,15 +329,7 @@ class OnlineLearner:
         if fused:
             self._snapshot.take()
             try:
-                call = kernels.fused_call(
-                    self.model,
-                    self.optimizer,
-                    features,
-                    labels,
-                    loss=self._loss_name,
-                    task=self.config.task,
-                    batch_size=batch_size,
-                )
+                call = self._fused_call(features, labels, batch_size)
             except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
                 logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
         pending = PendingSteps(
@@ -382,7 +374,7 @@ class OnlineLearner:
         stream: bool,
         out: _Outcome,
         *,
-        first: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+        first: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
     ) -> int:
         """The compiled loop, checked afterwards; returns how many leading records it has handled.
 
@@ -398,12 +390,11 @@ class OnlineLearner:
         """
         n, pos = x.shape[0], 0
         window = max(n, 1)
-        ran: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = first
         while pos < n or n == 0:  # an empty batch runs too (as the loop always has)
             end = min(n, pos + window)
-            if ran is not None:
-                losses, predictions = ran  # the run over [0, n), prepared in _start_steps
-                ran = None
+            if first is not None:
+                losses, predictions = first  # the run over [0, n), prepared in _start_steps
+                first = None
             else:
                 self._snapshot.take()
                 try:
@@ -504,7 +495,12 @@ class OnlineLearner:
     def _fused_run(
         self, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], batch_size: int
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        return kernels.fused_learn(
+        return self._fused_call(x, y, batch_size).result()
+
+    def _fused_call(
+        self, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], batch_size: int
+    ) -> kernels.FusedCall:
+        return kernels.fused_call(
             self.model,
             self.optimizer,
             x,
