@@ -127,6 +127,14 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
     rate: float | None = Field(
         default=None, gt=0, description="Records per second (default: as fast as possible)."
     )
+    skip: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Resume after this source position, unread: N lines of a JSON-lines file (blank ones "
+            "too), N rows after a CSV header, N synthetic records. A run prints the N to resume with."
+        ),
+    )
     codec: Codec = Field(default="json", description="Wire format of the records.")
     label: str | None = Field(default=None, description="CSV: the label column.")
     key_column: str | None = Field(default=None, description="CSV: the column used as record key.")
@@ -198,7 +206,27 @@ class ModelSettings(_Settings):
         return BUILTIN_TASKS.get(self.model, "regression")
 
 
-class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
+class ErrorBudgetSettings(_Settings):
+    """How many records that cannot be trained on a run tolerates (shared by the worker and replay)."""
+
+    errors_tolerance: Literal["none", "budget", "all"] = Field(
+        default="budget",
+        description="Records that cannot be trained on are dead-lettered; then: none: stop at the first; "
+        "budget: stop once more than --error-budget of the last --error-budget-window records were; "
+        "all: never stop (Kafka Connect's errors.tolerance).",
+    )
+    error_budget: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of invalid or refused records tolerated over the window (exit 3 past it).",
+    )
+    error_budget_window: int = Field(
+        default=1000, ge=1, description="Records consumed over which --error-budget is measured."
+    )
+
+
+class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetSettings):
     """`streamtrainer worker`."""
 
     topic: str = Field(description="Topic to train from.")
@@ -220,6 +248,19 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         default=100,
         ge=1,
         description="After this many skipped updates in a row, roll back to the last checkpoint.",
+    )
+    lr_backoff: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="When the model diverges (refused records pass on the last checkpoint's model), roll "
+        "back and multiply the learning rate by this.",
+    )
+    max_lr_backoffs: int = Field(
+        default=5,
+        ge=0,
+        description="Stop with an error after this many learning-rate backoffs in a row that never get "
+        "the model past the records where it diverged.",
     )
     update_batch: int = Field(
         default=1,
@@ -259,10 +300,27 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         description="cooperative-sticky (incremental rebalances), or the eager range / roundrobin.",
     )
     group_instance_id: str | None = Field(
-        default=None, description="Static group membership id: a restarted worker gets its partitions back."
+        default=None,
+        description=(
+            "Static group membership id: a restarted worker gets its partitions back "
+            "(Apache Kafka; on the embedded Tansu broker it can wedge the group)."
+        ),
     )
-    max_records: int | None = Field(default=None, ge=1, description="Stop after training this many records.")
+    max_records: int | None = Field(
+        default=None, ge=1, description="Stop after consuming this many records (trained or dead-lettered)."
+    )
     max_seconds: float | None = Field(default=None, gt=0, description="Stop after this many seconds.")
+    stop_at_end: bool = Field(
+        default=False,
+        description="A bounded run: stop (checkpoint, commit, exit 0) once every assigned partition is "
+        "read up to the end offset it had when assigned.",
+    )
+    metrics_linger_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="After stopping on an error (the error budget), keep /metrics up this long so "
+        "Prometheus scrapes why (when the metrics endpoint is on).",
+    )
     run_log: Path | None = Field(
         default=None, description="Append a JSON line of run statistics here every second."
     )
@@ -344,7 +402,7 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings):
         return self
 
 
-class ReplaySettings(KafkaSettings, ModelSettings):
+class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):
     """`streamtrainer replay`: train a model in epochs on a bounded, recorded range of a topic."""
 
     # Validated by name in code, by STREAMTRAINER_FROM in the environment (`from` is a Python keyword).
@@ -400,13 +458,26 @@ class DeadLetterSettings(KafkaSettings):
     topic: str = Field(description="The source topic whose dead letters to read.")
     dlq_topic: str | None = Field(default=None, description="Dead-letter topic (default: <topic>.dlq).")
     reason: list[str] | None = Field(
-        default=None, description="Only records dead-lettered for these reasons (e.g. non_finite)."
+        default=None,
+        description="Only records dead-lettered for these reasons (e.g. non_finite; repeatable).",
     )
     source_offsets: list[str] | None = Field(
-        default=None, description="Only these source records, as PARTITION:OFFSET (repeatable)."
+        default=None,
+        description="Only these source records, as PARTITION:OFFSET (repeatable); any not found is "
+        "reported, and redrive then exits 1.",
     )
-    limit: int | None = Field(default=None, ge=1, description="At most this many records.")
-    idle_s: float = Field(default=2.0, gt=0, description="Reading ends once no record arrived for this long.")
+    group: list[str] | None = Field(
+        default=None, description="Only records dead-lettered by these consumer groups (repeatable)."
+    )
+    force: bool = Field(
+        default=False, description="redrive: publish records redriven already, too (they are skipped)."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="At most this many records (redrive: source records)."
+    )
+    idle_s: float = Field(
+        default=2.0, gt=0, description="Reading fails if no record arrived for this long before the end."
+    )
     log_level: LogLevel = Field(default="warning", description="Log level.")
 
 

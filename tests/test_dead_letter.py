@@ -82,8 +82,9 @@ def test_poison_every_bad_record_is_dead_lettered_once_and_the_rest_trained_once
         feature_names=["a", "b", "c", "d"],
         max_value_bytes=MAX_VALUE_BYTES,
         worker_id="poison-test",
-        max_records=n - len(expected_bad),
+        max_records=n,  # records consumed: trained or dead-lettered
         max_seconds=120.0,
+        errors_tolerance="all",  # 12% invalid on purpose: past the default error budget
     )
     status = Worker(settings, registry=registry).run()  # one run: no restart, no crash
 
@@ -132,7 +133,7 @@ def test_dlq_inspect_and_redrive(bootstrap: str, topic_factory, group_id: str) -
         value = _good(i) if i % 10 else b'{"features": [1, 2, 3, 4], "label": 9}'
         producer.produce(topic, key=f"k{i}".encode(), value=value)
     producer.flush(10)
-    settings = worker_settings(bootstrap, topic, group_id, model="logistic", max_records=27)
+    settings = worker_settings(bootstrap, topic, group_id, model="logistic", max_records=30)
     assert Worker(settings).run().records_invalid == 3
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -217,7 +218,7 @@ def test_an_unwritable_dead_letter_topic_blocks_and_loses_nothing(
 
     # The dead-letter topic is writable again: the restarted worker routes it and trains the rest once.
     registry = CollectorRegistry()
-    healthy = blocked.model_copy(update={"dlq_kafka_config": {}, "max_records": n - 1 - applied_before})
+    healthy = blocked.model_copy(update={"dlq_kafka_config": {}, "max_records": n - applied_before})
     status = Worker(healthy, registry=registry).run()
     assert status.records_applied == n - 1
     assert sum(committed_offsets(bootstrap, topic, group_id).values()) == n

@@ -77,7 +77,7 @@ def test_undecodable_records_are_counted_by_reason_and_never_crash_the_worker(
     produce(bootstrap, topic, good[5:])
 
     registry = CollectorRegistry()
-    settings = worker_settings(bootstrap, topic, group_id, max_records=10)
+    settings = worker_settings(bootstrap, topic, group_id, max_records=15)
     status = Worker(settings, registry=registry).run()
     assert status.records_trained == 10
     assert status.records_invalid == 5
@@ -179,7 +179,7 @@ def test_a_new_group_starts_where_the_reset_policy_says(
 def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
     bootstrap: str, topic_factory, group_id: str, tmp_path
 ) -> None:
-    from streamtrainer.training.exceptions import TrainingError
+    from streamtrainer.exceptions import ConfigurationError
 
     topic = topic_factory(partitions=1)
     produce(bootstrap, topic, generate(SyntheticSpec(task="binary", n_features=3, seed=4), 3000))
@@ -199,7 +199,7 @@ def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
     assert second.records_trained == 2000 and second.records_applied == 3000
     assert committed_offsets(bootstrap, topic, group_id) == {0: 3000}
     # Another model cannot silently load these weights...
-    with pytest.raises(TrainingError, match="checkpoint was made for"):
+    with pytest.raises(ConfigurationError, match="checkpoint was made for"):
         Worker(worker_settings(bootstrap, topic, group_id, model="mlp", checkpoint_dir=checkpoints)).run()
     # ...but --fresh starts a new one (a new group here, so it reads from the beginning).
     fresh = Worker(

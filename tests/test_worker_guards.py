@@ -86,7 +86,7 @@ def test_values_that_blow_up_the_loss_are_dead_lettered_and_no_checkpoint_holds_
         model="linear",
         standardize=False,
         worker_id="guard-test",
-        max_records=n - len(poisoned),  # trained records: it stops once every good one is
+        max_records=n,  # records consumed: trained or dead-lettered
         compaction_every_records=10**9,  # keeps records for compaction epochs, runs none
     )
     worker = Worker(settings, registry=registry)
@@ -154,7 +154,7 @@ def test_loss_spikes_are_dead_lettered_with_their_reason(bootstrap, topic_factor
         lr=0.05,
         spike_factor=20.0,
         compaction=False,
-        max_records=n - len(spikes),
+        max_records=n,
     )
     status = Worker(settings, registry=registry).run()
 

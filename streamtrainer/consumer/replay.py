@@ -54,6 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streamtrainer import __version__
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
+from streamtrainer.consumer.error_budget import ErrorBudgetExceeded
 from streamtrainer.consumer.exceptions import ConsumerError
 from streamtrainer.consumer.messages import HeaderCodecs
 from streamtrainer.consumer.ranges import (
@@ -80,6 +81,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT: Final = "streamtrainer-replay-manifest/1"
 MANIFEST_NAME: Final = "manifest.json"
 _POLL_BATCH: Final = 5000
+# Records of a partition read, at most, to find the first that decodes (the range's schema).
+_SCHEMA_PROBE: Final = 1000
 _LENGTH: Final = struct.Struct("<q")
 _INVALID_LOG_INTERVAL_S: Final = 5.0
 _SCALER_CHUNK: Final = 65_536
@@ -283,6 +286,36 @@ class RangeReader:
             watermarks=watermarks,
             offset_for_time=offset_for_time,
         )
+
+    def settle_schema(self, ranges: Sequence[PartitionRange], decoder: BatchDecoder) -> None:
+        """Fix ``decoder``'s schema from the range's first record in (partition, offset) order that decodes.
+
+        Reading order across partitions differs from run to run; the schema must not (a stray
+        record of another shape read first would otherwise fix it). Reads at most
+        ``_SCHEMA_PROBE`` records of each partition, from its start, until one decodes.
+        """
+        consumer = self.consumer
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        try:
+            for r in sorted(ranges, key=lambda item: item.partition):
+                end = r.end if r.end is not None else r.start + _SCHEMA_PROBE
+                if r.start >= end:
+                    continue
+                consumer.assign([TopicPartition(self.topic, r.partition, r.start)])
+                seen: list[Message] = []
+                while len(seen) < min(end - r.start, _SCHEMA_PROBE) and time.monotonic() < deadline:
+                    messages = consumer.consume(num_messages=_SCHEMA_PROBE, timeout=0.2)
+                    seen += [m for m in messages if m.error() is None]
+                    errors = [error for m in messages if (error := m.error()) is not None]
+                    if any(error.code() == KafkaError._PARTITION_EOF for error in errors):
+                        break
+                seen = [m for m in seen if (m.offset() or 0) < end][:_SCHEMA_PROBE]
+                values = [m.value() for m in seen]
+                if decoder.settle_schema(values, HeaderCodecs(seen), range(len(seen))):
+                    return
+        finally:
+            with contextlib.suppress(KafkaException):
+                consumer.unassign()
 
     def read(
         self,
@@ -564,6 +597,8 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
         reader = stack.enter_context(RangeReader(settings, plan.topic))
         ranges = reader.resolve(plan.start, plan.end)
         logger.info("replaying %s: %s", plan.topic, describe_ranges(ranges))
+        if decoder.n_features is None:
+            reader.settle_schema(ranges, decoder)
         collector = _Collector(store, decoder, plan.topic, make_learner, learner)
         known = [r.end - r.start for r in ranges if r.end is not None]
         total = sum(known) if len(known) == len(ranges) else None
@@ -582,6 +617,7 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
                 invalid_total,
                 ", ".join(f"{reason}: {n}" for reason, n in sorted(collector.invalid.items())),
             )
+        _check_error_budget(settings, plan.topic, read_records, collector.invalid)
         if plan.expected_sha256 is not None and read.content_sha256 != plan.expected_sha256:
             raise ReplayError(
                 f"the records read from {plan.topic!r} differ from the manifest's (content sha256 "
@@ -641,6 +677,25 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
         manifest_path=manifest_path,
         manifest=manifest,
         elapsed_s=elapsed,
+    )
+
+
+def _check_error_budget(settings: ReplaySettings, topic: str, records: int, invalid: Counter[str]) -> None:
+    """Refuse to train on a range with more invalid records than the error budget allows.
+
+    A replay is a batch job: its budget is the share of the whole range (the same verdict
+    whatever order the partitions were read in), not a sliding window.
+    """
+    count = sum(invalid.values())
+    if settings.errors_tolerance == "all" or not count:
+        return
+    if settings.errors_tolerance == "budget" and count <= settings.error_budget * records:
+        return
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in invalid.most_common())
+    raise ErrorBudgetExceeded(
+        f"{count} of the {records} record(s) read from {topic!r} could not be trained on "
+        f"({count / records:.1%}; --error-budget {settings.error_budget:.1%}, --errors-tolerance "
+        f"{settings.errors_tolerance}): {reasons}. No checkpoint written"
     )
 
 

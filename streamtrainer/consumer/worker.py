@@ -61,11 +61,12 @@ from streamtrainer.consumer.dead_letter import (
     dead_letter_topic,
     default_worker_id,
 )
+from streamtrainer.consumer.error_budget import ErrorBudget, ErrorBudgetExceeded, Verdict
 from streamtrainer.consumer.messages import HeaderCodecs, key_bytes, timestamps_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
 from streamtrainer.consumer.training_lane import TrainingLane
 from streamtrainer.consumer.validation import trainable_rows
-from streamtrainer.exceptions import TopicError
+from streamtrainer.exceptions import ConfigurationError, StreamtrainerError, TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
 from streamtrainer.records import BatchDecoder
 from streamtrainer.settings import WorkerSettings
@@ -78,7 +79,7 @@ from streamtrainer.training import (
     kernels,
 )
 from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
-from streamtrainer.training.exceptions import CheckpointError, TrainingError
+from streamtrainer.training.exceptions import CheckpointError, DivergenceError, TrainingError
 from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,13 @@ class Worker:
         self.records_consumed = 0
         self.records_trained = 0
         self.records_invalid = 0
+        self.error_budget = ErrorBudget(
+            settings.errors_tolerance, settings.error_budget, settings.error_budget_window
+        )
+        # Why the worker stopped on its own (the error budget): no checkpoint may follow it.
+        self._failure: StreamtrainerError | None = None
+        # --stop-at-end: per assigned partition, (low, high) watermarks when it was assigned.
+        self._end_offsets: dict[Partition, tuple[int, int]] = {}
         self._running = False
         self._stop_requested = threading.Event()
         self._consumer: Consumer | None = None
@@ -227,6 +235,12 @@ class Worker:
         # (partition, offset) of the records a training guard refused and the dead-letter topic holds,
         # past the last checkpoint: a rollback reads them again, and they must not go there twice.
         self._guard_dead_lettered: set[tuple[int, int]] = set()
+        # Divergence (refused records that pass on the model a rollback goes back to): the learning-rate
+        # backoffs in a row, the last offsets per partition of the batch that diverged last, and the
+        # first offset read per partition (where a rollback with no checkpoint and no commit goes).
+        self._lr_backoffs = 0
+        self._diverged_at: dict[int, int] = {}
+        self._first_read: dict[int, int] = {}
         self._paused: list[TopicPartition] = []
         self._abort_compaction = False
         self._served_group_at = 0.0
@@ -246,19 +260,28 @@ class Worker:
         settings = self.settings
         set_intra_op_threads(settings.torch_threads)
         with ExitStack() as stack:
-            stack.enter_context(self._signals_stop_the_loop())
-            self._check_topic()
-            self.dead_letters = self._open_dead_letters()
-            stack.callback(self.dead_letters.close)
-            if settings.fused and settings.device == "cpu":
-                kernels.prepare(settings.model, settings.optimizer)  # compiles in the background meanwhile
+            # Before connecting: a checkpoint of another topic, group or schema is a usage error.
             stack.enter_context(self.store)
+            checkpoint = None
             if settings.fresh:
                 logger.info("--fresh: ignoring checkpoints in %s", settings.checkpoint_dir)
             else:
-                self._restore(self.store.load_latest())
+                checkpoint = self.store.load_latest()
+                self._check_binding(checkpoint)
+            stack.enter_context(self._signals_stop_the_loop())
+            if settings.fused and settings.device == "cpu":
+                kernels.prepare(settings.model, settings.optimizer)  # compiles in the background meanwhile
+            try:
+                self._restore(checkpoint)
+            except TrainingError as error:
+                raise ConfigurationError(
+                    f"{settings.checkpoint_dir}: {error} (use another --checkpoint-dir, or --fresh)"
+                ) from None
             if self.learner is None and settings.init_from is not None:
                 self._initialise_from(settings.init_from)
+            self._check_topic()
+            self.dead_letters = self._open_dead_letters()
+            stack.callback(self.dead_letters.close)
             if self.compactor is not None:
                 stack.enter_context(self.compactor)
             stack.enter_context(self.metrics_server)
@@ -274,6 +297,11 @@ class Worker:
                     "optimizer": settings.optimizer,
                 }
             )
+            if settings.errors_tolerance != "all":
+                # NaN (the default) while the budget is off: "no limit" is neither 0 nor any share.
+                limit = settings.error_budget if settings.errors_tolerance == "budget" else 0.0
+                self.metrics.error_budget_limit.set(limit)
+                self.metrics.error_budget_ratio.set(0.0)
             run_log = stack.enter_context(self._run_log())
             consumer.subscribe(
                 [settings.topic],
@@ -306,6 +334,8 @@ class Worker:
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
+                    if self._failure is not None or self._reached_end():
+                        break
                     if self.compactor is not None and (reason := self.compactor.due()) is not None:
                         self._compact(reason)
                     now = time.monotonic()
@@ -316,6 +346,8 @@ class Worker:
                         self._checkpoint_and_commit()
                     if now >= next_lag:
                         self._refresh_lag()
+                        if self.error_budget.enabled:
+                            self.metrics.error_budget_ratio.set(self.error_budget.share)
                         if self.compactor is not None:
                             self.compactor.publish_store_size()
                         next_lag = now + _LAG_INTERVAL_S
@@ -333,11 +365,18 @@ class Worker:
                         self._start_update(self._still_ours(messages, rewinds, assignment))
             finally:
                 self._running = False
-                # Clean shutdown: everything trained becomes durable, then committed.
-                self._checkpoint_and_commit()
+                if self._failure is None:
+                    # Clean shutdown: everything trained becomes durable, then committed.
+                    self._checkpoint_and_commit()
+                else:
+                    # Stopped on an error: nothing past the last checkpoint is committed.
+                    self._discard_update()
             status = self.status()
             if run_log is not None:
                 run_log.write(orjson.dumps(status.as_json()) + b"\n")
+            if self._failure is not None:
+                self._linger_for_scrapes()
+                raise self._failure
         return status
 
     def status(self) -> WorkerStatus:
@@ -368,6 +407,34 @@ class Worker:
         )
 
     # -- setup ----------------------------------------------------------------
+
+    def _check_binding(self, checkpoint: Checkpoint | None) -> None:
+        """Refuse a checkpoint of another topic, group or input schema (before connecting: exit 2)."""
+        if checkpoint is None:
+            return
+        settings, metadata = self.settings, checkpoint.metadata
+        topic = metadata.get("topic")
+        if topic is None:  # checkpoints before the topic was recorded: their positions name it
+            topics = {str(key).rpartition(":")[0] for key in dict(metadata.get("positions", {}))}
+            topic = topics.pop() if len(topics) == 1 else None
+        group = metadata.get("group")
+        where = f"{settings.checkpoint_dir} (checkpoint {checkpoint.version})"
+        if (topic is not None and topic != settings.topic) or (group is not None and group != settings.group):
+            raise ConfigurationError(
+                f"{where} holds the model of topic {topic!r}, group {group!r}, not of topic "
+                f"{settings.topic!r}, group {settings.group!r}: use another --checkpoint-dir, --fresh "
+                f"to start a new model there, or --init-from to take that model across on purpose"
+            )
+        n_features, names = metadata.get("n_features"), metadata.get("feature_names")
+        wanted = settings.n_features
+        if wanted is not None and isinstance(n_features, int) and n_features != wanted:
+            raise ConfigurationError(
+                f"{where} holds a model of {n_features} features, not --n-features {settings.n_features}"
+            )
+        if settings.feature_names is not None and isinstance(names, list) and names != settings.feature_names:
+            raise ConfigurationError(
+                f"{where} holds a model of features {names}, not --feature-names {settings.feature_names}"
+            )
 
     def _check_topic(self) -> None:
         admin = admin_client(self.settings)
@@ -469,7 +536,8 @@ class Worker:
             budget = min(budget, max(_MIN_POLL, int(_UPDATE_TARGET_S / self._seconds_per_record)))
         in_flight = int(self._in_flight.index.shape[0]) if self._in_flight is not None else 0
         if settings.max_records is not None:
-            budget = min(budget, settings.max_records - self.records_trained - in_flight)
+            # Records consumed, trained or routed: a run with dead letters still reaches its limit.
+            budget = min(budget, settings.max_records - self.records_consumed)
         if self.compactor is not None and (until := self.compactor.records_until_due()) is not None:
             # Not past the next compaction: "every N records" stays every N, whatever the poll size.
             if until > in_flight:
@@ -477,6 +545,33 @@ class Worker:
             elif in_flight:
                 budget = min(budget, 0)  # the batch in flight completes the count: compact first
         return budget
+
+    def _reached_end(self) -> bool:
+        """--stop-at-end: every assigned partition is read up to its end offset when assigned."""
+        consumer = self._consumer
+        if (
+            not self.settings.stop_at_end
+            or consumer is None
+            or not self._assigned
+            or self._in_flight is not None
+            or self._held
+        ):
+            return False
+        for key in self._assigned:
+            if key not in self._end_offsets:
+                # The watermarks of the first fetch response after the assignment: "the end" of the
+                # bounded run. (Not a ListOffsets query: the embedded broker answers it wrongly,
+                # e.g. 1 for a partition of 1,573 records.)
+                low, high = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
+                if high < 0:
+                    return False  # nothing fetched from it yet
+                self._end_offsets[key] = (max(low, 0), high)
+            low, high = self._end_offsets[key]
+            position = self.offsets.next_offset(*key)
+            if max(position if position is not None else low, low) < high:
+                return False
+        logger.info("--stop-at-end: every assigned partition is read to its end offset")
+        return True
 
     def _still_ours(self, messages: list[Message], rewinds: int, assignment: int) -> list[Message]:
         """What of a polled batch is still to be trained, after what happened since the poll began."""
@@ -534,10 +629,15 @@ class Worker:
             last_offsets = dict(zip(partitions, offsets, strict=True))
             counts = CountOf(partitions)
         self.records_consumed += n
+        self.error_budget.consume(n)
         for partition, count in counts.items():
             self.metrics.records_consumed.labels(topic_name, str(partition)).inc(count)
 
-        batch = self.decoder.decode(values, HeaderCodecs(records))
+        schema_order: list[int] | None = None
+        if self.decoder.n_features is None and partitions is not None:
+            # The first record in (partition, offset) order fixes the schema, not the first decoded.
+            schema_order = sorted(range(n), key=lambda i: (partitions[i], offsets[i]))
+        batch = self.decoder.decode(values, HeaderCodecs(records), schema_order=schema_order)
         errors = batch.errors
         features, labels, index = batch.features, batch.labels, batch.index
         if len(batch) and self.learner is None:
@@ -548,12 +648,17 @@ class Worker:
         if errors:
             rewinds, assignment = self._rewinds, self._assignment_changes
             self._route_invalid(records, errors)
-            if self._rewinds != rewinds:
+            if self._rewinds != rewinds or self._failure is not None:
                 return  # rolled back while the dead-letter topic was written: read again from there
             if self._assignment_changes != assignment and len(index):
                 owned = np.array([(topic_name, m.partition()) in self._assigned for m in records])
                 keep = owned[index]
                 features, labels, index = features[keep], labels[keep], index[keep]
+        elif (verdict := self.error_budget.check()) is not None:
+            # Invalid records earlier in the window, and now enough records to judge it by.
+            self._spend_error_budget(verdict, None, None)
+        if self._failure is not None:
+            return
         polled = _Polled(records, partitions, last_offsets, features, labels, index)
         if self.learner is None or not len(index):
             self._mark_read(polled)
@@ -584,12 +689,18 @@ class Worker:
         self.metrics.update_latency.observe(self._seconds_per_record)
         self.metrics.model_updates.inc(learner.updates - polled.updates_before)
         losses, predictions = result.losses, result.predictions
+        for partition in polled.last_offsets.keys() - self._first_read.keys():
+            # A partition's first batch: where a rollback with no checkpoint (and no commit) reads again.
+            first = records[0 if partitions is None else partitions.index(partition)]
+            self._first_read[partition] = first.offset() or 0
+        self.metrics.learning_rate.set(learner.lr)  # once a batch: ~0.3 us
         if result.skipped_nonfinite or result.skipped_spike:
-            # Records a training guard refused are not trained on: they go to the dead-letter topic.
+            # Records a training guard refused are not trained on. If they fail on the model a rollback
+            # goes back to, they go to the dead-letter topic; if not, the model diverged: it rolls back.
             self.metrics.updates_skipped.labels("non_finite").inc(result.skipped_nonfinite)
             self.metrics.updates_skipped.labels("spike").inc(result.skipped_spike)
             rewinds = self._rewinds
-            self._route_skipped(records, index, result)
+            self._route_skipped(polled, result)
             if self._rewinds != rewinds:
                 return  # rolled back meanwhile: this batch is read and trained again
             learned = np.ones(index.shape[0], dtype=np.bool_)
@@ -679,7 +790,67 @@ class Worker:
             skips,
         )
         self._guard_rolled_back = True
+        self._rollback_to_restored(consumer)
+
+    def _back_off(
+        self,
+        consumer: Consumer,
+        learner: OnlineLearner,
+        checkpoint: Checkpoint | None,
+        polled: _Polled,
+        culprit: Message,
+    ) -> None:
+        """The model diverged on ``polled``: roll back and lower the learning rate, or give up."""
+        settings = self.settings
+        topic = settings.topic
+        positions = checkpoint.metadata.get("positions", {}) if checkpoint is not None else {}
+        assert isinstance(positions, dict)
+        if self._diverged_at and all(
+            int(positions.get(f"{topic}:{partition}", 0)) > offset
+            for partition, offset in self._diverged_at.items()
+        ):
+            self._lr_backoffs = 0  # the model got durably past where it diverged last: that was progress
+        self._diverged_at = dict(polled.last_offsets)
+        where = f"{topic}[{culprit.partition()}]@{culprit.offset()}"
+        target = f"checkpoint {checkpoint.version}" if checkpoint is not None else "the initial model"
+        lr, n_features = learner.lr, learner.n_features
+        give_up = self._lr_backoffs >= settings.max_lr_backoffs
+        scale = learner.lr_scale * (1.0 if give_up else settings.lr_backoff)
+        self._rollback_to_restored(consumer)
+        if give_up:
+            raise DivergenceError(
+                f"the model diverged again at {where} after {self._lr_backoffs} learning-rate backoff(s) "
+                f"(--lr {settings.lr:g} lowered to {lr:g}): records that {target} learns from got non-finite "
+                f"or exploding losses; lower --lr, or raise --max-lr-backoffs"
+            )
+        self._lr_backoffs += 1
+        if self.learner is None:  # no checkpoint: the initial model, as the next batch would make it
+            self.learner = self._create_learner(n_features)
+        self.learner.set_lr_scale(scale)
+        self.metrics.learning_rate.set(self.learner.lr)
+        logger.warning(
+            "the model diverged at %s (records that %s learns from got non-finite losses): rolled back "
+            "there and lowered the learning rate from %g to %g (backoff %d of at most %d in a row)",
+            where,
+            target,
+            lr,
+            self.learner.lr,
+            self._lr_backoffs,
+            settings.max_lr_backoffs,
+        )
+
+    def _rollback_to_restored(self, consumer: Consumer) -> None:
+        """``_rollback``; with no checkpoint and no commit, back to where each partition was first read."""
         self._rollback(consumer)
+        first = [
+            (topic, partition)
+            for topic, partition in sorted(self._assigned)
+            if self.offsets.next_offset(topic, partition) is None and partition in self._first_read
+        ]
+        for topic, partition in first:
+            self.offsets.done(topic, partition, self._first_read[partition] - 1)
+        if first:
+            self._seek_to_positions()
 
     def _take_held(self, budget: int) -> list[Message]:
         if not self._held:
@@ -817,8 +988,29 @@ class Worker:
         )
         return learner
 
-    def _route_skipped(self, records: list[Message], index: npt.NDArray[np.intp], result: StepResult) -> None:
-        """Dead-letter the records a training guard refused (``index``: the batch rows ``result`` covers)."""
+    def _route_skipped(self, polled: _Polled, result: StepResult) -> None:
+        """Dead-letter the records a training guard refused if they are to blame, else roll back.
+
+        Each refused record is tried on the model a rollback goes back to (the
+        last checkpoint's; with none yet, the initial model). If every one fails
+        there too (non-finite loss or gradient, or still a spike), they are bad
+        records: they go to the dead-letter topic. If any passes, the model
+        diverged: nothing is dead-lettered, the worker rolls back, multiplies the
+        learning rate by ``lr_backoff`` and reads the records again. After
+        ``max_lr_backoffs`` backoffs in a row whose rollback target never got past
+        the previous divergence, it rolls back one last time and raises
+        :class:`DivergenceError` (nothing past the checkpoint is committed).
+        """
+        records, index = polled.records, polled.index
+        learner, consumer, steps = self.learner, self._consumer, polled.steps
+        if learner is not None and consumer is not None and steps is not None:
+            checkpoint = self.store.load_latest()
+            reference = learner.reference_model(checkpoint.tensors if checkpoint is not None else None)
+            fails = learner.failing_on(reference, steps, result.skips)
+            if not fails.all():
+                culprit = records[int(index[result.skipped[int(np.argmin(fails))]])]
+                self._back_off(consumer, learner, checkpoint, polled, culprit)
+                return
         rows = index[result.skipped].tolist()
         losses = result.losses[result.skipped].tolist()
         thresholds = result.skipped_thresholds.tolist()
@@ -854,7 +1046,48 @@ class Worker:
                 return False
             self._dead_letters_unconfirmed = False
         self._count_invalid(errors)
+        # ``records`` is the batch consumed last (a batch's update finishes before the next starts):
+        # its records are the last len(records) the budget counted.
+        first = self.error_budget.consumed - len(records)
+        verdict = self.error_budget.invalid(sorted(first + position for position, _ in errors))
+        if verdict is not None:
+            self._spend_error_budget(verdict, records[errors[-1][0]], errors[-1][1])
         return True
+
+    def _spend_error_budget(self, verdict: Verdict, message: Message | None, error: Rejection | None) -> None:
+        """The error budget is spent: stop, committing nothing past the last checkpoint."""
+        settings = self.settings
+        latest = ""
+        if message is not None and error is not None:
+            latest = f"; latest {message.topic()}[{message.partition()}]@{message.offset()}: {error}"
+        if settings.errors_tolerance == "none":
+            text = f"a record could not be trained on (--errors-tolerance none){latest}"
+        else:
+            text = (
+                f"error budget spent: {verdict.invalid} of the last {verdict.records} records could not be "
+                f"trained on ({verdict.share:.1%} > --error-budget {verdict.limit:.1%}){latest}"
+            )
+        self._failure = ErrorBudgetExceeded(
+            f"{text}. Stopped at checkpoint {self.model_version} (nothing later committed; the dead-lettered "
+            f"records are in {dead_letter_topic(settings.topic, settings.dlq_topic)}): fix the cause, or "
+            "raise --error-budget, or --errors-tolerance all"
+        )
+        self.metrics.error_budget_ratio.set(verdict.share)
+        self.metrics.error_budget_exhausted.set(1)
+        logger.error("%s", self._failure)
+        self._running = False
+
+    def _linger_for_scrapes(self) -> None:
+        """Keep /metrics up a while after an error stop, so Prometheus sees why (not only that) it stopped."""
+        linger = self.settings.metrics_linger_s
+        if linger <= 0 or self.settings.metrics_port < 0:
+            return
+        logger.info("serving /metrics %gs more before exiting (--metrics-linger-s)", linger)
+        self._stop_requested.clear()
+        deadline = time.monotonic() + linger
+        # A second SIGTERM/SIGINT ends the wait (the handlers only set the flag).
+        while time.monotonic() < deadline and not self._stop_requested.wait(0.2):
+            pass
 
     def _count_invalid(self, errors: Sequence[tuple[int, Rejection]]) -> None:
         self.records_invalid += len(errors)
@@ -881,6 +1114,9 @@ class Worker:
         if checkpoint is None:
             self.learner = None
             self.decoder = self._new_decoder(self.settings.n_features, self.settings.feature_names)
+            self.error_budget.restore(None)
+            if self.compactor is not None:
+                self.compactor.restore(None)
             logger.info("no checkpoint in %s: starting a new model", self.settings.checkpoint_dir)
             return
         metadata = checkpoint.metadata
@@ -899,6 +1135,7 @@ class Worker:
             self.applied[(topic, int(partition))] = int(count)
         if self.compactor is not None:
             self.compactor.restore(metadata.get("compaction"))
+        self.error_budget.restore(metadata.get("error_budget"))
         self.model_version = checkpoint.version
         self.metrics.model_version.set(checkpoint.version)
         logger.info(
@@ -911,7 +1148,7 @@ class Worker:
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
         self._finish_update()  # the model and the offsets agree only between updates
-        if not self._dirty:
+        if not self._dirty or self._failure is not None:
             return
         if self._dead_letters_unconfirmed:
             logger.warning(
@@ -931,7 +1168,9 @@ class Worker:
             applied={f"{t}:{p}": n for (t, p), n in self.applied.items()},
             records_applied=sum(self.applied.values()),
             config_digest=self.settings.digest(),
+            topic=self.settings.topic,
             group=self.settings.group,
+            error_budget=self.error_budget.state(),
         )
         compaction = self.compactor.checkpoint_metadata(self.settings.topic) if self.compactor else None
         if compaction is not None:
@@ -1013,6 +1252,7 @@ class Worker:
         starts = []
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            self._end_offsets.pop(key, None)  # --stop-at-end: learnt again from the next fetch
             known = [o for o in (self.offsets.next_offset(*key), committed.get(key)) if o is not None]
             # The later of the two: records before the checkpoint's position are in our model;
             # records before the committed offset are durably in some member's model.
@@ -1038,6 +1278,10 @@ class Worker:
             self.metrics.records_consumed.labels(topic, str(partition))
             self.metrics.records_trained.labels(topic, str(partition))
         self.metrics.assigned_partitions.set(len(self._assigned))
+        if self.compactor is not None:
+            # The rows the checkpoint's compaction windows held, read back from the log (refill.py).
+            resumed = {tp.partition: tp.offset for tp in partitions if tp.offset >= 0}
+            self.compactor.refill(resumed, self.decoder, self.learner)
         logger.info("assigned %s", ", ".join(starts))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -1087,6 +1331,9 @@ class Worker:
                 committed = consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
                 if committed >= 0:
                     self.offsets.done(topic, partition, committed - 1)
+        if self.compactor is not None:
+            positions = {p: o for t, p in self._assigned if (o := self.offsets.next_offset(t, p)) is not None}
+            self.compactor.refill(positions, self.decoder, self.learner)
         self._seek_to_positions()
 
     def _seek_to_positions(self) -> None:
@@ -1108,6 +1355,7 @@ class Worker:
         self._held = [m for m in self._held if (m.topic(), m.partition()) not in released]
         for topic, partition in keys:
             self._assigned.discard((topic, partition))
+            self._end_offsets.pop((topic, partition), None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(topic, str(partition))
         self.metrics.assigned_partitions.set(len(self._assigned))

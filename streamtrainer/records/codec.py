@@ -157,14 +157,28 @@ class BatchDecoder:
             raise batch.errors[0][1]
         return Sample(batch.features[0].copy(), float(batch.labels[0]))
 
-    def decode(self, values: Sequence[bytes | None], codecs: CodecLookup | None = None) -> DecodedBatch:
+    def decode(
+        self,
+        values: Sequence[bytes | None],
+        codecs: CodecLookup | None = None,
+        *,
+        schema_order: Sequence[int] | None = None,
+    ) -> DecodedBatch:
         """Decode ``values``, in order.
 
         ``codecs[i]`` is the codec record i names in its header (None: none). It
         is looked at only for a value that is neither binary nor valid JSON (see
         the module doc), so a lazy sequence that reads headers on demand costs
         nothing for good records.
+
+        While the feature dimension is unknown, the first record that decodes in
+        ``schema_order`` (positions; default: the input order) fixes it, whatever its
+        codec, before the rest are decoded against it: the worker passes the batch's
+        (partition, offset) order. (Decoding the codecs in groups would otherwise let
+        a stray JSON record fix the dimension for the binary records before it.)
         """
+        if self._n_features is None:
+            self.settle_schema(values, codecs, range(len(values)) if schema_order is None else schema_order)
         uniform = self._decode_uniform_binary(values)
         if uniform is not None:
             return uniform
@@ -233,6 +247,29 @@ class BatchDecoder:
             positions, features, labels = positions[order], features[order], labels[order]
         errors.sort(key=lambda item: item[0])
         return DecodedBatch(features, labels, positions, errors)
+
+    def settle_schema(
+        self, values: Sequence[bytes | None], codecs: CodecLookup | None, order: Sequence[int]
+    ) -> bool:
+        """Fix the schema from the first value in ``order`` that decodes on its own (True: fixed).
+
+        Each value is tried alone with a probe decoder, so this costs ~10 us a record, and only
+        until one decodes: once per stream, not per batch.
+        """
+        if self._n_features is not None:
+            return True
+        probe = BatchDecoder(feature_names=self._feature_names, max_value_bytes=self.max_value_bytes)
+        for position in order:
+            # The header is read only if the value does not name its codec (as in decode).
+            lookup = _Shifted(codecs, position) if codecs is not None else None
+            batch = probe.decode([values[position]], lookup, schema_order=())
+            if len(batch):
+                self._n_features = probe.n_features
+                if self._feature_names is None:
+                    self._feature_names = probe.feature_names
+                return True
+            probe = BatchDecoder(feature_names=self._feature_names, max_value_bytes=self.max_value_bytes)
+        return False
 
     def _decode_uniform_binary(self, values: Sequence[bytes | None]) -> DecodedBatch | None:
         """The common case in one pass: every value binary, of the same size (None: not that case)."""
@@ -361,6 +398,19 @@ class BatchDecoder:
         if not _NUMBER_TYPE_SET.issuperset(map(type, row)):
             raise DecodeError("non_numeric", "features must all be numbers")
         return row
+
+
+class _Shifted:
+    """``codecs`` seen from ``position``: the lookup of a one-value batch, still lazy."""
+
+    __slots__ = ("codecs", "position")
+
+    def __init__(self, codecs: CodecLookup, position: int) -> None:
+        self.codecs = codecs
+        self.position = position
+
+    def __getitem__(self, index: int, /) -> str | None:
+        return self.codecs[self.position + index]
 
 
 def _drop_non_finite(
