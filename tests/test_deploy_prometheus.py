@@ -138,6 +138,28 @@ def test_every_alert_has_a_test_where_it_fires_and_one_where_it_stays_quiet() ->
         assert quiet, f"no unit test checks that {name} stays quiet"
 
 
+def test_bursts_and_budget_stopped_workers_fire_within_5_minutes_and_stay_firing() -> None:
+    """Issue #15, case 4: the unit tests that pin it down are there (promtool runs them above)."""
+    tests = {test["name"]: test for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]}
+
+    def firing(test: str, alert: str) -> set[str]:
+        return {
+            case["eval_time"]
+            for case in tests[test]["alert_rule_test"]
+            if case["alertname"] == alert and case.get("exp_alerts")
+        }
+
+    # 4,200 invalid records within a minute (10m..11m): 3, 12 and 40 minutes after.
+    assert firing("a burst of invalid records", "StreamtrainerDeadLetterRateHigh") >= {"14m", "23m", "51m"}
+    assert firing("a burst of invalid records", "StreamtrainerInvalidRecordsHigh") >= {"14m", "23m"}
+    # 40% of the stream invalid from 10m to 60m: within 2 minutes, and until it ends.
+    for alert in ("StreamtrainerInvalidRecordsHigh", "StreamtrainerDeadLetterRateHigh"):
+        assert firing("a lasting stream of invalid records", alert) >= {"12m", "59m"}
+    # Stopped by its budget at 5m, then crash-looping: within a minute, and 3, 12 and 40 minutes after.
+    budget = firing("a worker stopped by its error budget crash-loops", "StreamtrainerErrorBudgetExhausted")
+    assert budget >= {"6m", "8m", "17m", "45m"}
+
+
 def test_every_alert_says_how_bad_and_what_happened() -> None:
     rules = alert_rules()
     names = [rule["alert"] for rule in rules]

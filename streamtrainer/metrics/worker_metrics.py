@@ -8,6 +8,8 @@ partitions assigned; ``reason`` by :data:`streamtrainer.consumer.dead_letter.DEA
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Per-record update latency spans microseconds (fused updates) to milliseconds (autograd).
@@ -122,6 +124,11 @@ class WorkerMetrics:
             "Times the model was reset to its last checkpoint (e.g. partitions lost).",
             registry=registry,
         )
+        self.learning_rate = Gauge(
+            "streamtrainer_learning_rate",
+            "Learning rate of the online steps (lowered after each divergence).",
+            registry=registry,
+        )
         self.updates_skipped = Counter(
             "streamtrainer_updates_skipped",
             "Records whose update was skipped by a training guard (non-finite loss or gradient, loss spike).",
@@ -150,6 +157,30 @@ class WorkerMetrics:
             "1 while the worker waits for the dead-letter topic to accept records, else 0.",
             registry=registry,
         )
+        # The error budget (stop past a share of invalid or refused records). The ratio and the limit
+        # are NaN until the worker sets them, and stay NaN while the budget is off: every comparison
+        # with NaN is false, so no rule or panel mistakes "off" for "nothing spent" (0) or for a zero
+        # tolerance (a limit of 0).
+        self.error_budget_exhausted = Gauge(
+            "streamtrainer_error_budget_exhausted",
+            "1 once the worker has stopped because its error budget was spent (served for a short linger "
+            "before it exits), else 0.",
+            registry=registry,
+        )
+        self.error_budget_ratio = Gauge(
+            "streamtrainer_error_budget_invalid_ratio",
+            "Share of invalid or refused records over the error budget's window (what the budget compares "
+            "with its limit); NaN while the budget is off.",
+            registry=registry,
+        )
+        self.error_budget_ratio.set(math.nan)
+        self.error_budget_limit = Gauge(
+            "streamtrainer_error_budget_limit",
+            "Share of invalid or refused records over the error budget's window past which the worker "
+            "stops; NaN while the budget is off.",
+            registry=registry,
+        )
+        self.error_budget_limit.set(math.nan)
         self.compactions = Counter(
             "streamtrainer_compactions",
             "Compactions of the consumed log into batch epochs, by trigger.",
