@@ -7,7 +7,6 @@ default) in one place: :mod:`streamtrainer.settings`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import types
@@ -74,7 +73,8 @@ def _option_for(name: str, field: FieldInfo) -> click.Option:
     if origin is dict:
         return click.Option([flag, name], multiple=True, metavar="KEY=VALUE", default=None, help=help_text)
     if origin is list:
-        return click.Option([flag, name], metavar="A,B,...", default=None, help=help_text)
+        # Repeatable as well as comma-separated: every occurrence applies, not only the last.
+        return click.Option([flag, name], multiple=True, metavar="A,B,...", default=None, help=help_text)
     click_type: Any = {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
     return click.Option([flag, name], type=click_type, default=None, help=help_text)
 
@@ -106,7 +106,8 @@ def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
         if origin is dict:
             values[name] = _key_values(name, value)
         elif origin is list:
-            values[name] = [item.strip() for item in str(value).split(",") if item.strip()]
+            given_values = (value,) if isinstance(value, str) else value
+            values[name] = [item.strip() for v in given_values for item in str(v).split(",") if item.strip()]
         else:
             values[name] = value
     try:
@@ -170,15 +171,18 @@ def produce(**given: Any) -> None:
     """Publish training samples to a topic (synthetic, CSV, JSON lines or stdin)."""
     settings = build_settings(ProducerSettings, given)
     _configure_logging(settings.log_level)
-    from streamtrainer.producer.command import run_producer
+    from streamtrainer.producer.command import exit_code, run_producer
 
     summary = run_producer(settings)
-    click.echo(
-        f"produced {summary.delivered} record(s) to {settings.topic}, failed {summary.failed}, "
-        f"in {summary.seconds:.1f}s ({summary.delivered / max(summary.seconds, 1e-9):,.0f} records/s)"
-    )
-    if not summary.ok:
-        raise SystemExit(1)
+    # Always a summary, with the --skip that resumes without duplicates; then what ended the run.
+    click.echo(summary.describe(settings.topic))
+    if summary.error is not None:
+        click.echo(f"streamtrainer: error: {scrub(summary.error)}", err=True)
+    elif summary.signal is not None:
+        click.echo(f"streamtrainer: stopped by {summary.signal}", err=True)
+    code = exit_code(summary)
+    if code:
+        raise SystemExit(code)
 
 
 @cli.command()
@@ -208,22 +212,15 @@ def worker(**given: Any) -> None:
     help="Tansu storage (memory:// or s3://).",
 )
 def broker(host: str, port: int, storage_engine: str) -> None:
-    """Run the embedded Kafka-protocol broker (Tansu) in the foreground."""
+    """Run the embedded Kafka-protocol broker (Tansu) in the foreground; SIGTERM or Ctrl-C stops it."""
     _configure_logging("info")
-    import signal
-
     from streamtrainer.broker import EmbeddedBroker
 
     embedded = EmbeddedBroker(host=host, port=port, storage_engine=storage_engine)
-
-    def stop(signum: int, frame: object) -> None:
-        embedded.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    with embedded:
-        click.echo(f"broker listening on {embedded.bootstrap_servers} (Ctrl-C stops it)")
-        with contextlib.suppress(KeyboardInterrupt):
-            embedded.wait()
+    status = embedded.serve(
+        on_ready=lambda: click.echo(f"broker listening on {embedded.bootstrap_servers} (Ctrl-C stops it)")
+    )
+    raise SystemExit(status)
 
 
 @cli.command()
@@ -288,64 +285,111 @@ def dlq() -> None:
     """Dead-lettered records: list them with their reasons, or send them back to their topic."""
 
 
-def _selected_dead_letters(settings: DeadLetterSettings) -> list[Any]:
-    from streamtrainer.consumer.dead_letter import dead_letter_topic, read_dead_letters
+def _dead_letter_log(settings: DeadLetterSettings) -> tuple[Any, set[tuple[int, int]] | None]:
+    """The dead-letter topic read (after the flags are checked: a usage error never connects)."""
+    from streamtrainer.consumer.dead_letter import (
+        DEAD_LETTER_REASONS,
+        dead_letter_topic,
+        parse_source_offsets,
+        read_dead_letter_log,
+    )
 
+    ctx = click.get_current_context()
+    unknown = [reason for reason in settings.reason or () if reason not in DEAD_LETTER_REASONS]
+    if unknown:
+        raise click.UsageError(
+            f"--reason: unknown {', '.join(unknown)} (valid: {', '.join(DEAD_LETTER_REASONS)})", ctx
+        )
     wanted = None
     if settings.source_offsets:
         try:
-            wanted = {
-                (int(p), int(o)) for p, _, o in (item.partition(":") for item in settings.source_offsets)
-            }
+            wanted = parse_source_offsets(settings.source_offsets)
         except ValueError:
-            raise click.UsageError("--source-offsets takes PARTITION:OFFSET values") from None
-    selected = []
-    for letter in read_dead_letters(
-        settings, dead_letter_topic(settings.topic, settings.dlq_topic), idle_s=settings.idle_s
-    ):
-        _, partition, offset = letter.source
-        if settings.reason and letter.reason not in settings.reason:
-            continue
-        if wanted is not None and (partition, offset) not in wanted:
-            continue
-        selected.append(letter)
-        if settings.limit is not None and len(selected) >= settings.limit:
-            break
-    return selected
+            raise click.UsageError("--source-offsets takes PARTITION:OFFSET values", ctx) from None
+    topic = dead_letter_topic(settings.topic, settings.dlq_topic)
+    return read_dead_letter_log(settings, topic, idle_s=settings.idle_s), wanted
+
+
+def _fail_missing(missing: list[tuple[int, int]], settings: DeadLetterSettings) -> None:
+    """--source-offsets not found are a mistake to report, after doing what could be done."""
+    if missing:
+        offsets = ",".join(f"{partition}:{offset}" for partition, offset in missing)
+        _fail(f"no dead letter of {settings.topic} matches source offset(s) {offsets}", 1)
 
 
 @dlq.command()
 @settings_options(DeadLetterSettings)
 def inspect(**given: Any) -> None:
-    """List dead-lettered records: where they came from and why."""
+    """List dead-lettered records: where they came from, why, which group; redriven or not."""
     settings = build_settings(DeadLetterSettings, given)
     _configure_logging(settings.log_level)
-    from streamtrainer.consumer.dead_letter import ERROR_MESSAGE, WORKER_ID
+    from streamtrainer.consumer.dead_letter import ERROR_MESSAGE, WORKER_ID, select
 
-    letters = _selected_dead_letters(settings)
+    log, wanted = _dead_letter_log(settings)
+    selection = select(
+        log,
+        topic=settings.topic,
+        reasons=settings.reason,
+        groups=settings.group,
+        source_offsets=wanted,
+        limit=None,
+    )
+    letters = selection.letters[: settings.limit] if settings.limit is not None else selection.letters
     for letter in letters:
         topic, partition, offset = letter.source
         key = letter.key.decode(errors="replace") if letter.key is not None else "-"
+        redriven = log.redriven.get(letter.identity)
         click.echo(
             f"{topic}[{partition}]@{offset}\t{letter.reason}\t{letter.header(ERROR_MESSAGE)}"
-            f"\tkey={key}\tworker={letter.header(WORKER_ID)}"
+            f"\tkey={key}\tgroup={letter.group or '?'}\tworker={letter.header(WORKER_ID)}"
+            + (f"\tredriven={redriven.at} to {redriven.to}" if redriven is not None else "")
         )
-    click.echo(f"{len(letters)} dead-lettered record(s)", err=True)
+    marked = sum(letter.identity in log.redriven for letter in letters)
+    click.echo(f"{len(letters)} dead-lettered record(s), {marked} of them redriven", err=True)
+    _fail_missing(selection.missing, settings)
 
 
 @dlq.command()
 @settings_options(DeadLetterSettings)
 def redrive(**given: Any) -> None:
-    """Publish selected dead-lettered records back to their source topic (after fixing the cause)."""
+    """Publish selected dead-lettered records back to their source topic (after fixing the cause).
+
+    Each source record is published once, however many groups dead-lettered it, and marked as
+    redriven: a second redrive skips it unless --force.
+    """
     settings = build_settings(DeadLetterSettings, given)
     _configure_logging(settings.log_level)
+    from streamtrainer.consumer.dead_letter import dead_letter_topic, select
     from streamtrainer.consumer.dead_letter import redrive as publish_again
 
-    letters = _selected_dead_letters(settings)
-    if not letters:
+    log, wanted = _dead_letter_log(settings)
+    selection = select(
+        log,
+        topic=settings.topic,
+        reasons=settings.reason,
+        groups=settings.group,
+        source_offsets=wanted,
+        skip_redriven=not settings.force,
+        limit=settings.limit,
+    )
+    if selection.already_redriven:
+        click.echo(
+            f"skipped {selection.already_redriven} dead letter(s) redriven already (--force publishes them)",
+            err=True,
+        )
+    if selection.letters:
+        result = publish_again(
+            settings,
+            selection.letters,
+            dead_letter_topic=dead_letter_topic(settings.topic, settings.dlq_topic),
+        )
+        click.echo(
+            f"redrove {result.published} record(s) to {settings.topic} "
+            f"({result.marked} dead letter(s) marked as redriven)"
+        )
+    _fail_missing(selection.missing, settings)
+    if not selection.letters and not selection.already_redriven:
         _fail("no dead-lettered record matches the selection", 1)
-    count = publish_again(settings, letters)
-    click.echo(f"redrove {count} record(s) to {settings.topic}")
 
 
 # -- entry point ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
+from streamtrainer.broker import warn_if_static_membership_on_tansu
 from streamtrainer.connection import (
     RepeatedErrors,
     admin_client,
@@ -437,8 +438,10 @@ class Worker:
             )
 
     def _check_topic(self) -> None:
-        admin = admin_client(self.settings)
-        check_reachable(admin, self.settings)
+        settings = self.settings
+        admin = admin_client(settings)
+        check_reachable(admin, settings)
+        warn_if_static_membership_on_tansu(admin, settings.group_instance_id, settings.startup_timeout_s)
         if topic_partitions(admin, self.settings.topic, self.settings.startup_timeout_s) is None:
             raise TopicError(
                 f"topic {self.settings.topic!r} does not exist on {self.settings.bootstrap_servers}"
@@ -798,9 +801,9 @@ class Worker:
         learner: OnlineLearner,
         checkpoint: Checkpoint | None,
         polled: _Polled,
-        culprit: Message,
+        culprit: str,
     ) -> None:
-        """The model diverged on ``polled``: roll back and lower the learning rate, or give up."""
+        """The model diverged on ``polled`` (``culprit``: the first record it failed): back off or stop."""
         settings = self.settings
         topic = settings.topic
         positions = checkpoint.metadata.get("positions", {}) if checkpoint is not None else {}
@@ -811,17 +814,23 @@ class Worker:
         ):
             self._lr_backoffs = 0  # the model got durably past where it diverged last: that was progress
         self._diverged_at = dict(polled.last_offsets)
-        where = f"{topic}[{culprit.partition()}]@{culprit.offset()}"
         target = f"checkpoint {checkpoint.version}" if checkpoint is not None else "the initial model"
+        if checkpoint is None and settings.init_from is not None:
+            target = f"the --init-from model ({settings.init_from})"
         lr, n_features = learner.lr, learner.n_features
         give_up = self._lr_backoffs >= settings.max_lr_backoffs
         scale = learner.lr_scale * (1.0 if give_up else settings.lr_backoff)
         self._rollback_to_restored(consumer)
         if give_up:
+            tried = (
+                f"after {self._lr_backoffs} learning-rate backoff(s) from --lr {settings.lr:g} to {lr:g} "
+                "that never got past it"
+                if self._lr_backoffs
+                else "and --max-lr-backoffs is 0"
+            )
             raise DivergenceError(
-                f"the model diverged again at {where} after {self._lr_backoffs} learning-rate backoff(s) "
-                f"(--lr {settings.lr:g} lowered to {lr:g}): records that {target} learns from got non-finite "
-                f"or exploding losses; lower --lr, or raise --max-lr-backoffs"
+                f"the model kept diverging: {culprit} failed on it but not on {target}, {tried}; "
+                "lower --lr (or raise --max-lr-backoffs)"
             )
         self._lr_backoffs += 1
         if self.learner is None:  # no checkpoint: the initial model, as the next batch would make it
@@ -829,9 +838,9 @@ class Worker:
         self.learner.set_lr_scale(scale)
         self.metrics.learning_rate.set(self.learner.lr)
         logger.warning(
-            "the model diverged at %s (records that %s learns from got non-finite losses): rolled back "
-            "there and lowered the learning rate from %g to %g (backoff %d of at most %d in a row)",
-            where,
+            "the model diverged: %s failed on it but not on %s; rolled back there and lowered the "
+            "learning rate from %g to %g (backoff %d of at most %d in a row)",
+            culprit,
             target,
             lr,
             self.learner.lr,
@@ -840,8 +849,14 @@ class Worker:
         )
 
     def _rollback_to_restored(self, consumer: Consumer) -> None:
-        """``_rollback``; with no checkpoint and no commit, back to where each partition was first read."""
+        """``_rollback``, also when there is no checkpoint yet: back to where ``run()`` started.
+
+        That is the --init-from model if one was given (else a new model), and a partition with no
+        commit either is read again from where it was first read (not from wherever the fetch is).
+        """
         self._rollback(consumer)
+        if self.learner is None and self.settings.init_from is not None:
+            self._initialise_from(self.settings.init_from)
         first = [
             (topic, partition)
             for topic, partition in sorted(self._assigned)
@@ -1004,11 +1019,16 @@ class Worker:
         records, index = polled.records, polled.index
         learner, consumer, steps = self.learner, self._consumer, polled.steps
         if learner is not None and consumer is not None and steps is not None:
-            checkpoint = self.store.load_latest()
-            reference = learner.reference_model(checkpoint.tensors if checkpoint is not None else None)
+            checkpoint = restored = self.store.load_latest()
+            if restored is None and self.settings.init_from is not None:
+                restored = CheckpointStore(self.settings.init_from).load_latest()  # read only
+            reference = learner.reference_model(restored.tensors if restored is not None else None)
             fails = learner.failing_on(reference, steps, result.skips)
             if not fails.all():
-                culprit = records[int(index[result.skipped[int(np.argmin(fails))]])]
+                first = int(np.argmin(fails))  # the first record the model is to blame for
+                message = records[int(index[result.skipped[first]])]
+                culprit = f"{self.settings.topic}[{message.partition()}]@{message.offset()}"
+                culprit += f" ({result.skipped_reasons[first].replace('_', ' ')})"
                 self._back_off(consumer, learner, checkpoint, polled, culprit)
                 return
         rows = index[result.skipped].tolist()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -483,9 +484,23 @@ def _compile(variant: Variant) -> None:
 # ``streamtrainer.training`` are stood in by bare packages so that their
 # ``__init__`` (and torch, 2 s) stays out, while the module keeps its real name,
 # which the cache entries refer to.
+#
+# The child dies with the worker, even with a kill -9 of it (Linux): it arms a parent-death
+# SIGKILL first thing, then checks that the worker did not die before that (else the kernel
+# would never send it). It is started from the compile thread, which waits on it: the signal
+# follows the thread that started the child, not the process. A compile killed midway leaves
+# numba's cache consistent: numba writes each file to a temporary name and renames it, the
+# index before the data, and an index entry whose data file is missing is a cache miss
+# (numba 0.68, caching.IndexDataCacheFile); at worst a ``*.tmp.*`` file stays behind.
 _CHILD_CODE = """
-import sys, types
-root, jobs = sys.argv[1], sys.argv[2]
+import ctypes, os, sys, types
+root, jobs, parent = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+except (AttributeError, OSError):
+    pass  # not Linux
+if os.getppid() != parent:
+    sys.exit(1)  # the worker is gone already
 for name in ("streamtrainer", "streamtrainer.training"):
     package = types.ModuleType(name)
     package.__path__ = [root + "/" + name.replace(".", "/")]
@@ -511,7 +526,7 @@ def _start_compilers(variants: tuple[Variant, ...], processes: int) -> list[subp
         try:
             children.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", _CHILD_CODE, root, jobs],
+                    [sys.executable, "-c", _CHILD_CODE, root, jobs, str(os.getpid())],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
