@@ -44,6 +44,7 @@ class Verdict:
     invalid: int
     records: int
     limit: float
+    index: int  # the consumption index of the record that spent the budget
 
     @property
     def share(self) -> float:
@@ -92,7 +93,7 @@ class ErrorBudget:
         for index in indices:
             self._invalid.append(index)
             if self.tolerance == "none":
-                return self._spend(1, 1)
+                return self._spend(1, 1, index)
             verdict = self._check(index)
             if verdict is not None:
                 return verdict
@@ -111,15 +112,15 @@ class ErrorBudget:
             return None
         count = len(self._invalid)  # appended in order, all at or before ``last``
         if count > self.limit * records:
-            return self._spend(count, records)
+            return self._spend(count, records, last)
         return None
 
     def _trim(self, last: int) -> None:
         while self._invalid and self._invalid[0] <= last - self.window:
             self._invalid.popleft()
 
-    def _spend(self, invalid: int, records: int) -> Verdict:
-        self.spent = Verdict(invalid, records, self.limit)
+    def _spend(self, invalid: int, records: int, index: int) -> Verdict:
+        self.spent = Verdict(invalid, records, self.limit, index)
         return self.spent
 
     # -- checkpoints ------------------------------------------------------------------

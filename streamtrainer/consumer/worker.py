@@ -236,6 +236,9 @@ class Worker:
         # (partition, offset) of the records a training guard refused and the dead-letter topic holds,
         # past the last checkpoint: a rollback reads them again, and they must not go there twice.
         self._guard_dead_lettered: set[tuple[int, int]] = set()
+        # (partition, offset) of the records this group dead-lettered after the checkpoint it resumed
+        # from (found in the dead-letter topic at start-up): read again, they are not sent again.
+        self._sent_before_restart: set[tuple[int, int]] = set()
         # Divergence (refused records that pass on the model a rollback goes back to): the learning-rate
         # backoffs in a row, the last offsets per partition of the batch that diverged last, and the
         # first offset read per partition (where a rollback with no checkpoint and no commit goes).
@@ -283,6 +286,7 @@ class Worker:
             self._check_topic()
             self.dead_letters = self._open_dead_letters()
             stack.callback(self.dead_letters.close)
+            self._find_sent_before_restart(checkpoint)
             if self.compactor is not None:
                 stack.enter_context(self.compactor)
             stack.enter_context(self.metrics_server)
@@ -460,7 +464,26 @@ class Worker:
             metrics=self.metrics,
             source_topic=settings.topic,
             producer_config=settings.dlq_kafka_config,
+            group=settings.group,
         )
+
+    def _find_sent_before_restart(self, checkpoint: Checkpoint | None) -> None:
+        """The records this group dead-lettered after ``checkpoint`` (it will read them again).
+
+        The checkpoint records the dead-letter topic's end offsets; only what was written since is
+        read (after a stop on the error budget: its last window, a few hundred records at most).
+        Without a checkpoint (a worker stopped before its first) the whole topic is read.
+        """
+        assert self.dead_letters is not None
+        ends = checkpoint.metadata.get("dlq_end_offsets") if checkpoint is not None else None
+        since = {int(p): int(o) for p, o in ends.items()} if isinstance(ends, dict) else None
+        self._sent_before_restart = self.dead_letters.already_dead_lettered(since)
+        if self._sent_before_restart:
+            logger.info(
+                "%d record(s) after checkpoint %d are in the dead-letter topic already: not sent again",
+                len(self._sent_before_restart),
+                self.model_version,
+            )
 
     def _create_consumer(self) -> Consumer:
         settings = self.settings
@@ -1049,10 +1072,24 @@ class Worker:
             self._guard_dead_lettered.update(sources)
 
     def _route_invalid(self, records: list[Message], errors: Sequence[tuple[int, Rejection]]) -> bool:
-        """Every record that cannot be trained on goes to the dead-letter topic, confirmed (True)."""
+        """Every record that cannot be trained on goes to the dead-letter topic, confirmed (True).
+
+        The error budget counts them first: a batch that spends it sends only its records up to
+        the one that did (the rest are read again after a restart), and the worker stops.
+        """
+        # ``records`` is the batch consumed last (a batch's update finishes before the next starts):
+        # its records are the last len(records) the budget counted.
+        first = self.error_budget.consumed - len(records)
+        verdict = self.error_budget.invalid(sorted(first + position for position, _ in errors))
+        if verdict is not None:
+            errors = [(position, error) for position, error in errors if first + position <= verdict.index]
         dead_letters = self.dead_letters
         if dead_letters is not None:
             failures = [(records[position], error) for position, error in errors]
+            if self._sent_before_restart:
+                # Dead-lettered by this group before a restart, after the checkpoint: there already.
+                sent = self._sent_before_restart
+                failures = [(m, e) for m, e in failures if (m.partition(), m.offset()) not in sent]
             # Until they are confirmed no checkpoint may pass these records (a rebalance callback
             # may try one while the group is served during the write).
             self._dead_letters_unconfirmed = True
@@ -1066,12 +1103,9 @@ class Worker:
                 return False
             self._dead_letters_unconfirmed = False
         self._count_invalid(errors)
-        # ``records`` is the batch consumed last (a batch's update finishes before the next starts):
-        # its records are the last len(records) the budget counted.
-        first = self.error_budget.consumed - len(records)
-        verdict = self.error_budget.invalid(sorted(first + position for position, _ in errors))
         if verdict is not None:
-            self._spend_error_budget(verdict, records[errors[-1][0]], errors[-1][1])
+            position, error = next((p, e) for p, e in errors if first + p == verdict.index)
+            self._spend_error_budget(verdict, records[position], error)
         return True
 
     def _spend_error_budget(self, verdict: Verdict, message: Message | None, error: Rejection | None) -> None:
@@ -1192,6 +1226,10 @@ class Worker:
             group=self.settings.group,
             error_budget=self.error_budget.state(),
         )
+        if self.dead_letters is not None:
+            # Where the dead-letter topic ended: after a restart only what follows is searched for
+            # records sent already (a watermark query per checkpoint, ~1 ms on the embedded broker).
+            metadata["dlq_end_offsets"] = {str(p): o for p, o in self.dead_letters.end_offsets().items()}
         compaction = self.compactor.checkpoint_metadata(self.settings.topic) if self.compactor else None
         if compaction is not None:
             metadata["compaction"] = compaction

@@ -13,12 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.consumer import Worker
+from streamtrainer.consumer.dead_letter import read_dead_letters
 from streamtrainer.consumer.error_budget import ErrorBudgetExceeded
 from streamtrainer.consumer.replay import run_replay
 from streamtrainer.exceptions import ConfigurationError
 from streamtrainer.producer.synthetic import SyntheticSpec, generate, generate_arrays
 from streamtrainer.records import encode_binary_rows
-from streamtrainer.settings import ReplaySettings
+from streamtrainer.settings import KafkaSettings, ReplaySettings
 from streamtrainer.training.checkpoint import CheckpointStore
 from tests.helpers import committed_offsets, produce, produce_tracked, worker_settings
 from tests.test_cli import run_cli
@@ -269,3 +270,33 @@ def test_the_budget_window_survives_a_checkpoint_and_restart(
     with pytest.raises(ErrorBudgetExceeded, match="101 of the last 1000"):
         second.run()
     assert committed_offsets(bootstrap, topic, group_id) == {0: 980}
+    # Restarted again, it stops at the same record and sends none of the 21 again.
+    third = Worker(worker_settings(bootstrap, topic, group_id, checkpoint_dir=checkpoints, stop_at_end=True))
+    with pytest.raises(ErrorBudgetExceeded, match="101 of the last 1000"):
+        third.run()
+    _assert_dead_lettered_once(bootstrap, topic, 101)
+
+
+def _assert_dead_lettered_once(bootstrap: str, topic: str, count: int) -> None:
+    letters = [
+        letter.source
+        for letter in read_dead_letters(KafkaSettings(bootstrap_servers=bootstrap), f"{topic}.dlq")
+        if not letter.is_marker
+    ]
+    assert len(letters) == len(set(letters)) == count
+
+
+def test_a_restart_after_a_budget_stop_sends_no_dead_letter_twice(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    topic = topic_factory(partitions=1)
+    good = encode_binary_rows(*generate_arrays(SyntheticSpec(seed=4), 300))
+    produce_tracked(bootstrap, topic, [(value, None) for value in good] + [(b"oops", None)] * 500)
+    for _ in range(2):  # stopped before its first checkpoint, twice
+        worker = Worker(
+            worker_settings(bootstrap, topic, group_id, checkpoint_dir=tmp_path, stop_at_end=True)
+        )
+        with pytest.raises(ErrorBudgetExceeded, match="34 of the last 334"):
+            worker.run()
+    assert committed_offsets(bootstrap, topic, group_id) == {0: 0}
+    _assert_dead_lettered_once(bootstrap, topic, 34)
