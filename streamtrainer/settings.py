@@ -476,7 +476,7 @@ class DeadLetterSettings(KafkaSettings):
         default=None, ge=1, description="At most this many records (redrive: source records)."
     )
     idle_s: float = Field(
-        default=2.0, gt=0, description="Reading fails if no record arrived for this long before the end."
+        default=30.0, gt=0, description="Reading fails if nothing arrived for this long before the end."
     )
     log_level: LogLevel = Field(default="warning", description="Log level.")
 
