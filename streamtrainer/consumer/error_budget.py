@@ -28,7 +28,7 @@ from streamtrainer.exceptions import StreamtrainerError
 Tolerance = Literal["none", "budget", "all"]
 # No verdict before this many records (or the whole window, if smaller): one bad record
 # among the first few must not read as "100% invalid".
-_MIN_RECORDS = 100
+MIN_RECORDS = 100
 
 
 class ErrorBudgetExceeded(StreamtrainerError):  # noqa: N818 - reads as the event it reports
@@ -108,7 +108,7 @@ class ErrorBudget:
     def _check(self, last: int) -> Verdict | None:
         self._trim(last)
         records = min(last + 1, self.window)
-        if last + 1 < min(self.window, _MIN_RECORDS):
+        if last + 1 < min(self.window, MIN_RECORDS):
             return None
         count = len(self._invalid)  # appended in order, all at or before ``last``
         if count > self.limit * records:

@@ -54,7 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streamtrainer import __version__
 from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
-from streamtrainer.consumer.error_budget import ErrorBudgetExceeded
+from streamtrainer.consumer.error_budget import MIN_RECORDS, ErrorBudgetExceeded
 from streamtrainer.consumer.exceptions import ConsumerError
 from streamtrainer.consumer.messages import HeaderCodecs
 from streamtrainer.consumer.ranges import (
@@ -684,10 +684,13 @@ def _check_error_budget(settings: ReplaySettings, topic: str, records: int, inva
     """Refuse to train on a range with more invalid records than the error budget allows.
 
     A replay is a batch job: its budget is the share of the whole range (the same verdict
-    whatever order the partitions were read in), not a sliding window.
+    whatever order the partitions were read in), not a sliding window; as in the worker, no
+    verdict on fewer than 100 records (or the window, if smaller).
     """
     count = sum(invalid.values())
     if settings.errors_tolerance == "all" or not count:
+        return
+    if settings.errors_tolerance == "budget" and records < min(settings.error_budget_window, MIN_RECORDS):
         return
     if settings.errors_tolerance == "budget" and count <= settings.error_budget * records:
         return

@@ -17,3 +17,7 @@ class CheckpointError(TrainingError):
 
 class CompactionError(TrainingError):
     """The compaction store cannot keep, spill or read back records, or is misused."""
+
+
+class DivergenceError(TrainingError):
+    """The model kept diverging although its learning rate was lowered as far as allowed."""

@@ -13,6 +13,8 @@
 * :func:`linear_grad_norm_bounds` — for a linear model, an upper bound of each
   step's gradient norm from the losses and the features alone, so that a
   compiled batch can be shown not to have needed gradient clipping.
+* :func:`divergence_bounds` — per record, the loss past which the model, not
+  the record, is presumed broken (a prediction 1000x off the label's scale).
 """
 
 from __future__ import annotations
@@ -273,3 +275,23 @@ def linear_grad_norm_bounds(loss: str, losses: F64, x: npt.NDArray[np.float32], 
     starts = np.arange(0, losses.shape[0], batch_size)
     counts = np.diff(np.append(starts, losses.shape[0]))
     return np.repeat(np.add.reduceat(per_record, starts) / counts, batch_size)[: losses.shape[0]]
+
+
+def divergence_bounds(loss: str, labels: npt.NDArray[np.floating], factor: float | None) -> F64 | None:
+    """Per-record losses above which a model has diverged, whatever the record (None: no bound).
+
+    A loss is past its bound when the prediction is off by more than ``factor``
+    times the label's magnitude (at least 1): mse ``(factor max(1, |y|))^2``, l1
+    ``factor max(1, |y|)``; for bce and ce, whose loss grows with the logit,
+    ``factor``. No trained model is that far off a sane record, so a run of such
+    losses means the model diverged (a learning rate too large) long before its
+    losses overflow; a record past its bound on the last checkpoint's model too
+    is an outlier. Stateless: no warm-up, nothing to checkpoint.
+    """
+    if factor is None or loss == "audit":
+        return None
+    n = labels.shape[0]
+    if loss in ("bce", "ce"):
+        return np.full(n, factor, dtype=np.float64)
+    scale = factor * np.maximum(1.0, np.abs(labels.astype(np.float64)))
+    return scale * scale if loss == "mse" else scale
