@@ -409,7 +409,7 @@ def _letter_of(message: Message) -> DeadLetter:
 
 
 def _reader_config(settings: KafkaSettings, extra: Mapping[str, str]) -> dict[str, object]:
-    return client_config(
+    config = client_config(
         settings,
         **{
             # A throwaway group id that never joins: partitions are assigned, nothing is committed.
@@ -422,6 +422,10 @@ def _reader_config(settings: KafkaSettings, extra: Mapping[str, str]) -> dict[st
             **extra,
         },
     )
+    # It never joins its group: a worker's group timing (max.poll.interval.ms below the default
+    # session.timeout.ms is a configuration error to librdkafka) does not apply to it.
+    config.pop("max.poll.interval.ms", None)
+    return config
 
 
 def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:

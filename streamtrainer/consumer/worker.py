@@ -885,15 +885,6 @@ class Worker:
         self._rollback(consumer)
         if self.learner is None and self.settings.init_from is not None:
             self._initialise_from(self.settings.init_from)
-        first = [
-            (topic, partition)
-            for topic, partition in sorted(self._assigned)
-            if self.offsets.next_offset(topic, partition) is None and partition in self._first_read
-        ]
-        for topic, partition in first:
-            self.offsets.done(topic, partition, self._first_read[partition] - 1)
-        if first:
-            self._seek_to_positions()
 
     def _take_held(self, budget: int) -> list[Message]:
         if not self._held:
@@ -1394,9 +1385,13 @@ class Worker:
         self.metrics.rollbacks.inc()
         for topic, partition in sorted(self._assigned):
             if self.offsets.next_offset(topic, partition) is None:
-                committed = consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
-                if committed >= 0:
-                    self.offsets.done(topic, partition, committed - 1)
+                # Not in the checkpoint (or none yet): read again from where this worker first read
+                # it, else from the committed offset; never from wherever the fetch has got to.
+                start = self._first_read.get(partition)
+                if start is None:
+                    start = consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
+                if start >= 0:
+                    self.offsets.done(topic, partition, start - 1)
         if self.compactor is not None:
             positions = {p: o for t, p in self._assigned if (o := self.offsets.next_offset(t, p)) is not None}
             self.compactor.refill(positions, self.decoder, self.learner)
