@@ -6,10 +6,12 @@ are the whole story, so the producer exports no throughput gauge of its own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class ProducerMetrics:
+    """The producer's counters, and where in its source it could resume."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.records_produced = Counter(
             "streamtrainer_producer_records_delivered",
@@ -66,8 +68,17 @@ class ProducerMetrics:
             registry=registry,
         )
 
-    def start(self, topic: str) -> None:
+        self.source_position = Gauge(
+            "streamtrainer_producer_source_position",
+            "Source position (line, CSV row after the header, synthetic record) with every record up to it "
+            "delivered: what --skip resumes after.",
+            ["topic"],
+            registry=registry,
+        )
+
+    def start(self, topic: str, position: int = 0) -> None:
         """Export the counters of ``topic`` at zero, so a rate sees the very first failure."""
+        self.source_position.labels(topic).set(position)
         self.records_produced.labels(topic)
         self.records_failed.labels(topic)
         self.records_resent.labels(topic)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import ExitStack
 
@@ -11,6 +12,7 @@ from streamtrainer.connection import admin_client, check_reachable
 from streamtrainer.metrics import MetricsServer, ProducerMetrics
 from streamtrainer.producer.publisher import ProduceSummary, publish
 from streamtrainer.producer.sources import open_source
+from streamtrainer.producer.stop import Stopped, StopSignals
 from streamtrainer.producer.synthetic import SyntheticSpec
 from streamtrainer.settings import ProducerSettings
 
@@ -18,6 +20,7 @@ DEFAULT_SYNTHETIC_COUNT = 10_000
 
 
 def synthetic_spec(settings: ProducerSettings) -> SyntheticSpec:
+    """The synthetic generator's spec from the producer's settings."""
     return SyntheticSpec(
         task=settings.task,
         n_features=settings.n_features,
@@ -33,25 +36,40 @@ def synthetic_spec(settings: ProducerSettings) -> SyntheticSpec:
 
 
 def run_producer(settings: ProducerSettings) -> ProduceSummary:
+    """Publish the configured source; the summary says how the run ended and where to resume.
+
+    SIGINT and SIGTERM stop it (see :mod:`streamtrainer.producer.stop`): from the first connection on,
+    a signal ends the run with what was read flushed and counted, never with a traceback."""
     count = settings.count
     if count is None and settings.source == "synthetic":
         count = DEFAULT_SYNTHETIC_COUNT
     registry = CollectorRegistry()
     metrics = ProducerMetrics(registry)
     progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
-    # Fail fast, before anything else starts, when the cluster does not answer.
-    check_reachable(admin_client(settings), settings)
     with ExitStack() as stack:
-        stack.enter_context(MetricsServer(registry, host=settings.metrics_host, port=settings.metrics_port))
-        source = stack.enter_context(
-            open_source(
-                settings.source,
-                label=settings.label,
-                key_column=settings.key_column,
-                synthetic=synthetic_spec(settings),
-                count=count,
+        stop = stack.enter_context(StopSignals())
+        try:
+            with stop.interruptible():
+                # Fail fast, before anything else starts, when the cluster does not answer.
+                check_reachable(admin_client(settings), settings)
+                stack.enter_context(
+                    MetricsServer(registry, host=settings.metrics_host, port=settings.metrics_port)
+                )
+                # Opening reads a CSV header: a bad one is reported before the topic is created.
+                source = stack.enter_context(
+                    open_source(
+                        settings.source,
+                        label=settings.label,
+                        key_column=settings.key_column,
+                        synthetic=synthetic_spec(settings),
+                        count=count,
+                        skip=settings.skip,
+                    )
+                )
+        except Stopped:
+            return ProduceSummary(
+                0, 0, 0, 0.0, position=settings.skip, skipped=settings.skip, signal=stop.name
             )
-        )
         return publish(
             settings,
             source,
@@ -62,4 +80,12 @@ def run_producer(settings: ProducerSettings) -> ProduceSummary:
             partitions=settings.partitions,
             progress=progress,
             metrics=metrics,
+            stop=stop,
         )
+
+
+def exit_code(summary: ProduceSummary) -> int:
+    """0: everything delivered; 128 + signal number after SIGINT/SIGTERM (130, 143); 1 otherwise."""
+    if summary.signal is not None:
+        return 128 + int(signal.Signals[summary.signal])
+    return 0 if summary.ok else 1

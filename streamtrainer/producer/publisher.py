@@ -23,6 +23,22 @@ partition with an offset (at the latest in :meth:`Publisher.flush`), the range w
 read back (:mod:`streamtrainer.producer.readback`): the records found count as delivered, the missing
 ones are published again, and the ones that cannot be checked count as failed. Every record carries
 the run's id in a header for this (:data:`~streamtrainer.producer.readback.RUN_HEADER`).
+
+Where to resume. Each record has a source position (a line, a CSV row, a record number: see
+:mod:`streamtrainer.producer.sources`). The run reports a position with every record up to it
+delivered (:attr:`ProduceSummary.position`), not the last one delivered: records of different
+partitions are acknowledged out of order. Records go out in batches of :data:`_BATCH` consecutive
+ones sharing a delivery callback (:class:`_Batch`), and the position moves over a batch once all its
+records are delivered. When every record is delivered (the usual end, a bad record, a signal whose
+flush completed) it is the last record's position; a record that failed for good stops it before its
+batch for the rest of the run. A source reopened with ``skip=position`` sends exactly the records
+that the run did not deliver, plus those delivered after it (:attr:`ProduceSummary.delivered_after`,
+reported: a record past a failed one, or of its batch).
+
+A bad record in the source (a :class:`~streamtrainer.producer.exceptions.ProducerError` while reading
+it) ends the run like the end of the source: what was read before it is flushed, and the summary
+carries the error. A bad first record ends it before the topic is created. SIGINT and SIGTERM do the
+same (with :class:`~streamtrainer.producer.stop.StopSignals`), with a flush bounded by its grace.
 """
 
 from __future__ import annotations
@@ -33,9 +49,10 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, Message, Producer
@@ -50,7 +67,10 @@ from streamtrainer.connection import (
 )
 from streamtrainer.exceptions import TopicError
 from streamtrainer.metrics import ProducerMetrics
+from streamtrainer.producer.exceptions import ProducerError
 from streamtrainer.producer.readback import RUN_HEADER, Content, ReadBack, read_back
+from streamtrainer.producer.sources import SampleSource
+from streamtrainer.producer.stop import Stopped, StopSignals
 from streamtrainer.records import Sample
 from streamtrainer.records.codec import codec_headers, encode_sample
 from streamtrainer.settings import KafkaSettings
@@ -84,6 +104,16 @@ _FINAL_READBACK_TIMEOUT_S = 30.0
 _READBACK_RETRY_S = 10.0
 # flush(): at most this many rounds of read back, publish the missing again, flush.
 _MAX_READBACK_ROUNDS = 3
+# After a stop, waiting for the reports of the records purged from the local queue.
+_PURGE_REPORTS_TIMEOUT_S = 1.0
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# Records per delivery callback (see _Batch). One callback per record would give each record's position
+# exactly, but cost ~1.2 us of main-thread CPU a record on the binary synthetic path (which spends
+# ~5.6 us a record in all): allocating it, collecting it, and cache misses on the ~40k in flight.
+_BATCH = 32
+# Batches kept behind one not yet complete (~250 bytes each: ~16 MB). Past that (a record unconfirmed
+# while millions of later ones went out) the resume position stops where it is, for the run.
+_MAX_BATCHES = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +130,65 @@ class ProduceSummary:
     verified: int = 0
     republished: int = 0
     unverified: int = 0
+    # Where to resume: every record of the source up to `position` (in `unit`s: line, row, record)
+    # is delivered, this run's or skipped. `delivered_after`: records delivered past it (out of
+    # order, or after a failed one), which a resume from `position` would send again.
+    position: int = 0
+    unit: str = "record"
+    delivered_after: int = 0
+    skipped: int = 0  # the position the run started after (the source's skip)
+    source: str | None = None
+    error: str | None = None  # the bad record that ended the run (a ProducerError), if one did
+    signal: str | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.delivered == self.attempted
+        """Everything read was delivered, and the run ended at the end of its input."""
+        return (
+            self.failed == 0 and self.delivered == self.attempted and self.error is None and not self.signal
+        )
+
+    def describe(self, topic: str) -> str:
+        """One line: the counts, and where to resume (``--skip``)."""
+        where = f" of {self.source}" if self.source else ""
+        if self.position > self.skipped:
+            resume = f"delivered every {self.unit} up to {self.unit} {self.position}{where}"
+            if self.skipped:
+                resume += f" ({self.skipped} skipped)"
+        elif self.skipped:
+            resume = f"delivered no {self.unit} after {self.unit} {self.skipped}{where}"
+        else:
+            resume = f"delivered no {self.unit}{where}"
+        again = ""
+        if self.delivered_after:
+            again = (
+                f" ({self.delivered_after} record(s) after it were delivered too, past an undelivered one:"
+                " a resume sends them again)"
+            )
+        return (
+            f"produced {self.delivered} record(s) to {topic}, failed {self.failed}, in {self.seconds:.1f}s "
+            f"({self.delivered / max(self.seconds, 1e-9):,.0f} records/s); {resume}; "
+            f"resume with --skip {self.position}{again}"
+        )
+
+
+class _Batch:
+    """Consecutive records sharing one delivery callback: the unit the resume position moves by.
+
+    ``settled`` counts the records delivered or failed for good; once the batch is closed
+    (``target`` = ``sent``, -1 before) and all are settled, it is complete."""
+
+    __slots__ = ("callback", "complete", "failed", "last", "sent", "settled", "target")
+
+    callback: Callable[[KafkaError | None, Message], None]
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.settled = 0
+        self.failed = 0
+        self.last = 0  # the position of its last record
+        self.target = -1
+        self.complete = False
 
 
 @dataclass(slots=True)
@@ -114,11 +199,15 @@ class _Gap:
     after: int  # the last offset acknowledged before them (-1: none)
     before: int | None = None  # the first offset acknowledged after them, once known
     next_offset: int = 0  # librdkafka numbers a batch's records -1, 0, 1, ... in such reports
-    records: list[Message] = field(default_factory=list)
+    records: list[tuple[_Batch, Message]] = field(default_factory=list)
 
 
 class Publisher:
-    """Sends samples to one topic and counts acknowledgements."""
+    """Sends samples to one topic and counts acknowledgements.
+
+    ``start`` is the source position before the first record (what the source skipped); each record
+    sent has a higher one. :attr:`position`: every record up to it is delivered (see the module doc).
+    """
 
     def __init__(
         self,
@@ -127,12 +216,13 @@ class Publisher:
         topic: str,
         codec: str,
         metrics: ProducerMetrics | None = None,
+        start: int = 0,
     ) -> None:
         self.topic = topic
         self.codec = codec
         self.metrics = metrics
         if metrics is not None:
-            metrics.start(topic)
+            metrics.start(topic, start)
         # The same headers on every record (delivery reports do not carry them: re-sent records get
         # these too): the codec, and this run's id, which read-back uses to tell our records apart.
         self._run_id = os.urandom(8)
@@ -158,7 +248,7 @@ class Publisher:
         self._fatal: str | None = None
         self._dead = False  # recreated too often: every further record fails
         # Records whose delivery a fatal error failed: sent again by the next producer.
-        self._resend: list[Message] = []
+        self._resend: list[tuple[_Batch, Message]] = []
         # Per partition: the last offset acknowledged, and the open run of records acknowledged
         # without one; closed runs wait in _ready to be read back.
         self._last_offset: dict[int, int] = {}
@@ -170,12 +260,22 @@ class Publisher:
         self._attention = False
         self._attending = False
         self._stats_baseline = (-1, -1)  # (delivery reports, producer epoch) at the last change
-        self._on_delivery_cb = self._on_delivery
-        self._m_delivered = self._m_failed = self._m_awo = None
+        # Source positions. `position`: every record up to it delivered; `in_prefix`: how many of
+        # this run's those are; `_batches`: the batches after it, in order; `_tracking`: False once a
+        # batch had a record failed for good (`position` stays before it; memory stays bounded).
+        self.position = self._start = start
+        self.in_prefix = 0
+        self._last_sent = start
+        self._batches: deque[_Batch] = deque()
+        self._tracking = True
+        self._batch = self._open_batch()
+        self._loose = self._new_batch()  # never closed, never in _batches (see _on_delivery)
+        self._m_delivered = self._m_failed = self._m_awo = self._m_position = None
         if metrics is not None:
             self._m_delivered = metrics.records_produced.labels(topic)
             self._m_failed = metrics.records_failed.labels(topic)
             self._m_awo = metrics.acknowledged_without_offset.labels(topic)
+            self._m_position = metrics.source_position.labels(topic)
         self._producer = self._create_producer()
 
     def _create_producer(self) -> Producer:
@@ -196,18 +296,83 @@ class Publisher:
             )
         )
 
-    def send(self, sample: Sample) -> None:
-        self._produce(encode_sample(sample, self.codec), sample.key, sample.timestamp_ms)
+    def send(self, sample: Sample, position: int | None = None) -> None:
+        """Queue ``sample``; ``position``: its source position (default: the one after the last)."""
+        if position is None:
+            position = self._last_sent + 1
+        self._last_sent = position
+        batch = self._batch
+        batch.last = position
+        batch.sent += 1
         self.attempted += 1
+        self._produce(encode_sample(sample, self.codec), sample.key, sample.timestamp_ms, batch)
+        if batch.sent == _BATCH:
+            self._close_batch()
         self._poll(0)
+
+    def _new_batch(self) -> _Batch:
+        batch = _Batch()
+        batch.callback = partial(self._on_report, batch)
+        return batch
+
+    def _open_batch(self) -> _Batch:
+        batch = self._new_batch()
+        if self._tracking and len(self._batches) >= _MAX_BATCHES:
+            logger.warning(
+                "a record is unconfirmed after %d later ones were sent: the resume position stays at %d",
+                _MAX_BATCHES * _BATCH,
+                self.position,
+            )
+            self._tracking = False
+            self._batches.clear()
+        if self._tracking:
+            self._batches.append(batch)
+        self._batch = batch
+        return batch
+
+    def _close_batch(self) -> None:
+        """No more records join the current batch (full, or the end): it can complete."""
+        batch = self._batch
+        if batch.sent == 0:
+            return
+        batch.target = batch.sent
+        self._open_batch()
+        if batch.settled == batch.target:
+            self._completed(batch)
+
+    def _settle(self, batch: _Batch, *, failed: bool = False) -> None:
+        """A record of ``batch`` is delivered, or failed for good."""
+        if failed:
+            batch.failed += 1
+        batch.settled += 1
+        if batch.settled == batch.target:
+            self._completed(batch)
+
+    def _completed(self, batch: _Batch) -> None:
+        """Move :attr:`position` over the complete batches at the head."""
+        batch.complete = True
+        batches = self._batches
+        while batches and batches[0].complete:
+            head = batches.popleft()
+            if head.failed:
+                # A record of it failed for good: the position never passes it.
+                self._tracking = False
+                batches.clear()
+                break
+            self.position = head.last
+            self.in_prefix += head.sent
+        if self._m_position is not None:
+            self._m_position.set(self.position)
 
     def _produce(
         self,
         value: bytes | None,
         key: bytes | str | None,
         timestamp_ms: int | None,
+        batch: _Batch,
         partition: int = -1,
     ) -> None:
+        on_delivery = batch.callback
         while not self._dead:
             try:
                 self._producer.produce(
@@ -215,7 +380,7 @@ class Publisher:
                     value=value,
                     key=key,
                     partition=partition,
-                    on_delivery=self._on_delivery_cb,
+                    on_delivery=on_delivery,
                     timestamp=timestamp_ms or 0,  # 0: now
                     headers=self._headers,
                 )
@@ -227,7 +392,7 @@ class Publisher:
                 # A fatal producer refuses new records: replace it, then try again.
                 self._raised(error)
                 self._recreate()
-        self._fail(1)
+        self._failed_at((batch,))
 
     def _poll(self, timeout_s: float) -> None:
         try:
@@ -266,14 +431,18 @@ class Publisher:
         finally:
             self._attending = False
 
-    def flush(self, timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
-        """Deliver everything, read back what was acknowledged without an offset, and report."""
-        self._flush(timeout_s)
+    def flush(self, timeout_s: float = _FLUSH_TIMEOUT_S, abandon: Callable[[], bool] | None = None) -> None:
+        """Deliver everything, read back what was acknowledged without an offset, and report.
+
+        ``abandon()`` true ends the wait early (a second signal): what is still queued stays
+        undelivered (see :meth:`drop_queued`)."""
+        self._close_batch()
+        self._flush(timeout_s, abandon)
         for _ in range(_MAX_READBACK_ROUNDS):
-            if not (self._ready or self._open):
+            if not (self._ready or self._open) or (abandon is not None and abandon()):
                 break
             self._verify(final=True)
-            self._flush(timeout_s)
+            self._flush(timeout_s, abandon)
         self._give_up_held()
         if self.resent or self.recreated:
             logger.warning(
@@ -292,17 +461,32 @@ class Publisher:
                 self.unverified,
             )
 
-    def _flush(self, timeout_s: float) -> None:
+    def _flush(self, timeout_s: float, abandon: Callable[[], bool] | None = None) -> None:
         # poll(), not Producer.flush(): a fatal error raised inside flush() leaves the delivery reports
         # it serves next running with the exception set (confluent-kafka 2.16: SystemError).
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         while True:
             self._poll(max(0.0, min(0.1, deadline - time.monotonic())))
             remaining = len(self._producer)
-            if remaining == 0 or time.monotonic() >= deadline:
+            if remaining == 0 or time.monotonic() >= deadline or (abandon is not None and abandon()):
                 break
         if remaining:
-            logger.error("%d record(s) still undelivered after %.0fs", remaining, timeout_s)
+            logger.error("%d record(s) still undelivered after %.1fs", remaining, time.monotonic() - started)
+
+    def drop_queued(self) -> None:
+        """Give up on every record not confirmed yet (a stop): counted as failed, not resumed past.
+
+        A record already sent may still be stored by the broker: it counts as failed all the same,
+        and a resume sends it again (at least once)."""
+        pending = self.pending
+        if not pending:
+            return
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self._producer.purge(in_queue=True, in_flight=True)
+        # Their delivery reports (failed: purged) come with the next polls.
+        self._flush(_PURGE_REPORTS_TIMEOUT_S)
+        logger.error("gave up on %d record(s) not confirmed in time: counted as failed", pending)
 
     def _recreate(self) -> None:
         """Replace a producer that failed fatally; re-send every record the failure took down."""
@@ -325,7 +509,7 @@ class Publisher:
                 self.recreated - 1,
                 len(pending),
             )
-            self._fail(len(pending))
+            self._failed_at([batch for batch, _ in pending])
             self._dead = True
             self._fatal = None
             return
@@ -337,15 +521,16 @@ class Publisher:
             self.metrics.records_resent.labels(self.topic).inc(len(pending))
         self._producer = self._create_producer()
         self.resent += len(pending)
-        for message in pending:
-            self._produce_again(message)
+        for batch, message in pending:
+            self._produce_again(message, batch)
 
-    def _produce_again(self, message: Message, partition: int = -1) -> None:
+    def _produce_again(self, message: Message, batch: _Batch, partition: int = -1) -> None:
         timestamp_type, timestamp = message.timestamp()
         self._produce(
             message.value(),
             message.key(),
             timestamp if timestamp_type == TIMESTAMP_CREATE_TIME and timestamp > 0 else None,
+            batch,
             partition,
         )
 
@@ -355,13 +540,34 @@ class Publisher:
         if self._m_failed is not None and n:
             self._m_failed.inc(n)
 
+    def _failed_at(self, batches: Collection[_Batch]) -> None:
+        """Records (one per item: its batch) failed for good."""
+        self._fail(len(batches))
+        for batch in batches:
+            self._settle(batch, failed=True)
+
     def _deliver(self, n: int) -> None:
         with self._lock:
             self.delivered += n
         if self._m_delivered is not None and n:
             self._m_delivered.inc(n)
 
-    def summary(self, seconds: float) -> ProduceSummary:
+    @property
+    def pending(self) -> int:
+        """Records sent and neither delivered nor failed yet."""
+        with self._lock:
+            return self.attempted - self.delivered - self.failed
+
+    def summary(
+        self,
+        seconds: float,
+        *,
+        unit: str = "record",
+        source: str | None = None,
+        error: str | None = None,
+        signal: str | None = None,
+    ) -> ProduceSummary:
+        """The counts so far (after :meth:`flush`), with what ended the run (see :class:`ProduceSummary`)."""
         with self._lock:
             delivered, failed = self.delivered, self.failed
         # Records neither acknowledged nor reported failed were not delivered either.
@@ -377,19 +583,31 @@ class Publisher:
             verified=self.verified,
             republished=self.republished,
             unverified=self.unverified,
+            position=self.position,
+            unit=unit,
+            delivered_after=delivered - self.in_prefix,
+            skipped=self._start,
+            source=source,
+            error=error,
+            signal=signal,
         )
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        """A delivery report of a record outside the batches: counted, no part of the resume position."""
+        self._on_report(self._loose, error, message)
+
+    def _on_report(self, batch: _Batch, error: KafkaError | None, message: Message) -> None:
+        """The delivery report of a record of ``batch``."""
         if error is not None:
             if self._fatal is not None or error.code() in _PRODUCER_STATE_ERRORS:
                 # Failed by the producer's fatal error, not by the broker: the next producer sends it.
-                self._resend.append(message)
+                self._resend.append((batch, message))
                 if self._fatal is None:
                     self._fatal = f"delivery failed: {error.str()}"
                     self._attention = True
                 return
-            self._fail(1)
-            if self._errors_logged < 10:
+            self._failed_at((batch,))
+            if self._errors_logged < 10 and error.code() not in _PURGED:  # purged: drop_queued logs
                 self._errors_logged += 1
                 logger.error("delivery to %s failed: %s", self.topic, error.str())
             return
@@ -401,13 +619,16 @@ class Publisher:
             self._outage_since = None
         offset = message.offset()
         if self._open or offset is None or offset < 0:
-            if self._hold(message, offset):
+            if self._hold(batch, message, offset):
                 return
         else:
             self._last_offset[message.partition() or 0] = offset
         self._deliver(1)
+        batch.settled += 1  # _settle(batch), inline: once per record
+        if batch.settled == batch.target:
+            self._completed(batch)
 
-    def _hold(self, message: Message, offset: int | None) -> bool:
+    def _hold(self, batch: _Batch, message: Message, offset: int | None) -> bool:
         """Keep a record acknowledged without an offset (True), or close its partition's open run.
 
         A broker answers a retried batch it believes it already stored with DUPLICATE_SEQUENCE_NUMBER,
@@ -430,7 +651,7 @@ class Publisher:
         if gap is None:
             gap = self._open[partition] = _Gap(partition, self._last_offset.get(partition, -1))
         gap.next_offset = offset + 1 if offset is not None and offset >= 0 else 0
-        gap.records.append(message)
+        gap.records.append((batch, message))
         self._held += 1
         self.acknowledged_without_offset += 1
         if self._m_awo is not None:
@@ -451,40 +672,49 @@ class Publisher:
         # One range per run of records: two runs of a partition are read apart, so that a record of this
         # publisher acknowledged with an offset between them is never taken for one of them.
         ranges = [
-            ReadBack(gap.partition, gap.after, gap.before, self._run_id, Counter(map(_content, gap.records)))
+            ReadBack(
+                gap.partition,
+                gap.after,
+                gap.before,
+                self._run_id,
+                Counter(_content(message) for _, message in gap.records),
+            )
             for gap in gaps
         ]
         started = time.monotonic()
         read_back(
             self._settings, self.topic, ranges, _FINAL_READBACK_TIMEOUT_S if final else _READBACK_TIMEOUT_S
         )
-        found_total = missing_total = unchecked_total = 0
+        found_total = missing_total = 0
+        unchecked: list[_Batch] = []
         for gap, wanted in zip(gaps, ranges, strict=True):
             held = gap.records
             if not wanted.complete:
                 if final:
-                    unchecked_total += len(held)
+                    unchecked.extend(batch for batch, _ in held)
                     continue
                 # The broker did not answer: keep them, try again later.
                 self._ready.append(gap)
                 self._readback_after = time.monotonic() + _READBACK_RETRY_S
                 continue
             self._held -= len(held)
-            found: list[Message] = []
-            missing: list[Message] = []
+            found: list[_Batch] = []
+            missing: list[tuple[_Batch, Message]] = []
             unmatched = Counter(wanted.found)
-            for message in held:
+            for batch, message in held:
                 content = _content(message)
                 if unmatched[content] > 0:
                     unmatched[content] -= 1
-                    found.append(message)
+                    found.append(batch)
                 else:
-                    missing.append(message)
+                    missing.append((batch, message))
             found_total += len(found)
             missing_total += len(missing)
             self._count_verified(len(found), len(missing))
             if found:
                 self._deliver(len(found))
+                for batch in found:
+                    self._settle(batch)
             logger.warning(
                 "read back %d record(s) acknowledged without an offset in %s [%d] (%s, %d record(s) read): "
                 "%d found, %d missing%s",
@@ -497,17 +727,17 @@ class Publisher:
                 len(missing),
                 ": publishing them again" if missing else "",
             )
-            for message in missing:
-                self._produce_again(message, gap.partition)
-        if unchecked_total:
-            self._held -= unchecked_total
-            self._unverified(unchecked_total)
+            for batch, message in missing:
+                self._produce_again(message, batch, gap.partition)
+        if unchecked:
+            self._held -= len(unchecked)
+            self._unverified(unchecked)
         logger.debug(
             "read back in %.2fs: %d found, %d republished, %d unverified",
             time.monotonic() - started,
             found_total,
             missing_total,
-            unchecked_total,
+            len(unchecked),
         )
 
     def _count_verified(self, found: int, missing: int) -> None:
@@ -517,18 +747,19 @@ class Publisher:
             self.metrics.records_verified.labels(self.topic).inc(found)
             self.metrics.records_republished.labels(self.topic).inc(missing)
 
-    def _unverified(self, n: int) -> None:
+    def _unverified(self, batches: Collection[_Batch]) -> None:
+        n = len(batches)
         logger.error(
             "%d record(s) acknowledged without an offset could not be read back: counted as failed", n
         )
         self.unverified += n
-        self._fail(n)
+        self._failed_at(batches)
         if self.metrics is not None:
             self.metrics.records_unverified.labels(self.topic).inc(n)
 
     def _give_up_held(self) -> None:
         """Records still held after the last read-back round (acknowledged without an offset again)."""
-        left = sum(len(gap.records) for gap in (*self._ready, *self._open.values()))
+        left = [batch for gap in (*self._ready, *self._open.values()) for batch, _ in gap.records]
         self._ready = []
         self._open.clear()
         self._held = 0
@@ -592,30 +823,96 @@ def publish(
     progress: bool = False,
     metrics: ProducerMetrics | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stop: StopSignals | None = None,
 ) -> ProduceSummary:
-    """Publish ``samples`` (at most ``count``), optionally at ``rate`` records/s."""
+    """Publish ``samples`` (at most ``count``), optionally at ``rate`` records/s.
+
+    The run ends at the end of ``samples``, at ``count``, when ``should_stop()`` is true, at a signal
+    that ``stop`` (entered) caught, or at a bad record (a :class:`ProducerError` from ``samples``: in
+    the summary's ``error``); every record read before is then flushed (after a signal, within its
+    grace) and counted. A :class:`SampleSource` gives the records' positions (otherwise they are
+    numbered from 1). The first record is read before the topic is created (``partitions``): a bad
+    one, or a signal, ends the run with nothing created.
+    """
+    watch = stop if stop is not None else StopSignals()  # not entered: never signalled
+    source = samples if isinstance(samples, SampleSource) else None
+    unit = source.unit if source is not None else "record"
+    name = source.name if source is not None else None
+    # Dense: one position per record (synthetic, plain iterables): counted here, not read per record.
+    positions = None if source is None or source.dense else source
+    position = source.position if source is not None else 0
     admin = admin_client(settings)
+    if partitions is None and topic_partitions(admin, topic, settings.startup_timeout_s) is None:
+        raise TopicError(f"topic {topic!r} does not exist (create it, or pass --partitions N)")
+    started = time.monotonic()
+    records = iter(samples)
+    sample: Sample | None = None
+    error: str | None = None
+    try:
+        if count is None or count > 0:
+            with watch.interruptible():
+                sample = next(records, None)
+    except ProducerError as bad:
+        error = str(bad)
+    except Stopped:
+        pass
+    if sample is None and (error is not None or watch.signum is not None):
+        # Nothing was read: nothing to flush, and no topic to create for nothing.
+        return ProduceSummary(
+            0,
+            0,
+            0,
+            time.monotonic() - started,
+            position=position,
+            unit=unit,
+            skipped=position,
+            source=name,
+            error=error,
+            signal=watch.name,
+        )
     if partitions is not None:
         ensure_topic(admin, topic, partitions, settings.startup_timeout_s)
-    elif topic_partitions(admin, topic, settings.startup_timeout_s) is None:
-        raise TopicError(f"topic {topic!r} does not exist (create it, or pass --partitions N)")
-    publisher = Publisher(settings, topic=topic, codec=codec, metrics=metrics)
+    publisher = Publisher(settings, topic=topic, codec=codec, metrics=metrics, start=position)
     started = time.monotonic()
     with _progress_bar(progress, count) as advance:
-        for sample in samples:
-            if count is not None and publisher.attempted >= count:
-                break
-            if should_stop is not None and should_stop():
-                break
-            if rate is not None:
-                # Pace against the schedule, not the previous record, so the rate does not drift.
-                ahead = started + publisher.attempted / rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
-            publisher.send(sample)
-            advance()
-        publisher.flush()
-    return publisher.summary(time.monotonic() - started)
+        try:
+            while sample is not None:
+                if watch.signum is not None or (should_stop is not None and should_stop()):
+                    break
+                position = position + 1 if positions is None else positions.position
+                publisher.send(sample, position)
+                advance()
+                if count is not None and publisher.attempted >= count:
+                    break
+                # A signal raises Stopped into this wait (the next line of a pipe, the pace).
+                watch.waiting = True
+                if rate is not None:
+                    # Pace against the schedule, not the previous record, so the rate does not drift.
+                    ahead = started + publisher.attempted / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                sample = next(records, None)
+                watch.waiting = False
+        except ProducerError as bad:
+            error = str(bad)
+        except Stopped:
+            pass
+        finally:
+            watch.waiting = False
+        if watch.signum is not None:
+            logger.warning(
+                "%s: stopped reading the source; flushing %d unconfirmed record(s) (a 2nd signal gives up)",
+                watch.name,
+                publisher.pending,
+            )
+        elif error is not None:
+            logger.debug("bad record: flushing the %d record(s) read before it", publisher.pending)
+        publisher.flush(abandon=watch.give_up)
+        if watch.signum is not None:
+            publisher.drop_queued()
+    return publisher.summary(
+        time.monotonic() - started, unit=unit, source=name, error=error, signal=watch.name
+    )
 
 
 @contextlib.contextmanager

@@ -116,13 +116,20 @@ class _World:
     concepts: tuple[_Concept, _Concept]  # before, after drift
 
 
-def generate(spec: SyntheticSpec, count: int | None = None) -> Iterator[Sample]:
-    """Yield ``count`` samples (forever when None), identical to :func:`generate_arrays`."""
+def generate(spec: SyntheticSpec, count: int | None = None, start: int = 0) -> Iterator[Sample]:
+    """Yield ``count`` samples (forever when None) from record ``start`` on, identical to
+    :func:`generate_arrays` (``start`` resumes a stream: the records after it are the same)."""
     if count is not None and count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    produced = 0
-    while count is None or produced < count:
-        n = BLOCK_SIZE if count is None else min(BLOCK_SIZE, count - produced)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    produced = start
+    end = None if count is None else start + count
+    while end is None or produced < end:
+        # To the end of the current block: a chunk never spans two blocks (each costs a draw).
+        n = BLOCK_SIZE - produced % BLOCK_SIZE
+        if end is not None:
+            n = min(n, end - produced)
         features, labels = generate_arrays(spec, n, start=produced)
         for row, label in zip(features, labels.tolist(), strict=True):
             key = f"entity-{produced % spec.n_keys}".encode() if spec.n_keys else None
