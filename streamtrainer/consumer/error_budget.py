@@ -18,7 +18,7 @@ so a restarted worker trips at the same record as the one before it.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -63,7 +63,9 @@ class ErrorBudget:
         self.limit = share
         self.window = window
         self.consumed = 0
-        self._invalid: deque[int] = deque()  # indices (in consumption order) of the window's invalid records
+        # Consumption indices of the window's invalid records, sorted. (A batch's guard refusals come
+        # after its decode errors, and may lie before them: inserted in order, not appended.)
+        self._invalid: list[int] = []
         self.spent: Verdict | None = None
 
     @property
@@ -91,7 +93,7 @@ class ErrorBudget:
         if not self.enabled:
             return None
         for index in indices:
-            self._invalid.append(index)
+            bisect.insort(self._invalid, index)
             if self.tolerance == "none":
                 return self._spend(1, 1, index)
             verdict = self._check(index)
@@ -110,14 +112,15 @@ class ErrorBudget:
         records = min(last + 1, self.window)
         if last + 1 < min(self.window, MIN_RECORDS):
             return None
-        count = len(self._invalid)  # appended in order, all at or before ``last``
+        count = bisect.bisect_right(self._invalid, last)
         if count > self.limit * records:
             return self._spend(count, records, last)
         return None
 
     def _trim(self, last: int) -> None:
-        while self._invalid and self._invalid[0] <= last - self.window:
-            self._invalid.popleft()
+        gone = bisect.bisect_right(self._invalid, last - self.window)
+        if gone:
+            del self._invalid[:gone]
 
     def _spend(self, invalid: int, records: int, index: int) -> Verdict:
         self.spent = Verdict(invalid, records, self.limit, index)
@@ -144,4 +147,4 @@ class ErrorBudget:
         if not isinstance(consumed, int) or not isinstance(ago, list):
             return
         self.consumed = consumed
-        self._invalid.extend(sorted(consumed - int(a) for a in ago if 0 < int(a) <= consumed))
+        self._invalid = sorted(consumed - int(a) for a in ago if 0 < int(a) <= consumed)

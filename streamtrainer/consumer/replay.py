@@ -65,6 +65,7 @@ from streamtrainer.consumer.ranges import (
     parse_bound,
     resolve_ranges,
 )
+from streamtrainer.consumer.schema_probe import settle_schema_from_log
 from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.records import BatchDecoder, DecodeError
@@ -81,8 +82,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT: Final = "streamtrainer-replay-manifest/1"
 MANIFEST_NAME: Final = "manifest.json"
 _POLL_BATCH: Final = 5000
-# Records of a partition read, at most, to find the first that decodes (the range's schema).
-_SCHEMA_PROBE: Final = 1000
 _LENGTH: Final = struct.Struct("<q")
 _INVALID_LOG_INTERVAL_S: Final = 5.0
 _SCALER_CHUNK: Final = 65_536
@@ -291,31 +290,15 @@ class RangeReader:
         """Fix ``decoder``'s schema from the range's first record in (partition, offset) order that decodes.
 
         Reading order across partitions differs from run to run; the schema must not (a stray
-        record of another shape read first would otherwise fix it). Reads at most
-        ``_SCHEMA_PROBE`` records of each partition, from its start, until one decodes.
+        record of another shape read first would otherwise fix it).
         """
-        consumer = self.consumer
-        deadline = time.monotonic() + self.settings.startup_timeout_s
-        try:
-            for r in sorted(ranges, key=lambda item: item.partition):
-                end = r.end if r.end is not None else r.start + _SCHEMA_PROBE
-                if r.start >= end:
-                    continue
-                consumer.assign([TopicPartition(self.topic, r.partition, r.start)])
-                seen: list[Message] = []
-                while len(seen) < min(end - r.start, _SCHEMA_PROBE) and time.monotonic() < deadline:
-                    messages = consumer.consume(num_messages=_SCHEMA_PROBE, timeout=0.2)
-                    seen += [m for m in messages if m.error() is None]
-                    errors = [error for m in messages if (error := m.error()) is not None]
-                    if any(error.code() == KafkaError._PARTITION_EOF for error in errors):
-                        break
-                seen = [m for m in seen if (m.offset() or 0) < end][:_SCHEMA_PROBE]
-                values = [m.value() for m in seen]
-                if decoder.settle_schema(values, HeaderCodecs(seen), range(len(seen))):
-                    return
-        finally:
-            with contextlib.suppress(KafkaException):
-                consumer.unassign()
+        settle_schema_from_log(
+            self.consumer,
+            self.topic,
+            [(r.partition, r.start, r.end) for r in ranges],
+            decoder,
+            timeout_s=self.settings.startup_timeout_s,
+        )
 
     def read(
         self,

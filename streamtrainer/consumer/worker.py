@@ -20,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections import Counter as CountOf
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -63,8 +64,10 @@ from streamtrainer.consumer.dead_letter import (
     default_worker_id,
 )
 from streamtrainer.consumer.error_budget import ErrorBudget, ErrorBudgetExceeded, Verdict
+from streamtrainer.consumer.exceptions import DeadLetterError
 from streamtrainer.consumer.messages import HeaderCodecs, key_bytes, timestamps_of
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.schema_probe import settle_schema_from_log
 from streamtrainer.consumer.training_lane import TrainingLane
 from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import ConfigurationError, StreamtrainerError, TopicError
@@ -236,9 +239,15 @@ class Worker:
         # (partition, offset) of the records a training guard refused and the dead-letter topic holds,
         # past the last checkpoint: a rollback reads them again, and they must not go there twice.
         self._guard_dead_lettered: set[tuple[int, int]] = set()
-        # (partition, offset) of the records this group dead-lettered after the checkpoint it resumed
-        # from (found in the dead-letter topic at start-up): read again, they are not sent again.
-        self._sent_before_restart: set[tuple[int, int]] = set()
+        # (partition, offset) of the records this group dead-lettered past the last checkpoint (and,
+        # after a restart, found in the dead-letter topic): read again after a rollback or a restart,
+        # they are counted again but not sent again.
+        self._in_dead_letter_topic: set[tuple[int, int]] = set()
+        # The dead-letter topic's end offsets (per partition) the next checkpoint records.
+        self._dlq_ends: dict[int, int] | None = None
+        self._dlq_ends_stale = False
+        # --fresh: checkpoints up to this version belong to the model it ignores.
+        self._fresh_floor = 0
         # Divergence (refused records that pass on the model a rollback goes back to): the learning-rate
         # backoffs in a row, the last offsets per partition of the batch that diverged last, and the
         # first offset read per partition (where a rollback with no checkpoint and no commit goes).
@@ -272,6 +281,8 @@ class Worker:
             checkpoint = None
             if settings.fresh:
                 logger.info("--fresh: ignoring checkpoints in %s", settings.checkpoint_dir)
+                # Rollbacks must not go back to the checkpoints --fresh ignores either.
+                self._fresh_floor = self.store.latest_version()
             else:
                 checkpoint = self.store.load_latest()
                 self._check_binding(checkpoint)
@@ -291,7 +302,7 @@ class Worker:
                 logger.info("no checkpoint in %s: starting a new model", settings.checkpoint_dir)
             self.dead_letters = self._open_dead_letters()
             stack.callback(self.dead_letters.close)
-            self._find_sent_before_restart(checkpoint)
+            self._find_dead_lettered_since(checkpoint)
             if self.compactor is not None:
                 stack.enter_context(self.compactor)
             stack.enter_context(self.metrics_server)
@@ -326,6 +337,7 @@ class Worker:
             self._started = time.monotonic()
             self._running = not self._stop_requested.is_set()
             next_progress = next_lag = next_log = self._last_checkpoint = self._started
+            clean = False
             try:
                 while self._running:
                     now = time.monotonic()
@@ -344,7 +356,7 @@ class Worker:
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
-                    if self._failure is not None or self._reached_end():
+                    if self._failure is not None or self._reached_end(idle=not messages):
                         break
                     if self.compactor is not None and (reason := self.compactor.due()) is not None:
                         self._compact(reason)
@@ -373,18 +385,24 @@ class Worker:
                         next_log = now + _RUN_LOG_INTERVAL_S
                     if messages:
                         self._start_update(self._still_ours(messages, rewinds, assignment))
+                clean = True
             finally:
                 self._running = False
-                if self._failure is None:
+                if clean and self._failure is None:
+                    self._stop_if_all_invalid()
+                if clean and self._failure is None:
                     # Clean shutdown: everything trained becomes durable, then committed.
                     self._checkpoint_and_commit()
                 else:
-                    # Stopped on an error: nothing past the last checkpoint is committed.
+                    # Stopped on an error or an exception (a batch may be half accounted for):
+                    # nothing past the last checkpoint is committed.
                     self._discard_update()
             status = self.status()
             if run_log is not None:
                 run_log.write(orjson.dumps(status.as_json()) + b"\n")
             if self._failure is not None:
+                # Out of the group first: its partitions go to another member meanwhile.
+                self._close_consumer()
                 self._linger_for_scrapes()
                 raise self._failure
         return status
@@ -472,7 +490,7 @@ class Worker:
             group=settings.group,
         )
 
-    def _find_sent_before_restart(self, checkpoint: Checkpoint | None) -> None:
+    def _find_dead_lettered_since(self, checkpoint: Checkpoint | None) -> None:
         """The records this group dead-lettered after ``checkpoint`` (it will read them again).
 
         The checkpoint records the dead-letter topic's end offsets; only what was written since is
@@ -482,13 +500,29 @@ class Worker:
         assert self.dead_letters is not None
         ends = checkpoint.metadata.get("dlq_end_offsets") if checkpoint is not None else None
         since = {int(p): int(o) for p, o in ends.items()} if isinstance(ends, dict) else None
-        self._sent_before_restart = self.dead_letters.already_dead_lettered(since)
-        if self._sent_before_restart:
+        self._in_dead_letter_topic = self.dead_letters.already_dead_lettered(since)
+        self._dlq_ends = since
+        self._note_dead_letter_ends()
+        if self._in_dead_letter_topic:
             logger.info(
                 "%d record(s) after checkpoint %d are in the dead-letter topic already: not sent again",
-                len(self._sent_before_restart),
+                len(self._in_dead_letter_topic),
                 self.model_version,
             )
+
+    def _note_dead_letter_ends(self) -> None:
+        """Where the dead-letter topic ends now, for the next checkpoint: after a restart only what
+        follows is searched for records sent already. A watermark query (~1 ms), made at start and
+        at a checkpoint after records were dead-lettered; if it fails the older ends stay (a restart
+        then reads more).
+        """
+        if self.dead_letters is None:
+            return
+        try:
+            self._dlq_ends = self.dead_letters.end_offsets()
+            self._dlq_ends_stale = False
+        except (KafkaException, DeadLetterError) as error:
+            logger.warning("could not read the dead-letter topic's end offsets: %s", error)
 
     def _create_consumer(self) -> Consumer:
         settings = self.settings
@@ -577,8 +611,11 @@ class Worker:
                 budget = min(budget, 0)  # the batch in flight completes the count: compact first
         return budget
 
-    def _reached_end(self) -> bool:
-        """--stop-at-end: every assigned partition is read up to its end offset when assigned."""
+    def _reached_end(self, idle: bool) -> bool:
+        """--stop-at-end: every assigned partition is read up to its end offset when assigned.
+
+        ``idle``: the last poll returned no record (everything handed out is accounted for).
+        """
         consumer = self._consumer
         if (
             not self.settings.stop_at_end
@@ -593,14 +630,28 @@ class Worker:
                 # The watermarks of the first fetch response after the assignment: "the end" of the
                 # bounded run. (Not a ListOffsets query: the embedded broker answers it wrongly,
                 # e.g. 1 for a partition of 1,573 records.)
-                low, high = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
+                try:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
+                except KafkaException:
+                    return False
                 if high < 0:
                     return False  # nothing fetched from it yet
                 self._end_offsets[key] = (max(low, 0), high)
             low, high = self._end_offsets[key]
             position = self.offsets.next_offset(*key)
             if max(position if position is not None else low, low) < high:
-                return False
+                # Nothing left to train may still sit below the end: control records of a
+                # transactional producer, or gaps of a compacted topic. When the last poll returned
+                # nothing, the consumer's position (past the last record it handed out, and past
+                # those) tells.
+                if not idle:
+                    return False
+                try:
+                    (consumed,) = consumer.position([TopicPartition(*key)])
+                except KafkaException:
+                    return False
+                if consumed.offset < high:
+                    return False
         logger.info("--stop-at-end: every assigned partition is read to its end offset")
         return True
 
@@ -1040,7 +1091,7 @@ class Worker:
         if learner is not None and consumer is not None and steps is not None:
             version = self.store.latest_version()
             if self._reference is None or self._reference[0] != version:
-                checkpoint = restored = self.store.load_latest()
+                checkpoint = restored = self._latest_checkpoint()
                 if restored is None and self.settings.init_from is not None:
                     restored = CheckpointStore(self.settings.init_from).load_latest()  # read only
                 model = learner.reference_model(restored.tensors if restored is not None else None)
@@ -1086,9 +1137,9 @@ class Worker:
         dead_letters = self.dead_letters
         if dead_letters is not None:
             failures = [(records[position], error) for position, error in errors]
-            if self._sent_before_restart:
-                # Dead-lettered by this group before a restart, after the checkpoint: there already.
-                sent = self._sent_before_restart
+            sent = self._in_dead_letter_topic
+            if sent:
+                # Dead-lettered past the checkpoint before a rollback or a restart: there already.
                 failures = [(m, e) for m, e in failures if (m.partition(), m.offset()) not in sent]
             # Until they are confirmed no checkpoint may pass these records (a rebalance callback
             # may try one while the group is served during the write).
@@ -1102,6 +1153,9 @@ class Worker:
                 # are read (and dead-lettered) again after the restart.
                 return False
             self._dead_letters_unconfirmed = False
+            sent.update((m.partition() or 0, m.offset() or 0) for m, _ in failures)
+            if failures:
+                self._dlq_ends_stale = True
         self._count_invalid(errors)
         if verdict is not None:
             position, error = next((p, e) for p, e in errors if first + p == verdict.index)
@@ -1130,6 +1184,20 @@ class Worker:
         self.metrics.error_budget_exhausted.set(1)
         logger.error("%s", self._failure)
         self._running = False
+
+    def _stop_if_all_invalid(self) -> None:
+        """A run that ends having trained nothing and dead-lettered everything is no success.
+
+        (With fewer records than the budget judges: past them, the budget has stopped it already.)
+        """
+        consumed = self.error_budget.consumed
+        if self.settings.errors_tolerance == "all" or self.records_trained or not self.records_invalid:
+            return
+        invalid = min(self.records_invalid, consumed)
+        if invalid and invalid > self.error_budget.limit * consumed:
+            self._spend_error_budget(
+                Verdict(invalid, consumed, self.error_budget.limit, consumed - 1), None, None
+            )
 
     def _linger_for_scrapes(self) -> None:
         """Keep /metrics up a while after an error stop, so Prometheus sees why (not only that) it stopped."""
@@ -1225,10 +1293,10 @@ class Worker:
             group=self.settings.group,
             error_budget=self.error_budget.state(),
         )
-        if self.dead_letters is not None:
-            # Where the dead-letter topic ended: after a restart only what follows is searched for
-            # records sent already (a watermark query per checkpoint, ~1 ms on the embedded broker).
-            metadata["dlq_end_offsets"] = {str(p): o for p, o in self.dead_letters.end_offsets().items()}
+        if self._dlq_ends_stale:
+            self._note_dead_letter_ends()
+        if self._dlq_ends is not None:
+            metadata["dlq_end_offsets"] = {str(p): o for p, o in self._dlq_ends.items()}
         compaction = self.compactor.checkpoint_metadata(self.settings.topic) if self.compactor else None
         if compaction is not None:
             metadata["compaction"] = compaction
@@ -1241,12 +1309,17 @@ class Worker:
             return
         self.model_version = checkpoint.version
         self._guard_rolled_back = False
-        if self._guard_dead_lettered:
+        if self._guard_dead_lettered or self._in_dead_letter_topic:
             # A rollback goes back no further than this checkpoint: forget what it cannot read again.
             topic, positions = self.settings.topic, self.offsets.positions()
             self._guard_dead_lettered = {
                 (partition, offset)
                 for partition, offset in self._guard_dead_lettered
+                if offset >= positions.get((topic, partition), 0)
+            }
+            self._in_dead_letter_topic = {
+                (partition, offset)
+                for partition, offset in self._in_dead_letter_topic
                 if offset >= positions.get((topic, partition), 0)
             }
         if self.compactor is not None:
@@ -1324,6 +1397,8 @@ class Worker:
             starts.append(
                 f"{tp.topic}[{tp.partition}]@{tp.offset if known else self.settings.auto_offset_reset}"
             )
+        if self.decoder.n_features is None:
+            self._settle_schema([(tp.partition, tp.offset) for tp in partitions if tp.offset != OFFSET_END])
         self._assignment_changes += 1
         # Offsets set on these partitions only take effect if we assign them ourselves.
         if self.settings.assignment_strategy == "cooperative-sticky":
@@ -1340,6 +1415,32 @@ class Worker:
             resumed = {tp.partition: tp.offset for tp in partitions if tp.offset >= 0}
             self.compactor.refill(resumed, self.decoder, self.learner)
         logger.info("assigned %s", ", ".join(starts))
+
+    def _settle_schema(self, starts: list[tuple[int, int]]) -> None:
+        """No schema yet (no checkpoint, no --n-features): take it from the first record in
+        (partition, offset) order of what this worker is about to read (schema_probe)."""
+        settings = self.settings
+        probe = Consumer(
+            client_config(
+                settings,
+                **{
+                    "group.id": f"streamtrainer-schema-{uuid.uuid4().hex[:8]}",  # never joins
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": settings.auto_offset_reset,
+                },
+            )
+        )
+        try:
+            settle_schema_from_log(
+                probe,
+                settings.topic,
+                [(partition, offset, None) for partition, offset in starts],
+                self.decoder,
+                timeout_s=settings.startup_timeout_s,
+            )
+        finally:
+            probe.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
@@ -1372,7 +1473,7 @@ class Worker:
     def _rollback(self, consumer: Consumer) -> None:
         self._discard_update()
         self._rewinds += 1
-        checkpoint = self.store.load_latest()
+        checkpoint = self._latest_checkpoint()
         self._restore(checkpoint)
         # Whatever was consumed since that checkpoint is read again: forget the copies kept of it.
         self._held.clear()
@@ -1396,6 +1497,13 @@ class Worker:
             positions = {p: o for t, p in self._assigned if (o := self.offsets.next_offset(t, p)) is not None}
             self.compactor.refill(positions, self.decoder, self.learner)
         self._seek_to_positions()
+
+    def _latest_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint a rollback goes back to: the newest, but none that --fresh ignored."""
+        checkpoint = self.store.load_latest()
+        if checkpoint is not None and checkpoint.version <= self._fresh_floor:
+            return None
+        return checkpoint
 
     def _seek_to_positions(self) -> None:
         """Read each assigned partition again from the next offset to train."""

@@ -200,3 +200,54 @@ def test_a_divergence_after_a_checkpoint_rolls_back_to_that_checkpoint(
     restarted = Worker(settings.model_copy(update={"max_seconds": 2.0}), registry=CollectorRegistry())
     restarted.run()
     assert restarted.learner is not None and restarted.learner.lr == pytest.approx(worker.learner.lr)
+
+
+def test_a_bad_record_is_dead_lettered_once_across_divergence_rollbacks(
+    bootstrap: str, topic_factory: Callable[..., str], group_id: str
+) -> None:
+    """An undecodable record read again after each rollback goes to the dead-letter topic once."""
+    topic = topic_factory(partitions=1)
+    x, y = _raw_scale_stream()
+    records = [
+        (json.dumps({"features": x[i].tolist(), "label": float(y[i])}).encode(), None) for i in range(N)
+    ]
+    records.insert(50, (b"oops", None))
+    produce_tracked(bootstrap, topic, records)
+    settings = worker_settings(bootstrap, topic, group_id, model="linear", lr=0.1, compaction=False)
+    worker = Worker(settings)
+    status = _run_until_applied(worker, N + 1)
+    assert worker.metrics.rollbacks._value.get() >= 1  # it diverged and read the bad record again
+    assert status.records_applied == N
+    assert _dead_lettered(bootstrap, topic) == [((topic, 0, 50), "invalid_json")]
+
+
+def test_fresh_never_rolls_back_to_the_checkpoints_it_ignores(
+    bootstrap: str, topic_factory: Callable[..., str], group_id: str, tmp_path
+) -> None:
+    """--fresh in a directory holding another topic's model: a divergence goes back to a new model."""
+    other, topic = topic_factory(partitions=1), topic_factory(partitions=1)
+    xo, yo = _raw_scale_stream(300, seed=7)
+    _produce(bootstrap, other, (xo - xo.mean(0)) / xo.std(0), yo - 43.0)
+    checkpoints = tmp_path / "c"
+    Worker(worker_settings(bootstrap, other, "others", checkpoint_dir=checkpoints, compaction=False,
+                           stop_at_end=True)).run()  # fmt: skip
+    x, y = _raw_scale_stream()
+    _produce(bootstrap, topic, x, y)
+    settings = worker_settings(
+        bootstrap,
+        topic,
+        group_id,
+        model="linear",
+        lr=0.1,
+        compaction=False,
+        fresh=True,
+        checkpoint_dir=checkpoints,
+    )
+    worker = Worker(settings)
+    status = _run_until_applied(worker, N)
+    assert worker.metrics.rollbacks._value.get() >= 1
+    # Everything applied is this topic's: the other topic's checkpoint was never restored.
+    assert set(worker.applied) == {(topic, 0)} and status.records_applied == N
+    latest = CheckpointStore(checkpoints).load_latest()
+    assert latest is not None and latest.metadata["topic"] == topic
+    assert latest.metadata["applied"] == {f"{topic}:0": N}

@@ -35,7 +35,7 @@ def test_two_groups_dead_letter_a_record_each_and_a_redrive_publishes_it_once(
     groups = ("dlq-groups-a", "dlq-groups-b")
     for group in groups:
         status = Worker(
-            worker_settings(bootstrap, topic, group, model="logistic", max_records=n - len(bad))
+            worker_settings(bootstrap, topic, group, model="logistic", stop_at_end=True)
         ).run()
         assert status.records_invalid == len(bad)
 

@@ -64,3 +64,15 @@ def test_the_window_survives_a_checkpoint() -> None:
     assert _feed(restored, [True] * 30) == 20  # 80 + 21 > 100
     fresh = ErrorBudget("budget", 0.1, 1000)
     assert _feed(fresh, [True] * 30) is None  # too few records to judge
+
+
+def test_records_counted_out_of_order_are_placed_in_order() -> None:
+    # A batch's decode errors (late indices) come before its guard refusals (earlier indices).
+    budget = ErrorBudget("budget", 0.1, 1000)
+    budget.consume(1100)
+    assert budget.invalid(range(910, 1000)) is None  # 90 invalid
+    assert budget.invalid(range(1090, 1100)) is None  # window ending at 1099: 100 of 1000
+    # A refusal at 1005: the window ending there holds 91, not 101.
+    assert budget.invalid([1005]) is None
+    verdict = budget.check()  # ending at 1099: 101 of 1000
+    assert verdict is not None and (verdict.invalid, verdict.records, verdict.index) == (101, 1000, 1099)

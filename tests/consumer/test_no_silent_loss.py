@@ -5,7 +5,6 @@ Every case runs through the broker. Figures of the issue's "before" are in the c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import orjson
@@ -114,10 +113,9 @@ def test_a_checkpoint_of_another_topic_or_group_is_refused_before_connecting(
     _checkpointed_worker(bootstrap, samples, group_id, checkpoints)
     nowhere = "127.0.0.1:1"  # refused before any connection: no broker is asked
     for topic, group in [("live", group_id), (samples, "trainers")]:
-        started = time.monotonic()
+        # A ConfigurationError, not BrokerUnavailableError: nothing tried to connect.
         with pytest.raises(ConfigurationError, match=f"holds the model of topic '{samples}'"):
             Worker(worker_settings(nowhere, topic, group, checkpoint_dir=checkpoints)).run()
-        assert time.monotonic() - started < 5
     # The command line: one line, exit 2.
     result = run_cli(
         "worker", "--bootstrap-servers", nowhere, "--topic", "live", "--group", group_id,
@@ -242,13 +240,13 @@ def test_stop_at_end_is_a_bounded_run(bootstrap: str, topic_factory, group_id: s
     # Before: nothing stopped a worker at the end of the data (it ran to --max-seconds).
     topic = topic_factory(partitions=3)
     produce(bootstrap, topic, generate(SyntheticSpec(seed=7), 3000), codec="binary")
-    started = time.monotonic()
-    status = Worker(worker_settings(bootstrap, topic, group_id, stop_at_end=True, max_seconds=120)).run()
-    assert time.monotonic() - started < 60
+    # max_seconds far beyond what the run needs: stopping at the end is what ends it (it did not before).
+    status = Worker(worker_settings(bootstrap, topic, group_id, stop_at_end=True, max_seconds=600)).run()
     assert status.records_trained == 3000
+    assert status.elapsed_s < 600
     assert sum(committed_offsets(bootstrap, topic, group_id).values()) == 3000
     # A second bounded run finds nothing new and ends at once.
-    again = Worker(worker_settings(bootstrap, topic, group_id, stop_at_end=True, max_seconds=120)).run()
+    again = Worker(worker_settings(bootstrap, topic, group_id, stop_at_end=True, max_seconds=600)).run()
     assert again.records_consumed == 0
 
 
