@@ -33,6 +33,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
+# The fast subset: no test that talks to a broker (those are marked `integration`, see tests/conftest.py).
+unit: setup
+	$(BIN)/python -m pytest -m "not integration"
+
 bench: setup
 	$(BIN)/python -m bench.run --quick
 

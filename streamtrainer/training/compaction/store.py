@@ -636,6 +636,42 @@ class CompactionStore:
             block.features, block.labels, block.partitions, block.offsets, ranges, len(block), dropped
         )
 
+    def window_positions(
+        self, *, last: int | None = None, since: Mapping[int, int] | None = None
+    ) -> tuple[I32, I64]:
+        """Partition and offset of each row :meth:`window` would take (before deduplication), in order.
+
+        Only those two columns are read: what a checkpoint records so that a
+        restarted worker can read the same rows back from the log.
+        """
+        self._check_open()
+        if last is not None and last < 0:
+            raise CompactionError(f"last must be >= 0, got {last}")
+        partitions: list[I32] = []
+        offsets: list[I64] = []
+        collected = 0
+        segments = self._segments_newest_first(since)
+        while last is None or collected < last:
+            segment = next(segments, None)
+            if segment is None:
+                break
+            p, o = segment.partitions, segment.offsets
+            if since is not None:
+                mask = _since_mask(p, o, since)
+                p, o = p[mask], o[mask]
+            if last is not None and collected + p.shape[0] > last:
+                keep = last - collected
+                p, o = p[p.shape[0] - keep :], o[o.shape[0] - keep :]
+            if p.shape[0]:
+                partitions.append(np.array(p, dtype=np.int32))
+                offsets.append(np.array(o, dtype=np.int64))
+                collected += int(p.shape[0])
+        partitions.reverse()
+        offsets.reverse()
+        if not partitions:
+            return np.empty(0, np.int32), np.empty(0, np.int64)
+        return np.concatenate(partitions), np.concatenate(offsets)
+
     def _segments_newest_first(self, since: Mapping[int, int] | None) -> Iterator[_Columns]:
         yield from reversed(self._chunks)
         for shard in reversed(self._shards):

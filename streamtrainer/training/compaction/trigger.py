@@ -91,6 +91,14 @@ class CompactionTrigger:
             return None
         return max(0, self.every_records - self._records)
 
+    def restore(self, records_since_compaction: int) -> None:
+        """Continue a checkpoint's count (a restart, a rollback): the next compaction falls on the
+        same record as it would have without the interruption. The interval restarts from now."""
+        if records_since_compaction < 0:
+            raise CompactionError(f"records_since_compaction must be >= 0, got {records_since_compaction}")
+        self._records = records_since_compaction
+        self._since = self._clock()
+
     def observe(self, n_records: int) -> None:
         """Count records trained since the last compaction (worker thread only)."""
         self._records += n_records
