@@ -34,9 +34,7 @@ def test_two_groups_dead_letter_a_record_each_and_a_redrive_publishes_it_once(
     bad = {delivered[i] for i in range(n) if i % 10 == 3}
     groups = ("dlq-groups-a", "dlq-groups-b")
     for group in groups:
-        status = Worker(
-            worker_settings(bootstrap, topic, group, model="logistic", stop_at_end=True)
-        ).run()
+        status = Worker(worker_settings(bootstrap, topic, group, model="logistic", stop_at_end=True)).run()
         assert status.records_invalid == len(bad)
 
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
