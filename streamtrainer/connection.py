@@ -44,6 +44,22 @@ def client_config(settings: KafkaSettings, **overrides: object) -> dict[str, obj
     return config
 
 
+# Group-membership settings a user may give for the worker's consumer: meaningless to a consumer that
+# only assigns partitions, and some refused there (max.poll.interval.ms below the default
+# session.timeout.ms is a configuration error to librdkafka).
+_GROUP_ONLY = ("max.poll.interval.ms", "session.timeout.ms", "heartbeat.interval.ms", "group.instance.id")
+
+
+def assigning_consumer_config(settings: KafkaSettings, **overrides: object) -> dict[str, object]:
+    """:func:`client_config` for a consumer that never joins its group (direct assignment: replay,
+    the schema probe, the compaction refill, the dead-letter reader)."""
+    config = client_config(settings, **overrides)
+    for key in _GROUP_ONLY:
+        if key not in overrides:
+            config.pop(key, None)
+    return config
+
+
 class RepeatedErrors:
     """Reports each distinct client error every few seconds, not many times a second.
 

@@ -44,7 +44,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamtrainer.connection import client_config
+from streamtrainer.connection import assigning_consumer_config, client_config
 from streamtrainer.consumer.exceptions import DeadLetterError
 from streamtrainer.consumer.messages import timestamp_of
 from streamtrainer.metrics import WorkerMetrics
@@ -409,7 +409,7 @@ def _letter_of(message: Message) -> DeadLetter:
 
 
 def _reader_config(settings: KafkaSettings, extra: Mapping[str, str]) -> dict[str, object]:
-    config = client_config(
+    return assigning_consumer_config(
         settings,
         **{
             # A throwaway group id that never joins: partitions are assigned, nothing is committed.
@@ -422,10 +422,6 @@ def _reader_config(settings: KafkaSettings, extra: Mapping[str, str]) -> dict[st
             **extra,
         },
     )
-    # It never joins its group: a worker's group timing (max.poll.interval.ms below the default
-    # session.timeout.ms is a configuration error to librdkafka) does not apply to it.
-    config.pop("max.poll.interval.ms", None)
-    return config
 
 
 def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:

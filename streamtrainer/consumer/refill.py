@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamtrainer.connection import client_config
+from streamtrainer.connection import assigning_consumer_config
 from streamtrainer.consumer.messages import HeaderCodecs, key_bytes, timestamps_of
 from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.records import BatchDecoder
@@ -162,7 +162,7 @@ def read_plan(settings: WorkerSettings, plan: WindowPlan, *, timeout_s: float) -
         return read
     topic = settings.topic
     consumer = Consumer(
-        client_config(  # type: ignore[arg-type]
+        assigning_consumer_config(  # type: ignore[arg-type]
             settings,
             **{
                 # Never used for a request: this consumer neither joins a group nor commits.

@@ -53,7 +53,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streamtrainer import __version__
-from streamtrainer.connection import admin_client, check_reachable, client_config, topic_partitions
+from streamtrainer.connection import (
+    admin_client,
+    assigning_consumer_config,
+    check_reachable,
+    topic_partitions,
+)
 from streamtrainer.consumer.error_budget import MIN_RECORDS, ErrorBudgetExceeded
 from streamtrainer.consumer.exceptions import ConsumerError
 from streamtrainer.consumer.messages import HeaderCodecs
@@ -231,7 +236,7 @@ class RangeReader:
             raise TopicError(f"topic {self.topic!r} does not exist on {self.settings.bootstrap_servers}")
         self.partitions = list(range(count))
         self._consumer = Consumer(
-            client_config(  # type: ignore[arg-type]
+            assigning_consumer_config(  # type: ignore[arg-type]
                 self.settings,
                 **{
                     # A group id nobody else uses: nothing is ever committed under it.

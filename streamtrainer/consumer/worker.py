@@ -49,6 +49,7 @@ from streamtrainer.broker import warn_if_static_membership_on_tansu
 from streamtrainer.connection import (
     RepeatedErrors,
     admin_client,
+    assigning_consumer_config,
     check_reachable,
     client_config,
     ensure_topic,
@@ -337,7 +338,7 @@ class Worker:
             self._started = time.monotonic()
             self._running = not self._stop_requested.is_set()
             next_progress = next_lag = next_log = self._last_checkpoint = self._started
-            clean = False
+            clean = bounded = False
             try:
                 while self._running:
                     now = time.monotonic()
@@ -345,6 +346,7 @@ class Worker:
                         break
                     budget = self._poll_budget()
                     if budget <= 0 and self._in_flight is None:
+                        bounded = True  # --max-records reached
                         break
                     rewinds, assignment = self._rewinds, self._assignment_changes
                     messages: list[Message] = []
@@ -356,7 +358,10 @@ class Worker:
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
-                    if self._failure is not None or self._reached_end(idle=not messages):
+                    if self._failure is not None:
+                        break
+                    if self._reached_end(idle=not messages):
+                        bounded = True
                         break
                     if self.compactor is not None and (reason := self.compactor.due()) is not None:
                         self._compact(reason)
@@ -388,7 +393,7 @@ class Worker:
                 clean = True
             finally:
                 self._running = False
-                if clean and self._failure is None:
+                if bounded and self._failure is None:
                     self._stop_if_all_invalid()
                 if clean and self._failure is None:
                     # Clean shutdown: everything trained becomes durable, then committed.
@@ -1186,7 +1191,8 @@ class Worker:
         self._running = False
 
     def _stop_if_all_invalid(self) -> None:
-        """A run that ends having trained nothing and dead-lettered everything is no success.
+        """A bounded run (--stop-at-end, --max-records) that trained nothing and dead-lettered
+        everything is no success.
 
         (With fewer records than the budget judges: past them, the budget has stopped it already.)
         """
@@ -1418,19 +1424,27 @@ class Worker:
 
     def _settle_schema(self, starts: list[tuple[int, int]]) -> None:
         """No schema yet (no checkpoint, no --n-features): take it from the first record in
-        (partition, offset) order of what this worker is about to read (schema_probe)."""
+        (partition, offset) order of what this worker is about to read (schema_probe).
+
+        Runs inside the assignment callback: a failure is logged, not raised (the first
+        batch's (partition, offset) order decides then).
+        """
         settings = self.settings
-        probe = Consumer(
-            client_config(
-                settings,
-                **{
-                    "group.id": f"streamtrainer-schema-{uuid.uuid4().hex[:8]}",  # never joins
-                    "enable.auto.commit": False,
-                    "enable.partition.eof": True,
-                    "auto.offset.reset": settings.auto_offset_reset,
-                },
+        try:
+            probe = Consumer(
+                assigning_consumer_config(
+                    settings,
+                    **{
+                        "group.id": f"streamtrainer-schema-{uuid.uuid4().hex[:8]}",  # never joins
+                        "enable.auto.commit": False,
+                        "enable.partition.eof": True,
+                        "auto.offset.reset": settings.auto_offset_reset,
+                    },
+                )
             )
-        )
+        except KafkaException as error:
+            logger.warning("could not read the input schema from the log: %s", error)
+            return
         try:
             settle_schema_from_log(
                 probe,
@@ -1439,6 +1453,8 @@ class Worker:
                 self.decoder,
                 timeout_s=settings.startup_timeout_s,
             )
+        except KafkaException as error:
+            logger.warning("could not read the input schema from the log: %s", error)
         finally:
             probe.close()
 
