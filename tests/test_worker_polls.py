@@ -40,5 +40,5 @@ def test_a_poll_stops_at_the_next_compaction_and_at_max_records(tmp_path: Path) 
         assert worker._poll_budget() == 500
         worker.compactor.trigger.observe(500)
         assert worker._poll_budget() == 10_000  # due now: the loop compacts before it polls again
-        worker.records_trained = 49_900
+        worker.records_consumed = 49_900  # --max-records counts records consumed, trained or not
         assert worker._poll_budget() == 100
