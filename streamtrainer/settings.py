@@ -313,7 +313,8 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     stop_at_end: bool = Field(
         default=False,
         description="A bounded run: stop (checkpoint, commit, exit 0) once every assigned partition is "
-        "read up to the end offset it had when assigned.",
+        "read up to the end offset it had when assigned (a member with no partition waits: add "
+        "--max-seconds).",
     )
     metrics_linger_s: float = Field(
         default=20.0,
