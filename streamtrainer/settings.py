@@ -315,6 +315,11 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         description="A bounded run: stop (checkpoint, commit, exit 0) once every assigned partition is "
         "read up to the end offset it had when assigned.",
     )
+    admin_endpoints: bool = Field(
+        default=False,
+        description="Serve the admin endpoints (POST /compact) on the metrics port; off, they answer 404. "
+        "They have no authentication: enable them only where the port is not reachable by others.",
+    )
     metrics_linger_s: float = Field(
         default=20.0,
         ge=0,
