@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -168,6 +169,15 @@ def test_a_running_worker_is_alive_ready_and_exports_only_its_tasks_measurements
     # The clean stop checkpointed: now the time is a real one.
     value = worker.registry.get_sample_value("streamtrainer_last_checkpoint_timestamp_seconds")
     assert value is not None and abs(value - time.time()) < 600
+    # A worker that restores that checkpoint exports its time from the start (not absent, not 0).
+    restarted = Worker(settings)
+    with restarted.store:
+        checkpoint = restarted.store.load_latest()
+        assert checkpoint is not None
+        restarted._restore(checkpoint)
+    restored = restarted.registry.get_sample_value("streamtrainer_last_checkpoint_timestamp_seconds")
+    created = datetime.fromisoformat(str(checkpoint.metadata["created_at"])).timestamp()
+    assert restored == pytest.approx(created) and restored is not None and restored <= value + 1
 
 
 def test_readiness_says_why_a_worker_is_not_ready(tmp_path) -> None:
