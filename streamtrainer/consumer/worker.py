@@ -514,7 +514,8 @@ class Worker:
     def _check_topic(self) -> None:
         settings = self.settings
         admin = admin_client(settings)
-        check_reachable(admin, settings)
+        # The signal handlers are in place: SIGINT or SIGTERM ends the wait for the broker at once.
+        check_reachable(admin, settings, should_stop=self._stop_requested.is_set)
         warn_if_static_membership_on_tansu(admin, settings.group_instance_id, settings.startup_timeout_s)
         if topic_partitions(admin, self.settings.topic, self.settings.startup_timeout_s) is None:
             raise TopicError(
