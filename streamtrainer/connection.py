@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import NoReturn
@@ -91,9 +92,11 @@ def admin_client(settings: KafkaSettings) -> AdminClient:
 
 
 class ConnectInterruptedError(StreamtrainerError):
-    """A signal asked to stop while waiting for the cluster to answer (exit 130, like Ctrl-C)."""
+    """A signal asked to stop while waiting for the cluster to answer: exit 128 + its number."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 # How long one metadata request of the reachability wait may take. librdkafka's own call does not
@@ -103,16 +106,18 @@ _REACHABLE_SLICE_S = 0.25
 
 
 def check_reachable(
-    admin: AdminClient, settings: KafkaSettings, *, should_stop: Callable[[], bool] | None = None
+    admin: AdminClient, settings: KafkaSettings, *, stop_signal: Callable[[], int | None] | None = None
 ) -> None:
     """Fail fast, with one clear line, when the cluster does not answer within
     ``--startup-timeout-s``.
 
     The wait is made of short metadata requests: a signal handler runs between them (Python's
-    default SIGINT handler raises KeyboardInterrupt there), and ``should_stop`` (a worker's stop
-    flag, which its handlers set) true raises :class:`ConnectInterruptedError`."""
+    default SIGINT handler raises KeyboardInterrupt there); a number from ``stop_signal`` (the
+    signal a worker's handlers received) raises :class:`ConnectInterruptedError`."""
     deadline = time.monotonic() + settings.startup_timeout_s
-    while True:
+    logger.debug("waiting up to %gs for Kafka to answer", settings.startup_timeout_s)
+    signum = None
+    while signum is None:
         started = time.monotonic()
         try:
             admin.list_topics(timeout=max(0.001, min(_REACHABLE_SLICE_S, deadline - started)))
@@ -120,16 +125,14 @@ def check_reachable(
         except KafkaException as error:
             last_error = error
         now = time.monotonic()
-        if should_stop is not None and should_stop():
-            break
         if now >= deadline:
             _unreachable(admin, settings, last_error)
         # A refused connection can fail a request at once: keep to one request per slice.
         time.sleep(max(0.0, min(started + _REACHABLE_SLICE_S, deadline) - now))
-        if should_stop is not None and should_stop():
-            break
+        signum = stop_signal() if stop_signal is not None else None
     where = settings.bootstrap_servers or "the --kafka-config-file's bootstrap.servers"
-    raise ConnectInterruptedError(f"stopped by a signal while waiting for Kafka at {where}")
+    name = signal.Signals(signum).name if signum in signal.Signals.__members__.values() else str(signum)
+    raise ConnectInterruptedError(f"stopped by {name} while waiting for Kafka at {where}", signum)
 
 
 def _unreachable(admin: AdminClient, settings: KafkaSettings, error: KafkaException) -> NoReturn:

@@ -224,6 +224,7 @@ class Worker:
         self._end_offsets: dict[Partition, tuple[int, int]] = {}
         self._running = False
         self._stop_requested = threading.Event()
+        self._stop_signal: int | None = None  # the signal that asked to stop
         self._consumer: Consumer | None = None
         self._assigned: set[Partition] = set()
         self._started = 0.0
@@ -515,7 +516,7 @@ class Worker:
         settings = self.settings
         admin = admin_client(settings)
         # The signal handlers are in place: SIGINT or SIGTERM ends the wait for the broker at once.
-        check_reachable(admin, settings, should_stop=self._stop_requested.is_set)
+        check_reachable(admin, settings, stop_signal=lambda: self._stop_signal)
         warn_if_static_membership_on_tansu(admin, settings.group_instance_id, settings.startup_timeout_s)
         if topic_partitions(admin, self.settings.topic, self.settings.startup_timeout_s) is None:
             raise TopicError(
@@ -611,6 +612,7 @@ class Worker:
             logger.info(
                 "received %s: finishing the current batch and committing", signal.Signals(signum).name
             )
+            self._stop_signal = signum
             self.stop()
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
