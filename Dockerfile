@@ -22,14 +22,18 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/str
     && mkdir -p /var/lib/streamtrainer/checkpoints \
     && chown -R streamtrainer:streamtrainer /var/lib/streamtrainer
 COPY --from=build /opt/venv /opt/venv
-# In a container the metrics endpoint must listen beyond loopback for Prometheus to reach it.
+# In a container the metrics endpoint must listen beyond loopback for Prometheus to reach it. It
+# serves only reads (/metrics, /healthz, /ready): the worker's admin endpoint (POST /compact) is off
+# unless --admin-endpoints (STREAMTRAINER_ADMIN_ENDPOINTS=true).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STREAMTRAINER_METRICS_HOST=0.0.0.0
 USER streamtrainer
 # The worker's default --checkpoint-dir (checkpoints, relative) is /var/lib/streamtrainer/checkpoints.
 WORKDIR /var/lib/streamtrainer
-# 9464: worker metrics, 9465: producer metrics.
+# 9464: worker metrics, 9465: producer metrics. No HEALTHCHECK here: the port depends on the
+# command; docker-compose.yml probes GET /ready (worker) and GET /healthz (producer), and so can
+# Kubernetes (readinessProbe /ready, livenessProbe /healthz).
 EXPOSE 9464 9465
 ENTRYPOINT ["streamtrainer"]
 CMD ["--help"]

@@ -8,6 +8,9 @@ default) in one place: :mod:`streamtrainer.settings`.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import sys
 import types
 import typing
@@ -19,6 +22,7 @@ import click
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import SettingsError
 
 from streamtrainer import __version__
 from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
@@ -57,6 +61,23 @@ def _flag(name: str) -> str:
     return "--" + public_name(name).replace("_", "-")
 
 
+# Values the tests use that are no choice for a user (the crash test's "audit" loss): accepted, not listed.
+_TEST_ONLY_CHOICES = frozenset({"audit"})
+
+
+class _Choice(click.Choice):  # type: ignore[type-arg]
+    """A choice that also accepts values it does not list (in --help or in its error message)."""
+
+    def __init__(self, choices: list[str], hidden: frozenset[str]) -> None:
+        super().__init__(choices)
+        self.hidden = hidden
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.hidden:
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _option_for(name: str, field: FieldInfo) -> click.Option:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
@@ -69,9 +90,14 @@ def _option_for(name: str, field: FieldInfo) -> click.Option:
         return click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text)
     if origin is Literal:
         choices = [str(c) for c in typing.get_args(annotation)]
-        return click.Option([flag, name], type=click.Choice(choices), default=None, help=help_text)
+        visible = [c for c in choices if c not in _TEST_ONLY_CHOICES]
+        hidden = frozenset(choices) - frozenset(visible)
+        return click.Option([flag, name], type=_Choice(visible, hidden), default=None, help=help_text)
     if origin is dict:
-        return click.Option([flag, name], multiple=True, metavar="KEY=VALUE", default=None, help=help_text)
+        # A dict of paths (--kafka-secret-file) takes the path of a file as each value.
+        value_type = typing.get_args(annotation)[1] if typing.get_args(annotation) else str
+        metavar = "KEY=PATH" if value_type is Path else "KEY=VALUE"
+        return click.Option([flag, name], multiple=True, metavar=metavar, default=None, help=help_text)
     if origin is list:
         # Repeatable as well as comma-separated: every occurrence applies, not only the last.
         return click.Option([flag, name], multiple=True, metavar="A,B,...", default=None, help=help_text)
@@ -111,9 +137,33 @@ def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
         else:
             values[name] = value
     try:
-        return settings_class(**values)
+        settings = settings_class(**values)
     except ValidationError as error:
         raise ConfigurationError(_describe_validation(error)) from None
+    except SettingsError as error:
+        # pydantic-settings could not parse an environment variable (a dict or list field wants JSON).
+        raise ConfigurationError(_describe_settings_error(settings_class, error)) from None
+    cache_dir = getattr(settings, "cache_dir", None)
+    if cache_dir is not None:
+        # numba reads it at import, in this process and in the compiler processes it starts.
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(cache_dir).expanduser() / "numba")
+    return settings
+
+
+def _describe_settings_error(settings_class: type[_Settings], error: SettingsError) -> str:
+    """One line for a variable pydantic-settings could not parse; never its value (it may be a secret)."""
+    found = re.search(r'field "(\w+)"', str(error))
+    if found is None:
+        return f"the environment: {error}"
+    name = found.group(1)
+    field = settings_class.model_fields.get(name)
+    origin = typing.get_origin(_unwrap_optional(field.annotation)) if field else None
+    variable = env_name(name)
+    if origin is dict:
+        return f"""{variable} must be a JSON object, e.g. {variable}='{{"KEY": "VALUE"}}'"""
+    if origin is list:
+        return f"""{variable} must be a JSON list, e.g. {variable}='["a", "b"]'"""
+    return f"{variable}: cannot parse its value"
 
 
 def _key_values(name: str, items: tuple[str, ...]) -> dict[str, str]:
@@ -194,12 +244,22 @@ def worker(**given: Any) -> None:
     from streamtrainer.consumer import Worker
 
     status = Worker(settings).run()
+    if status.records_trained:
+        learned = (
+            f"prequential loss first {_number(status.first_window_loss)} -> last "
+            f"{_number(status.last_window_loss)}; {status.score_name} {_number(status.score)}"
+        )
+    else:
+        learned = "no records trained"
     click.echo(
         f"trained {status.records_trained} record(s) ({status.records_invalid} invalid) in "
-        f"{status.elapsed_s:.1f}s, {status.records_per_second:,.0f} records/s; prequential loss "
-        f"first {status.first_window_loss:.4f} -> last {status.last_window_loss:.4f}; "
-        f"{status.score_name} {status.score:.4f}"
+        f"{status.elapsed_s:.1f}s, {status.records_per_second:,.0f} records/s; {learned}"
     )
+
+
+def _number(value: float) -> str:
+    """A figure of the summary; "-" where there is none (NaN), never "nan"."""
+    return "-" if math.isnan(value) else f"{value:.4f}"
 
 
 @cli.command()
@@ -413,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     except StreamtrainerError as error:
         _fail(str(error), error.exit_code)
     except (ProducerError, TrainingError) as error:
-        _fail(str(error), 1)
+        # A source spec that cannot work (producer.exceptions.SourceSpecError) is a usage error: 2.
+        _fail(str(error), getattr(error, "exit_code", 1))
     except KafkaException as error:
         _fail(f"kafka: {error}", 1)
     except KeyboardInterrupt:

@@ -10,6 +10,8 @@ configuration change.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -186,15 +188,25 @@ class ModelSettings(_Settings):
         ge=1,
         description="Intra-op threads of torch and of the compiled loop's BLAS (1: best beside the broker).",
     )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Cache of the compiled training loops (numba), in <cache-dir>/numba; never in the "
+        "installed package (default: NUMBA_CACHE_DIR if set, else $XDG_CACHE_HOME/streamtrainer or "
+        "~/.cache/streamtrainer).",
+    )
 
     @model_validator(mode="after")
     def _check_model(self) -> Self:
-        builtin = {"linear", "logistic", "softmax", "mlp", "audit"}
-        if self.model not in builtin and ":" not in self.model:
+        builtin = {"linear", "logistic", "softmax", "mlp"}
+        # "audit" is a test-only model (tests/test_crash_recovery.py): accepted, never offered.
+        if self.model not in builtin | {"audit"} and ":" not in self.model:
             raise ValueError(
                 f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
                 "nor package.module:factory"
             )
+        if ":" in self.model:
+            _check_factory(self.model)
+        _check_device("--device", self.device)
         if self.resolved_task == "multiclass" and self.n_classes is None:
             raise ValueError("a multiclass model needs n_classes (--n-classes)")
         return self
@@ -204,6 +216,56 @@ class ModelSettings(_Settings):
         if self.task is not None:
             return self.task
         return BUILTIN_TASKS.get(self.model, "regression")
+
+
+def _check_factory(spec: str) -> None:
+    """A ``package.module:factory`` model is imported and its call checked before anything connects."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--model {spec!r}: expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"--model {spec!r}: cannot import {module_name!r} ({error}); the module must be importable: "
+            "install it, or put its folder on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec!r}: {module_name!r} has no callable {attribute!r}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # a callable without a signature (a builtin): it is called as it is
+    try:
+        signature.bind(n_features=1, n_outputs=1)
+    except TypeError as error:
+        raise ValueError(
+            f"--model {spec!r}: the factory must accept the keywords n_features= and n_outputs= ({error})"
+        ) from None
+
+
+def _check_device(flag: str, device: str) -> None:
+    """A torch device that this machine and this torch build have; torch is imported for any but cpu."""
+    if device == "cpu":
+        return
+    # Imported here (1-2 s): only when a device other than the CPU is asked for.
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{flag} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cpu":
+        return
+    try:
+        # Creating a tensor there is the one check every device type answers the same way.
+        torch.empty(0, device=parsed)
+    except (AssertionError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{flag} {device!r} is not available here (torch {torch.__version__}: {reason})"
+        ) from None
 
 
 class ErrorBudgetSettings(_Settings):
@@ -316,6 +378,11 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         "read up to the end offset it had when assigned (a member with no partition waits: add "
         "--max-seconds).",
     )
+    admin_endpoints: bool = Field(
+        default=False,
+        description="Serve the admin endpoints (POST /compact) on the metrics port; off, they answer 404. "
+        "They have no authentication: enable them only where the port is not reachable by others.",
+    )
     metrics_linger_s: float = Field(
         default=20.0,
         ge=0,
@@ -394,6 +461,8 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
             # The audit model's weights are the sum of the records applied once each; batch epochs
             # would apply them again and hide exactly what it is there to show.
             raise ValueError("the audit model counts each record exactly once: use --no-compaction")
+        if self.compaction and self.compaction_device is not None:
+            _check_device("--compaction-device", self.compaction_device)
         retained = self.compaction_memory_records + (self.compaction_retain_records or 0)
         if self.compaction and self.compaction_retain_bytes is None and retained < self.compaction_window:
             raise ValueError(

@@ -13,13 +13,16 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from streamtrainer.metrics import MetricsServer
 from streamtrainer.settings import ENV_PREFIX, ProducerSettings, WorkerSettings, _Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +148,38 @@ def test_the_services_start_in_order(model: dict[str, Any]) -> None:
     assert condition("grafana", "prometheus") == "service_healthy"
     for name in ("kafka", "worker", "producer", "prometheus", "grafana"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def _run_healthcheck(test: list[str], port: int, served: int) -> int:
+    """Run a service's healthcheck (CMD form) here, its port pointed at ``port``; its exit status."""
+    assert test[:2] == ["CMD", "python"], test
+    command = [arg.replace(f":{served}/", f":{port}/") for arg in test[2:]]
+    return subprocess.run([sys.executable, *command], capture_output=True, timeout=30, check=False).returncode
+
+
+def test_the_healthchecks_probe_health_not_metrics(model: dict[str, Any]) -> None:
+    """The worker is healthy once /ready says 200 (partitions assigned), the producer on /healthz."""
+    services = model["services"]
+    worker_test = services["worker"]["healthcheck"]["test"]
+    producer_test = services["producer"]["healthcheck"]["test"]
+    assert "http://127.0.0.1:9464/ready" in worker_test[-1]
+    assert "http://127.0.0.1:9465/healthz" in producer_test[-1]
+    # Admin endpoints stay off in the stack (no authentication on a port the network reaches).
+    for name in ("worker", "producer"):
+        assert env_name("admin_endpoints") not in services[name]["environment"], name
+    # The commands themselves, against a real server: exit 0 on 200, non-zero on 503 or 404.
+    ready = [False]
+    registry = CollectorRegistry()
+    with MetricsServer(
+        registry, host="127.0.0.1", port=0, readiness=lambda: (ready[0], "no partitions assigned")
+    ) as server:
+        assert server.port is not None
+        assert _run_healthcheck(worker_test, server.port, 9464) != 0
+        ready[0] = True
+        assert _run_healthcheck(worker_test, server.port, 9464) == 0
+        assert _run_healthcheck(producer_test, server.port, 9465) == 0
+        broken = [worker_test[0], worker_test[1], worker_test[2], worker_test[3].replace("/ready", "/nope")]
+        assert _run_healthcheck(broken, server.port, 9464) != 0
 
 
 def test_producer_worker_and_topic_creation_agree_on_the_stream(model: dict[str, Any]) -> None:

@@ -65,11 +65,15 @@ def test_panels_fill_the_grid_without_overlapping(dashboard: dict[str, Any]) -> 
                 cells[(x, y)] = panel["title"]
 
 
-def test_every_query_names_the_provisioned_datasource_by_uid(
+def test_every_query_takes_its_datasource_from_the_datasource_variable(
     dashboard: dict[str, Any], datasource: dict[str, Any]
 ) -> None:
-    expected = {"type": datasource["type"], "uid": datasource["uid"]}
-    assert expected == {"type": "prometheus", "uid": "prometheus"}
+    # Imported into another Grafana (whatever its Prometheus uid), the variable picks the data source.
+    assert datasource["type"] == "prometheus"
+    assert datasource["isDefault"] is True  # what the variable selects in the compose stack
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["name"] == "datasource" and variable["query"] == "prometheus"
+    expected = {"type": "prometheus", "uid": "${datasource}"}
     for panel in _panels(dashboard):
         assert panel["datasource"] == expected, panel["title"]
         assert panel["targets"], panel["title"]
@@ -79,11 +83,15 @@ def test_every_query_names_the_provisioned_datasource_by_uid(
             assert target["datasource"] == expected, panel["title"]
             assert target["expr"].strip(), panel["title"]
     for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"] == expected, variable["name"]
+        if variable["type"] == "query":
+            assert variable["datasource"] == expected, variable["name"]
+    # No uid of one particular Grafana anywhere (the built-in annotations' "-- Grafana --" aside).
+    uids = re.findall(r'"uid":\s*"([^"]*)"', DASHBOARD.read_text())
+    assert set(uids) == {"streamtrainer", "${datasource}", "-- Grafana --"}, set(uids)
 
 
 def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, Any]) -> None:
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    variables = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "query"}
     assert list(variables) == ["job", "instance", "topic"]
     for name, variable in variables.items():
         query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]

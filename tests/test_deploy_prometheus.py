@@ -108,7 +108,9 @@ def dashboard_variables() -> list[tuple[str, str]]:
     """(name, query) of the template variables, in dashboard order."""
     variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
     return [
-        (v["name"], v["query"]["query"] if isinstance(v["query"], dict) else v["query"]) for v in variables
+        (v["name"], v["query"]["query"] if isinstance(v["query"], dict) else v["query"])
+        for v in variables
+        if v["type"] == "query"  # not the data source variable
     ]
 
 

@@ -80,6 +80,7 @@ def test_compaction_on_request_over_http(bootstrap, topic_factory, group_id) -> 
         metrics_port=0,
         max_seconds=60.0,
         compaction_every_records=None,
+        admin_endpoints=True,  # POST /compact is off by default
     )
     worker = Worker(settings, registry=registry)
     thread = threading.Thread(target=worker.run)
@@ -101,7 +102,11 @@ def test_compaction_on_request_over_http(bootstrap, topic_factory, group_id) -> 
         assert _compactions(registry, "records") == 0
         # GET still serves the metrics, and a GET of the action is refused.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            assert b"streamtrainer_compactions_total" in response.read()
+            body = response.read()
+        assert b"streamtrainer_compactions_total" in body
+        # A regressor: an MAE, never an accuracy.
+        assert b"\nstreamtrainer_prequential_mae " in body
+        assert b"streamtrainer_prequential_accuracy" not in body
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/compact", timeout=10)
         assert refused.value.code == 405

@@ -51,6 +51,8 @@ def _variables(prometheus: Prometheus, dashboard: dict[str, Any], start: float, 
     """Every template variable at "All": the alternation of its values, as Grafana writes it."""
     values: dict[str, str] = {}
     for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue  # the data source: this draws from the one Prometheus it is given
         query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
         query = _substitute(query, values, "1m")
         match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
@@ -91,6 +92,10 @@ logger = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL_S = 0.5
 _LAG_INTERVAL_S = 5.0
+# /healthz fails once the loop has not gone round for this long (Kafka's default max.poll.interval.ms);
+# /ready once it has not polled for this long (a poll is every 0.2 s at most when idle).
+_LIVENESS_STALL_S = 300.0
+_READY_STALL_S = 30.0
 _RUN_LOG_INTERVAL_S = 1.0
 _INVALID_LOG_INTERVAL_S = 5.0
 # During compaction epochs the consumer is polled this often: far inside any max.poll.interval.ms.
@@ -189,7 +194,12 @@ class Worker:
             self.registry,
             host=settings.metrics_host,
             port=settings.metrics_port,
-            actions={"/compact": self._compact_on_request} if self.compactor is not None else None,
+            # Admin endpoints only when asked for (--admin-endpoints): they have no authentication.
+            actions={"/compact": self._compact_on_request}
+            if settings.admin_endpoints and self.compactor is not None
+            else None,
+            liveness=self.liveness,
+            readiness=self.readiness,
         )
         self.on_progress = on_progress
         self.decoder = self._new_decoder(settings.n_features, settings.feature_names)
@@ -215,6 +225,7 @@ class Worker:
         self._end_offsets: dict[Partition, tuple[int, int]] = {}
         self._running = False
         self._stop_requested = threading.Event()
+        self._stop_signal: int | None = None  # the signal that asked to stop
         self._consumer: Consumer | None = None
         self._assigned: set[Partition] = set()
         self._started = 0.0
@@ -261,6 +272,10 @@ class Worker:
         self._paused: list[TopicPartition] = []
         self._abort_compaction = False
         self._served_group_at = 0.0
+        # When the loop last went round (or, within a compaction or a dead-letter retry, served the
+        # group): /healthz and /ready read it from the metrics server's thread.
+        self._heartbeat = 0.0
+        self._finished = False
         # Export every reason from the start (at zero): a rate over a missing series shows no data.
         for reason in DEAD_LETTER_REASONS:
             self.metrics.records_invalid.labels(settings.topic, reason)
@@ -306,7 +321,9 @@ class Worker:
             self._find_dead_lettered_since(checkpoint)
             if self.compactor is not None:
                 stack.enter_context(self.compactor)
+            self._heartbeat = time.monotonic()
             stack.enter_context(self.metrics_server)
+            stack.callback(setattr, self, "_finished", True)
             self._lane = stack.enter_context(TrainingLane(background=settings.overlap))
             consumer = self._create_consumer()
             stack.callback(self._close_consumer)
@@ -341,7 +358,7 @@ class Worker:
             clean = bounded = False
             try:
                 while self._running:
-                    now = time.monotonic()
+                    now = self._heartbeat = time.monotonic()
                     if settings.max_seconds is not None and now - self._started >= settings.max_seconds:
                         break
                     budget = self._poll_budget()
@@ -412,6 +429,37 @@ class Worker:
                 raise self._failure
         return status
 
+    def liveness(self) -> tuple[bool, str]:
+        """``GET /healthz``: the worker runs and its loop goes round (or serves its group meanwhile).
+
+        Not alive once its loop has been stuck for longer than Kafka's default ``max.poll.interval.ms``
+        (300 s: the group has given its partitions away by then), or once it is finished.
+        """
+        if self._finished:
+            return False, "finished"
+        if not self._heartbeat:
+            return True, "starting"
+        quiet = time.monotonic() - self._heartbeat
+        if quiet > _LIVENESS_STALL_S:
+            return False, f"stuck: the loop has not run for {quiet:.0f} s"
+        return True, "alive"
+
+    def readiness(self) -> tuple[bool, str]:
+        """``GET /ready``: partitions assigned and the loop polls them (not stalled, not blocked)."""
+        alive, why = self.liveness()
+        if not alive:
+            return False, why
+        if not self._running:
+            return False, "stopping" if self._started else "starting"
+        if not self._assigned:
+            return False, "no partitions assigned"
+        quiet = time.monotonic() - self._heartbeat
+        if quiet > _READY_STALL_S:
+            return False, f"stalled: nothing polled for {quiet:.0f} s"
+        if self.dead_letters is not None and self.dead_letters.blocked:
+            return False, "blocked on the dead-letter topic"
+        return True, f"ready: {len(self._assigned)} partition(s) assigned"
+
     def status(self) -> WorkerStatus:
         elapsed = time.monotonic() - self._started if self._started else 0.0
         compactor = self.compactor
@@ -472,7 +520,8 @@ class Worker:
     def _check_topic(self) -> None:
         settings = self.settings
         admin = admin_client(settings)
-        check_reachable(admin, settings)
+        # The signal handlers are in place: SIGINT or SIGTERM ends the wait for the broker at once.
+        check_reachable(admin, settings, stop_signal=lambda: self._stop_signal)
         warn_if_static_membership_on_tansu(admin, settings.group_instance_id, settings.startup_timeout_s)
         if topic_partitions(admin, self.settings.topic, self.settings.startup_timeout_s) is None:
             raise TopicError(
@@ -568,6 +617,7 @@ class Worker:
             logger.info(
                 "received %s: finishing the current batch and committing", signal.Signals(signum).name
             )
+            self._stop_signal = signum
             self.stop()
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1002,7 +1052,7 @@ class Worker:
 
     def _serve_group(self) -> None:
         """Poll during long compaction epochs: heartbeats, rebalances and the poll interval stay served."""
-        now = time.monotonic()
+        now = self._heartbeat = time.monotonic()
         consumer = self._consumer
         if now - self._served_group_at < _SERVE_GROUP_INTERVAL_S or consumer is None or self._in_rebalance:
             return  # (a rebalance callback runs inside a poll already: no poll within it)
@@ -1265,6 +1315,10 @@ class Worker:
         self.error_budget.restore(metadata.get("error_budget"))
         self.model_version = checkpoint.version
         self.metrics.model_version.set(checkpoint.version)
+        created = metadata.get("created_at")
+        if isinstance(created, str):
+            with contextlib.suppress(ValueError):
+                self.metrics.last_checkpoint_timestamp.set(datetime.fromisoformat(created).timestamp())
         logger.info(
             "resumed from checkpoint %d (%d records applied; positions %s)",
             checkpoint.version,

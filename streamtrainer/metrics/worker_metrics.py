@@ -4,11 +4,18 @@ Label cardinality: ``topic`` and ``partition`` are bounded by the topics and
 partitions assigned; ``reason`` by :data:`streamtrainer.consumer.dead_letter.DEAD_LETTER_REASONS`
 (the decode reasons and the training guards'; for compactions, the fixed set of triggers);
 ``location`` is memory or disk.
+
+Gauges that hold a measurement (the prequential loss and score, the learning rate, the last
+trained and checkpointed times, the last compaction's size and loss) are :class:`LazyGauge`:
+absent from ``/metrics`` until the worker first sets them, never a made-up 0 that a rule or a
+panel would take for a real one. The score is either accuracy (classification) or MAE
+(regression): a worker only ever sets, so only ever exports, the one of its task.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -32,7 +39,38 @@ UPDATE_LATENCY_BUCKETS = (
 )
 
 
+class LazyGauge:
+    """A gauge without labels that is exported only from its first :meth:`set` on.
+
+    A plain gauge is exported at 0 from its creation: an idle worker would report a prequential
+    loss of 0, a last checkpoint in 1970. This one joins its registry when it first has a value.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self._gauge = Gauge(name, documentation, registry=None)
+        self._registry = registry
+        self._registered = False
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        """Set the value (and, the first time, start exporting it)."""
+        self._gauge.set(value)
+        if not self._registered:
+            with self._lock:
+                if not self._registered:
+                    self._registry.register(self._gauge)
+                    self._registered = True
+
+    @property
+    def exported(self) -> bool:
+        """Whether it has been set (so is on ``/metrics``)."""
+        return self._registered
+
+
 class WorkerMetrics:
+    """Every metric of the worker, registered in ``registry``."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.records_consumed = Counter(
@@ -56,20 +94,20 @@ class WorkerMetrics:
         self.model_updates = Counter(
             "streamtrainer_model_updates", "Optimizer steps taken.", registry=registry
         )
-        self.prequential_loss = Gauge(
+        self.prequential_loss = LazyGauge(
             "streamtrainer_prequential_loss",
             "Exponentially weighted loss, measured on each record before learning from it.",
-            registry=registry,
+            registry,
         )
-        self.prequential_accuracy = Gauge(
+        self.prequential_accuracy = LazyGauge(
             "streamtrainer_prequential_accuracy",
             "Exponentially weighted accuracy before learning (classification tasks).",
-            registry=registry,
+            registry,
         )
-        self.prequential_mae = Gauge(
+        self.prequential_mae = LazyGauge(
             "streamtrainer_prequential_mae",
             "Exponentially weighted absolute error before learning (regression tasks).",
-            registry=registry,
+            registry,
         )
         self.throughput = Gauge(
             "streamtrainer_throughput_records_per_second",
@@ -94,10 +132,10 @@ class WorkerMetrics:
         self.assigned_partitions = Gauge(
             "streamtrainer_assigned_partitions", "Partitions assigned to this worker.", registry=registry
         )
-        self.last_trained_timestamp = Gauge(
+        self.last_trained_timestamp = LazyGauge(
             "streamtrainer_last_trained_timestamp_seconds",
             "Unix time at which the last record was trained.",
-            registry=registry,
+            registry,
         )
         self.checkpoints = Counter(
             "streamtrainer_checkpoints", "Checkpoints written durably.", registry=registry
@@ -111,10 +149,10 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=registry,
         )
-        self.last_checkpoint_timestamp = Gauge(
+        self.last_checkpoint_timestamp = LazyGauge(
             "streamtrainer_last_checkpoint_timestamp_seconds",
             "Unix time of the last durable checkpoint.",
-            registry=registry,
+            registry,
         )
         self.model_version = Gauge(
             "streamtrainer_model_version", "Version of the last durable checkpoint.", registry=registry
@@ -124,10 +162,10 @@ class WorkerMetrics:
             "Times the model was reset to its last checkpoint (e.g. partitions lost).",
             registry=registry,
         )
-        self.learning_rate = Gauge(
+        self.learning_rate = LazyGauge(
             "streamtrainer_learning_rate",
             "Learning rate of the online steps (lowered after each divergence).",
-            registry=registry,
+            registry,
         )
         self.updates_skipped = Counter(
             "streamtrainer_updates_skipped",
@@ -193,15 +231,15 @@ class WorkerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
             registry=registry,
         )
-        self.compaction_records = Gauge(
+        self.compaction_records = LazyGauge(
             "streamtrainer_compaction_records",
             "Records in the last compaction's epoch dataset (after deduplication).",
-            registry=registry,
+            registry,
         )
-        self.compaction_epoch_loss = Gauge(
+        self.compaction_epoch_loss = LazyGauge(
             "streamtrainer_compaction_epoch_loss",
             "Mean training loss of the last epoch of the last compaction.",
-            registry=registry,
+            registry,
         )
         self.compaction_store_records = Gauge(
             "streamtrainer_compaction_store_records",

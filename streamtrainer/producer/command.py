@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from streamtrainer.connection import admin_client, check_reachable
 from streamtrainer.metrics import MetricsServer, ProducerMetrics
 from streamtrainer.producer.publisher import ProduceSummary, publish
-from streamtrainer.producer.sources import open_source
+from streamtrainer.producer.sources import check_spec, open_source
 from streamtrainer.producer.stop import Stopped, StopSignals
 from streamtrainer.producer.synthetic import SyntheticSpec
 from streamtrainer.settings import ProducerSettings
@@ -46,6 +46,10 @@ def run_producer(settings: ProducerSettings) -> ProduceSummary:
     registry = CollectorRegistry()
     metrics = ProducerMetrics(registry)
     progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
+    # A source spec that cannot work is a usage error, reported before anything connects.
+    check_spec(
+        settings.source, label=settings.label, key_column=settings.key_column, count=count, skip=settings.skip
+    )
     with ExitStack() as stack:
         stop = stack.enter_context(StopSignals())
         try:

@@ -16,6 +16,13 @@ class SourceError(ProducerError):
     """
 
 
+class SourceSpecError(SourceError):
+    """The source spec itself cannot work (an unknown kind, a CSV source without its label column):
+    a usage error, found before anything connects; the CLI exits 2 for it."""
+
+    exit_code = 2
+
+
 class SyntheticSpecError(ProducerError, ValueError):
     """A :class:`SyntheticSpec` parameter is out of range.
 

@@ -30,7 +30,7 @@ from typing import BinaryIO, Final, Self, TextIO, TypeGuard
 import numpy as np
 import orjson
 
-from streamtrainer.producer.exceptions import SourceError
+from streamtrainer.producer.exceptions import SourceError, SourceSpecError
 from streamtrainer.producer.synthetic import SyntheticSpec, generate
 from streamtrainer.records.sample import Sample
 
@@ -153,14 +153,9 @@ def open_source(
     unread, and reading fails if the source ends before them. Raises
     :class:`SourceError` for a bad spec, a missing file or a bad CSV header.
     """
-    if count is not None and count < 0:
-        raise SourceError(f"count must be >= 0, got {count}")
-    if skip < 0:
-        raise SourceError(f"skip must be >= 0, got {skip}")
+    check_spec(spec, label=label, key_column=key_column, count=count, skip=skip)
     kind, colon, path = spec.partition(":")
     is_csv = kind == "csv" and bool(colon)
-    if not is_csv and (label is not None or key_column is not None):
-        raise SourceError(f"label and key_column name CSV columns; source {spec!r} is not csv:PATH")
     reader: _Reader
     if spec == "synthetic":
         reader = _SyntheticReader(synthetic or SyntheticSpec(), skip)
@@ -174,6 +169,35 @@ def open_source(
         raise SourceError(f"unknown source {spec!r}; expected {_SPEC_HELP}")
     logger.debug("opened source %s", reader.name)
     return SampleSource(reader, count, skip)
+
+
+def check_spec(
+    spec: str,
+    *,
+    label: str | None = None,
+    key_column: str | None = None,
+    count: int | None = None,
+    skip: int = 0,
+) -> None:
+    """Raise :class:`SourceSpecError` for a spec that cannot work, reading nothing (so a command can
+    check it before it connects); :func:`open_source` checks the same first."""
+    if count is not None and count < 0:
+        raise SourceSpecError(f"count must be >= 0, got {count}")
+    if skip < 0:
+        raise SourceSpecError(f"skip must be >= 0, got {skip}")
+    kind, colon, path = spec.partition(":")
+    is_csv = kind == "csv" and bool(colon)
+    if not is_csv and (label is not None or key_column is not None):
+        raise SourceSpecError(f"label and key_column name CSV columns; source {spec!r} is not csv:PATH")
+    if spec in ("synthetic", "-"):
+        return
+    if not (is_csv or (kind == "jsonl" and colon)):
+        raise SourceSpecError(f"unknown source {spec!r}; expected {_SPEC_HELP}")
+    if not path:
+        raise SourceSpecError(f"source {spec!r} has no path; expected {kind}:PATH")
+    if is_csv and label is None:
+        name = STDIN_NAME if path == "-" else path
+        raise SourceSpecError(f"{name}: a CSV source needs the name of its label column (label=...)")
 
 
 def _stdin(stdin: TextIO | None) -> TextIO:

@@ -49,7 +49,19 @@ Why it is written the way it is:
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 from typing import Any, Final
+
+# numba's cache goes to a user cache directory, never next to this file (read-only in the image):
+# numba reads NUMBA_CACHE_DIR at import. kernels.cache_dir() sets the same default before importing
+# this module; this covers an import of this module alone (a test, a benchmark).
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    _CACHE_HOME = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(_CACHE_HOME) / "streamtrainer" / "numba")
+    if "numba.core.config" in sys.modules:  # imported already: it reads the variable again
+        sys.modules["numba.core.config"].reload_config()
 
 import numpy as np
 from numba import njit

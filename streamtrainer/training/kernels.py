@@ -28,7 +28,8 @@ Compiling takes seconds, so it happens in a background thread: :func:`prepare`
 (when a worker starts) imports numba and warms torch's optimizer machinery,
 :func:`kernels_ready` (per batch, never blocking) schedules the loop of the
 model/optimizer at hand and says whether it is compiled; until then the caller
-keeps its autograd path. numba caches each compiled loop on disk.
+keeps its autograd path. numba caches each compiled loop on disk, in a user cache
+directory (:func:`cache_dir`), never in the installed package.
 
 :func:`fused_call` prepares a run without running it: its ``run`` is one call
 into the compiled loop that releases the GIL, so a caller may run it on
@@ -40,6 +41,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -378,14 +380,48 @@ Variant = tuple[int, bool, bool]
 _lock = threading.Lock()
 _jobs: dict[str | Variant, concurrent.futures.Future[None]] = {}
 _dispatchers: dict[Variant, Any] = {}
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _background() -> concurrent.futures.ThreadPoolExecutor:
+class _DaemonThread:
+    """Runs submitted calls one after another on a daemon thread.
+
+    Not a ThreadPoolExecutor: the interpreter waits for an executor's threads at exit, so a worker
+    stopped by a signal during start-up waited for the warm-up (~2 s) or a cold compile (~6 s, the
+    compiler child included) before exiting. A daemon thread ends with the process, and the compiler
+    child with it (its parent-death signal); a compile cut short leaves numba's cache consistent."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any, tuple[Any, ...]]]
+        self._calls = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, function: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, function, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = function(*args)
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+_executor: _DaemonThread | None = None
+
+
+def _background() -> _DaemonThread:
     """One thread, so compilations queue up rather than fight over two cores. Call under _lock."""
     global _executor  # noqa: PLW0603 - one compile thread per process
     if _executor is None:
-        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused-loops")
+        _executor = _DaemonThread("fused-loops")
     return _executor
 
 
@@ -519,6 +555,7 @@ def _start_compilers(variants: tuple[Variant, ...], processes: int) -> list[subp
     if not variants:
         return []  # the standardizer alone compiles in a quarter second: not worth a process
     root = str(Path(__file__).resolve().parents[2])
+    _use_user_cache_dir()  # the children inherit NUMBA_CACHE_DIR
     shares = [variants[i::processes] for i in range(min(processes, len(variants)))]
     children = []
     for share in shares:
@@ -729,10 +766,34 @@ def _float32_rows(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 _loops_module: ModuleType | None = None
 
 
+def cache_dir() -> Path:
+    """Where numba caches the compiled loops: ``NUMBA_CACHE_DIR`` (the CLI's ``--cache-dir`` sets it),
+    else ``$XDG_CACHE_HOME/streamtrainer/numba``, else ``~/.cache/streamtrainer/numba``.
+
+    Never the installed package: numba's default writes next to the module's source, which is
+    read-only in the image (and shared by every user of an installation)."""
+    _use_user_cache_dir()
+    return Path(os.environ["NUMBA_CACHE_DIR"])
+
+
+def _use_user_cache_dir() -> None:
+    # numba reads NUMBA_CACHE_DIR when it is imported (and each @njit(cache=True) picks its cache
+    # folder when it is decorated): set before the loops' module is imported, here and in the
+    # compiler processes, which inherit the environment.
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(base) / "streamtrainer" / "numba")
+    config = sys.modules.get("numba.core.config")
+    if config is not None:  # numba imported already, by someone else: let it read the variable again
+        config.reload_config()
+
+
 def _loops() -> ModuleType:
     """The compiled loops' module; numba is imported on first use (~0.5 s)."""
     global _loops_module  # noqa: PLW0603 - a process-wide, import-once cache
     if _loops_module is None:
+        _use_user_cache_dir()
         started = time.perf_counter()
         from streamtrainer.training import fused_loops
 
