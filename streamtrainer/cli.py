@@ -7,6 +7,7 @@ default) in one place: :mod:`streamtrainer.settings`.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
 from streamtrainer.producer.exceptions import ProducerError
 from streamtrainer.security import install_log_scrubbing, scrub
 from streamtrainer.settings import (
+    ENV_PREFIX,
     DeadLetterSettings,
     DemoSettings,
     ProducerSettings,
@@ -121,8 +123,30 @@ def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...
     return decorate
 
 
+# STREAMTRAINER_* names that are not settings: the tests' own, and the compose file's image name.
+_OTHER_VARIABLES = frozenset(
+    {
+        "STREAMTRAINER_TEST_BOOTSTRAP_SERVERS",
+        "STREAMTRAINER_TEST_CHECKPOINT_WRITE_DELAY_S",
+        "STREAMTRAINER_IMAGE",
+    }
+)
+
+
+def _warn_unknown_variables() -> None:
+    """A misspelled STREAMTRAINER_* variable is named on stderr, not silently ignored."""
+    commands = (ProducerSettings, WorkerSettings, ReplaySettings, DeadLetterSettings, DemoSettings)
+    known = {env_name(field) for command in commands for field in command.model_fields} | _OTHER_VARIABLES
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            click.echo(f"streamtrainer: warning: unknown environment variable {name} ignored{hint}", err=True)
+
+
 def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
     """Settings from the flags actually given (the rest come from the environment or defaults)."""
+    _warn_unknown_variables()
     values: dict[str, Any] = {}
     for name, value in given.items():
         if value is None or value == ():

@@ -208,3 +208,19 @@ def test_the_compile_cache_is_a_user_directory_not_the_package(tmp_path: Path, h
     assert Path(done.stdout.strip()) == expected
     assert _numba_files(expected), list(tmp_path.rglob("*"))
     assert _numba_files(PACKAGE) == before
+
+
+def test_a_misspelled_variable_is_named_with_the_likely_intended_one() -> None:
+    env = {
+        "STREAMTRAINER_CHECKPIONT_DIR": "x",
+        "STREAMTRAINER_N_CLASSES": "3",  # known: no warning
+        "STREAMTRAINER_TEST_BOOTSTRAP_SERVERS": "y",  # the tests' own: no warning
+    }
+    result = run_cli("worker", "--topic", "t", "--model", "softmax", env=env)
+    warnings = [
+        line for line in result.stderr.splitlines() if "warning: unknown environment variable" in line
+    ]
+    assert warnings == [
+        "streamtrainer: warning: unknown environment variable STREAMTRAINER_CHECKPIONT_DIR ignored "
+        "(did you mean STREAMTRAINER_CHECKPOINT_DIR?)"
+    ], result.stderr
