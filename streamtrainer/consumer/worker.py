@@ -248,12 +248,9 @@ class Worker:
         self._guard_rolled_back = False
         self.dead_letters: DeadLetterQueue | None = None
         self._dead_letters_unconfirmed = False
-        # (partition, offset) of the records a training guard refused and the dead-letter topic holds,
-        # past the last checkpoint: a rollback reads them again, and they must not go there twice.
-        self._guard_dead_lettered: set[tuple[int, int]] = set()
         # (partition, offset) of the records this group dead-lettered past the last checkpoint (and,
         # after a restart, found in the dead-letter topic): read again after a rollback or a restart,
-        # they are counted again but not sent again.
+        # they are neither sent nor counted as invalid again.
         self._in_dead_letter_topic: set[tuple[int, int]] = set()
         # The dead-letter topic's end offsets (per partition) the next checkpoint records.
         self._dlq_ends: dict[int, int] | None = None
@@ -1163,25 +1160,22 @@ class Worker:
         rows = index[result.skipped].tolist()
         losses = result.losses[result.skipped].tolist()
         thresholds = result.skipped_thresholds.tolist()
-        refused: list[tuple[int, Rejection]] = []
-        sources: list[tuple[int, int]] = []
-        for row, reason, loss, threshold in zip(
-            rows, result.skipped_reasons, losses, thresholds, strict=True
-        ):
-            message = records[row]
-            source = (message.partition() or 0, message.offset() or 0)
-            if source in self._guard_dead_lettered:
-                continue  # read again after a rollback: it is in the dead-letter topic already
-            sources.append(source)
-            refused.append((row, TrainingGuardSkip.of(reason, loss, threshold)))
-        if refused and self._route_invalid(records, refused):
-            self._guard_dead_lettered.update(sources)
+        refused: list[tuple[int, Rejection]] = [
+            (row, TrainingGuardSkip.of(reason, loss, threshold))
+            for row, reason, loss, threshold in zip(
+                rows, result.skipped_reasons, losses, thresholds, strict=True
+            )
+        ]
+        if refused:
+            self._route_invalid(records, refused)
 
     def _route_invalid(self, records: list[Message], errors: Sequence[tuple[int, Rejection]]) -> bool:
         """Every record that cannot be trained on goes to the dead-letter topic, confirmed (True).
 
         The error budget counts them first: a batch that spends it sends only its records up to
-        the one that did (the rest are read again after a restart), and the worker stops.
+        the one that did (the rest are read again after a restart), and the worker stops. A record
+        this group dead-lettered past the last checkpoint, read again after a rollback or a restart,
+        counts in the budget's window again, but is neither sent nor counted as invalid again.
         """
         # ``records`` is the batch consumed last (a batch's update finishes before the next starts):
         # its records are the last len(records) the budget counted.
@@ -1189,13 +1183,13 @@ class Worker:
         verdict = self.error_budget.invalid(sorted(first + position for position, _ in errors))
         if verdict is not None:
             errors = [(position, error) for position, error in errors if first + position <= verdict.index]
+        judged = errors  # the verdict names its record among these
+        sent = self._in_dead_letter_topic
+        if sent:
+            errors = [(p, e) for p, e in errors if (records[p].partition(), records[p].offset()) not in sent]
         dead_letters = self.dead_letters
         if dead_letters is not None:
             failures = [(records[position], error) for position, error in errors]
-            sent = self._in_dead_letter_topic
-            if sent:
-                # Dead-lettered past the checkpoint before a rollback or a restart: there already.
-                failures = [(m, e) for m, e in failures if (m.partition(), m.offset()) not in sent]
             # Until they are confirmed no checkpoint may pass these records (a rebalance callback
             # may try one while the group is served during the write).
             self._dead_letters_unconfirmed = True
@@ -1211,9 +1205,10 @@ class Worker:
             sent.update((m.partition() or 0, m.offset() or 0) for m, _ in failures)
             if failures:
                 self._dlq_ends_stale = True
-        self._count_invalid(errors)
+        if errors:
+            self._count_invalid(errors)
         if verdict is not None:
-            position, error = next((p, e) for p, e in errors if first + p == verdict.index)
+            position, error = next((p, e) for p, e in judged if first + p == verdict.index)
             self._spend_error_budget(verdict, records[position], error)
         return True
 
@@ -1369,14 +1364,9 @@ class Worker:
             return
         self.model_version = checkpoint.version
         self._guard_rolled_back = False
-        if self._guard_dead_lettered or self._in_dead_letter_topic:
+        if self._in_dead_letter_topic:
             # A rollback goes back no further than this checkpoint: forget what it cannot read again.
             topic, positions = self.settings.topic, self.offsets.positions()
-            self._guard_dead_lettered = {
-                (partition, offset)
-                for partition, offset in self._guard_dead_lettered
-                if offset >= positions.get((topic, partition), 0)
-            }
             self._in_dead_letter_topic = {
                 (partition, offset)
                 for partition, offset in self._in_dead_letter_topic
