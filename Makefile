@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup demo test lint unit bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ unit: setup
 
 bench: setup
 	$(BIN)/python -m bench.run --quick
+
+# Learning quality: the worker's defaults against River's on real and drifting streams (needs river and
+# scikit-learn); prints the table and writes runs/quality.json. See bench/README.md, "Quality".
+bench-quality: setup
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs

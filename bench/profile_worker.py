@@ -259,7 +259,7 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("learn", "compute", "training/learner.py"),
     ("learn finish", "_finish_steps", "training/learner.py"),
     ("keep", "keep", "consumer/compactor.py"),
-    ("prequential", "update", "training/prequential.py"),
+    ("prequential", "update", "training/progressive.py"),
     ("codec_of (headers)", "codec_of", "consumer/messages.py"),
     ("key_bytes", "key_bytes", "consumer/messages.py"),
     ("timestamp_of", "timestamp_of", "consumer/messages.py"),
@@ -346,7 +346,7 @@ def summarize_cprofile(profile: cProfile.Profile, records: int) -> dict[str, Any
             step = "_start/_finish_update (total)"
         if step is not None and step != "prometheus":
             # The outermost function of a step has the largest cumulative time (nested ones of the
-            # same name, e.g. ExponentialMean.update inside PrequentialMetrics.update, do not add).
+            # same name, e.g. an update called inside ProgressiveMetrics.update, do not add).
             cumulative[step] = max(cumulative.get(step, 0.0), cumtime)
     own.sort(reverse=True)
     return {

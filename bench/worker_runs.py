@@ -203,8 +203,8 @@ class TimedWorker(Worker):
             "records_trained": self.records_trained,
             "records_invalid": self.records_invalid,
             "updates": self.learner.updates if self.learner is not None else 0,
-            "prequential_loss": self.prequential.loss.value,
-            "last_window_loss": self.prequential.last_window_loss,
+            "prequential_loss": self.prequential.mean_loss,
+            "last_window_loss": self.prequential.window_loss,
             "learner_created_s": self.learner_seconds,
         }
         if self.assigned_at is not None:

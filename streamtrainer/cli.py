@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import re
 import sys
@@ -266,24 +265,15 @@ def worker(**given: Any) -> None:
     settings = build_settings(WorkerSettings, given)
     _configure_logging(settings.log_level)
     from streamtrainer.consumer import Worker
+    from streamtrainer.training.progressive import describe
 
     status = Worker(settings).run()
-    if status.records_trained:
-        learned = (
-            f"prequential loss first {_number(status.first_window_loss)} -> last "
-            f"{_number(status.last_window_loss)}; {status.score_name} {_number(status.score)}"
-        )
-    else:
-        learned = "no records trained"
+    # The whole run's figures, then the window's in parentheses: both named.
+    learned = describe(status.prequential) if status.prequential.records else "no records trained"
     click.echo(
         f"trained {status.records_trained} record(s) ({status.records_invalid} invalid) in "
         f"{status.elapsed_s:.1f}s, {status.records_per_second:,.0f} records/s; {learned}"
     )
-
-
-def _number(value: float) -> str:
-    """A figure of the summary; "-" where there is none (NaN), never "nan"."""
-    return "-" if math.isnan(value) else f"{value:.4f}"
 
 
 @cli.command()

@@ -25,19 +25,21 @@ from streamtrainer.connection import admin_client, check_reachable, ensure_topic
 from streamtrainer.consumer import Worker, WorkerStatus
 from streamtrainer.producer.publisher import ProduceSummary, publish
 from streamtrainer.producer.synthetic import SyntheticSpec, generate
-from streamtrainer.settings import DemoSettings, KafkaSettings, OptimizerName, WorkerSettings
+from streamtrainer.settings import NONLINEAR_COMPACTION, DemoSettings, KafkaSettings, WorkerSettings
+from streamtrainer.training.progressive import named_figures
 
 logger = logging.getLogger(__name__)
 
 _SPARK = "▁▂▃▄▅▆▇█"
-# A small mlp on a concept no linear model separates: online SGD alone fits it slowly, which is
-# where compaction epochs (at the online lr x their batch size) pay.
-_DEMO_MODELS: dict[str, tuple[str, OptimizerName, float]] = {
-    "regression": ("mlp", "sgd", 0.01),
-    "binary": ("mlp", "sgd", 0.01),
-    "multiclass": ("mlp", "sgd", 0.01),
+# An mlp on a concept no linear model separates, at the worker's defaults (its optimizer, step,
+# width and compaction schedule): what a user gets without tuning.
+_DEMO_MODELS: dict[str, str] = {
+    "regression": "mlp",
+    "binary": "mlp",
+    "multiclass": "mlp",
 }
-_DEMO_HIDDEN = 32
+_DEMO_HIDDEN: int = WorkerSettings.model_fields["hidden"].default
+_DEMO_EVERY = NONLINEAR_COMPACTION["compaction_every_records"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,8 @@ class _LiveView:
         self.losses: list[float] = []
 
     def render(self, status: WorkerStatus) -> Table:
-        if status.loss == status.loss:  # not NaN
-            self.losses.append(status.loss)
+        if status.last_window_loss == status.last_window_loss:  # not NaN
+            self.losses.append(status.last_window_loss)
         table = Table(
             title=f"streamtrainer demo: {self.settings.task} on '{self.settings.topic}'", show_header=False
         )
@@ -76,9 +78,11 @@ class _LiveView:
         done = status.records_trained / self.settings.records
         table.add_row("trained", f"{status.records_trained:,} / {self.settings.records:,} ({done:.0%})")
         table.add_row("records/s", f"{status.records_per_second:,.0f}")
-        table.add_row("prequential loss", f"{status.loss:.4f}")
-        table.add_row(status.score_name, f"{status.score:.4f}")
-        table.add_row("loss over time", _sparkline(self.losses[-60:]))
+        report = status.prequential
+        table.add_row("prequential", f"whole run ({report.records:,}) / last {report.window_records:,}")
+        for label, run, window in named_figures(report):
+            table.add_row(label, f"{run} / {window}")
+        table.add_row("window loss", _sparkline(self.losses[-60:]))
         table.add_row("compactions", _describe_compactions(status))
         table.add_row("metrics", self.metrics_url or "off")
         return table
@@ -110,7 +114,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
     console = console or Console(stderr=False)
     live_enabled = settings.live if settings.live is not None else sys.stdout.isatty()
     task = settings.task
-    model, optimizer, lr = _DEMO_MODELS[task]
+    model = _DEMO_MODELS[task]
     with ExitStack() as stack:
         bootstrap = settings.bootstrap_servers
         if not bootstrap:
@@ -144,7 +148,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             f"{settings.codec}); the concept changes abruptly at record {spec.drift_at:,}; "
             f"training an mlp ({_DEMO_HIDDEN} hidden units), "
             + (
-                "compacting the log into batch epochs every 2,000 records"
+                f"compacting the log into batch epochs every {_DEMO_EVERY:,} records"
                 if settings.compaction
                 else "online only"
             )
@@ -182,9 +186,6 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             group=f"streamtrainer-demo-{uuid.uuid4().hex[:8]}",
             model=model,
             task=task,
-            hidden=_DEMO_HIDDEN,
-            optimizer=optimizer,
-            lr=lr,
             n_classes=3 if task == "multiclass" else None,
             max_records=settings.records,
             max_seconds=600.0,
@@ -195,7 +196,6 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             fresh=True,
             run_log=run_log,
             compaction=settings.compaction,
-            compaction_lr=lr * WorkerSettings.model_fields["compaction_batch_size"].default,
         )
         view = _LiveView(settings, None)
         live = stack.enter_context(Live(console=console, auto_refresh=False)) if live_enabled else None
@@ -246,16 +246,18 @@ def _print_summary(console: Console, settings: DemoSettings, result: DemoResult)
         f"  trained         {status.records_trained:,} records in {status.elapsed_s:.1f}s "
         f"({status.records_per_second:,.0f} records/s, {status.records_invalid} invalid)"
     )
-    window = f"first {min(1000, status.records_trained):,} records"
+    report = status.prequential
+    first = min(report.window_size, report.records)
     console.print(
-        f"  loss            {window}: {status.first_window_loss:.4f}  ->  "
-        f"last 1,000 records: {status.last_window_loss:.4f}"
+        f"  loss            first {first:,} records: {status.first_window_loss:.4f}  ->  "
+        f"last {report.window_records:,} records: {status.last_window_loss:.4f}"
     )
     console.print(
-        f"                  mean over all {status.records_trained:,} records: {status.mean_loss:.4f}"
+        f"  prequential     whole run ({report.records:,} records) / last {report.window_records:,}"
     )
+    for label, run, window in named_figures(report):
+        console.print(f"    {label:<13} {run} / {window}")
     falling = status.last_window_loss < status.first_window_loss
-    console.print(f"  {status.score_name:<15} {status.score:.4f} (exponentially weighted, prequential)")
     console.print(f"  loss fell       {'yes' if falling else 'NO'}")
     console.print(f"  compactions     {_describe_compactions(status)}")
     console.print(f"  run log         {result.run_log}")

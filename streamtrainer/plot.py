@@ -1,8 +1,10 @@
 """`streamtrainer plot`: a picture of a run, from the run log a worker writes with ``--run-log``.
 
 The run log has one JSON object per line, a :class:`~streamtrainer.consumer.worker.WorkerStatus`
-snapshot every second (``elapsed_s``, ``records_trained``, ``loss``, ``score_name``, ``score``,
-...). A worker restarted with the same ``--run-log`` appends to it: each run starts again at a
+snapshot every second (``elapsed_s``, ``records_trained``, ``prequential``: the progressive
+metrics over the whole run, ``run``, and over the last ``window_size`` records, ``window``, ...).
+Both are plotted, labelled: the loss, and accuracy (classification) or MAE (regression). A worker
+restarted with the same ``--run-log`` appends to it: each run starts again at a
 small ``elapsed_s``, and one run is plotted at a time (the last by default).
 
 Rendering uses matplotlib's Agg canvas directly (no pyplot, no display, no global state).
@@ -22,6 +24,8 @@ from streamtrainer.exceptions import StreamtrainerError
 logger = logging.getLogger(__name__)
 
 _SCORE_LABELS = {"accuracy": "accuracy", "mae": "mean absolute error"}
+# The score each task plots with its loss.
+_TASK_SCORES = {"binary": "accuracy", "multiclass": "accuracy", "regression": "mae"}
 
 
 class PlotError(StreamtrainerError):
@@ -34,9 +38,14 @@ class RunCurves:
 
     elapsed_s: list[float]
     records_trained: list[int]
-    loss: list[float]  # NaN where the worker had trained nothing yet
+    # Progressive (prequential) figures over the whole run and over the window; NaN where the
+    # worker had measured nothing yet.
+    loss: list[float]
+    loss_window: list[float]
     score: list[float]
+    score_window: list[float]
     score_name: str
+    window_size: int
     records_per_second: list[float]  # over the interval since the previous snapshot
 
     @property
@@ -81,13 +90,23 @@ def run_curves(rows: list[dict[str, object]]) -> RunCurves:
     for i in range(1, len(rows)):
         dt = elapsed[i] - elapsed[i - 1]
         rates.append((trained[i] - trained[i - 1]) / dt if dt > 0 else rates[-1])
-    names = [row.get("score_name") for row in rows if isinstance(row.get("score_name"), str)]
+    reports = [_mapping(row.get("prequential")) for row in rows]
+    tasks = [report.get("task") for report in reports if isinstance(report.get("task"), str)]
+    name = _TASK_SCORES.get(str(tasks[-1]), "score") if tasks else "score"
+    sizes = [size for report in reports if isinstance(size := report.get("window_size"), int)]
+
+    def column(scope: str, metric: str) -> list[float]:
+        return [_number(_mapping(report.get(scope)).get(metric)) for report in reports]
+
     return RunCurves(
         elapsed_s=elapsed,
         records_trained=trained,
-        loss=[_number(row.get("loss")) for row in rows],
-        score=[_number(row.get("score")) for row in rows],
-        score_name=str(names[-1]) if names else "score",
+        loss=column("run", "loss"),
+        loss_window=column("window", "loss"),
+        score=column("run", name),
+        score_window=column("window", name),
+        score_name=name,
+        window_size=sizes[-1] if sizes else 0,
         records_per_second=rates,
     )
 
@@ -123,15 +142,20 @@ def _render(curves: RunCurves, output: Path, title: str) -> None:
 
     # One point per snapshot (about one a second): markers show where the curves were measured.
     style = {"linewidth": 1.5, "marker": ".", "markersize": 4}
-    loss_axes.plot(x, curves.loss, color="tab:red", label="prequential loss", **style)
+    last = f"last {curves.window_size:,} records"
+    loss_axes.plot(x, curves.loss, color="tab:red", label="whole run", **style)
+    loss_axes.plot(x, curves.loss_window, color="tab:orange", label=last, **style)
     loss_axes.set_ylabel("loss")
     loss_axes.set_ylim(bottom=0.0)
-    loss_axes.set_title("prequential loss (exponentially weighted, measured before learning)", fontsize=10)
+    loss_axes.set_title("prequential loss (each record measured before learning from it)", fontsize=10)
+    loss_axes.legend(loc="upper right", fontsize=8)
 
     score_label = _SCORE_LABELS.get(curves.score_name, curves.score_name)
-    score_axes.plot(x, curves.score, color="tab:blue", label=score_label, **style)
+    score_axes.plot(x, curves.score, color="tab:blue", label="whole run", **style)
+    score_axes.plot(x, curves.score_window, color="tab:cyan", label=last, **style)
     score_axes.set_ylabel(curves.score_name)
     score_axes.set_title(f"prequential {score_label}", fontsize=10)
+    score_axes.legend(loc="lower right" if curves.score_name == "accuracy" else "upper right", fontsize=8)
     if curves.score_name == "accuracy":
         score_axes.set_ylim(0.0, 1.02)
     else:
@@ -155,6 +179,11 @@ def _render(curves: RunCurves, output: Path, title: str) -> None:
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _mapping(value: object) -> dict[str, object]:
+    """A JSON object, or empty (an older run log, or a line without it)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value: object) -> float:

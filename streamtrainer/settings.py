@@ -31,6 +31,18 @@ LossName = Literal["auto", "mse", "l1", "bce", "ce", "audit"]
 OffsetReset = Literal["earliest", "latest"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
+# The learner's own defaults (training.LearnerConfig; a test holds them equal): not imported from
+# there, as that would import torch (1-2 s) before a usage error could be reported.
+DEFAULT_OPTIMIZER: OptimizerName = "adagrad"
+DEFAULT_LR = 0.1
+# The compaction schedule of an mlp or a custom model (the field defaults are the linear models'):
+# on the quality bench's nonlinear tuning streams (5,000 records, bench/quality.py --grid), every
+# 500 records for 10 epochs over the last 2,000 took the mlp from 74.3% to 78.0% (rbf_drift), 86.8%
+# to 87.5% (agrawal_drift) and MAE 1.38 to 1.23 (friedman). It costs ~40 record-steps of epochs per
+# record online: an mlp worker trades throughput for learning within a few thousand records; set
+# --compaction-every-records 2000 --compaction-epochs 3 for the linear models' schedule.
+NONLINEAR_COMPACTION: dict[str, int] = {"compaction_every_records": 500, "compaction_epochs": 10}
+_LINEAR_MODELS = frozenset({"linear", "logistic", "softmax", "audit"})
 BUILTIN_TASKS: dict[str, Task] = {"linear": "regression", "logistic": "binary", "softmax": "multiclass"}
 
 
@@ -167,12 +179,17 @@ class ModelSettings(_Settings):
     )
     task: Task | None = Field(
         default=None,
-        description="regression | binary | multiclass (default: from the model; mlp/custom: regression).",
+        description="regression | binary | multiclass (default: from the model: linear, logistic, "
+        "softmax; required for mlp and a custom model).",
     )
     loss: LossName = Field(default="auto", description="Loss (auto: mse, bce or ce by task).")
-    optimizer: OptimizerName = Field(default="sgd", description="Optimizer.")
-    lr: float = Field(default=0.01, gt=0, description="Learning rate.")
-    hidden: int = Field(default=64, ge=1, description="mlp: hidden units.")
+    # Chosen on the quality bench's tuning datasets (bench/quality.py, docs/quality.md): with
+    # standardized features and labels, Adagrad at 0.1 was best or within 0.5 pp of the best of
+    # sgd/adagrad/adam x 3-4 rates on each, where sgd 0.01 (the old default) lost up to 2 pp and
+    # sgd 0.1 diverged on a regression: the adaptive, normalized update Vowpal Wabbit defaults to.
+    optimizer: OptimizerName = Field(default=DEFAULT_OPTIMIZER, description="Optimizer.")
+    lr: float = Field(default=DEFAULT_LR, gt=0, description="Learning rate.")
+    hidden: int = Field(default=128, ge=1, description="mlp: hidden units.")
     n_features: int | None = Field(
         default=None, ge=1, description="Feature dimension (default: from the first record)."
     )
@@ -181,6 +198,11 @@ class ModelSettings(_Settings):
     )
     n_classes: int | None = Field(default=None, ge=2, description="multiclass: number of classes.")
     standardize: bool = Field(default=True, description="Feature standardization (running mean/variance).")
+    standardize_target: bool = Field(
+        default=True,
+        description="Regression: learn the label standardized online (running mean/variance); predictions "
+        "and losses stay in the label's units, so a label around 43 or 43,000 needs no tuning.",
+    )
     seed: int = Field(default=0, description="Seed for model initialisation (and replay's shuffles).")
     device: str = Field(default="cpu", description="Torch device.")
     torch_threads: int = Field(
@@ -207,6 +229,10 @@ class ModelSettings(_Settings):
         if ":" in self.model:
             _check_factory(self.model)
         _check_device("--device", self.device)
+        if self.task is None and self.model not in BUILTIN_TASKS and self.model != "audit":
+            # Guessing would be worse than asking: 0/1 labels trained as a regression (the old
+            # default) look like learning and are not what was meant.
+            raise ValueError(f"--model {self.model} needs --task (regression, binary or multiclass)")
         if self.resolved_task == "multiclass" and self.n_classes is None:
             raise ValueError("a multiclass model needs n_classes (--n-classes)")
         return self
@@ -330,7 +356,9 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         description="Records per optimizer step: 1 is strict per-record learning; B>1 micro-batches.",
     )
     prequential_window: int = Field(
-        default=1000, ge=1, description="Records in the prequential loss window (EW span and summary window)."
+        default=1000,
+        ge=1,
+        description="Records in the progressive metrics' window (reported beside the whole run's).",
     )
     poll_batch: int = Field(
         default=10_000,
@@ -415,7 +443,10 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         default=True, description="Batch epochs over the consumed log (off: strict online learning only)."
     )
     compaction_every_records: int | None = Field(
-        default=2000, ge=1, description="Compact the consumed log into batch epochs every N records."
+        default=2000,
+        ge=1,
+        description="Compact the consumed log into batch epochs every N records (an mlp or custom "
+        "model: 500).",
     )
     compaction_interval_s: float | None = Field(
         default=None, gt=0, description="Also compact at least this often (seconds)."
@@ -430,7 +461,9 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     compaction_dedupe: bool = Field(
         default=False, description="Keep only the last record per key (Kafka log-compaction semantics)."
     )
-    compaction_epochs: int = Field(default=3, ge=1, description="Epochs per compaction.")
+    compaction_epochs: int = Field(
+        default=3, ge=1, description="Epochs per compaction (an mlp or custom model: 10)."
+    )
     compaction_batch_size: int = Field(default=8, ge=1, description="Mini-batch size in compaction epochs.")
     compaction_lr: float | None = Field(
         default=None,
@@ -454,6 +487,45 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     compaction_retain_bytes: int | None = Field(
         default=None, ge=1, description="Most bytes of consumed records kept on disk for compaction."
     )
+    drift_detector: Literal["page-hinkley", "none"] = Field(
+        default="page-hinkley",
+        description="Drift detector on the prequential loss: each detection is counted "
+        "(streamtrainer_drift_detections_total) and, with compaction on, compacts the records since "
+        "the estimated change point (reason drift).",
+    )
+    drift_delta: float = Field(
+        default=0.3,
+        ge=0,
+        description="Page-Hinkley delta: the rise of the loss per record taken for noise, in mean losses "
+        "(the detector sees each loss over the mean loss since its last detection, clipped at 5).",
+    )
+    drift_threshold: float = Field(
+        default=50.0,
+        gt=0,
+        description="Page-Hinkley threshold (lambda): the accumulated rise of the loss that is a drift, "
+        "in mean losses.",
+    )
+    drift_min_instances: int = Field(
+        default=30,
+        ge=1,
+        description="Records the detector sees (after a start or a detection) before it tests.",
+    )
+    drift_every_records: int = Field(
+        default=1000,
+        ge=1,
+        description="A detected drift compacts at the next multiple of N records trained since the last "
+        "compaction (polls end there, so a restarted worker compacts where an uninterrupted one would).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compaction_defaults_of_the_model(cls, data: Any) -> Any:
+        """A model with a hidden layer compacts more often and longer, unless told otherwise."""
+        if isinstance(data, dict) and str(data.get("model", "linear")) not in _LINEAR_MODELS:
+            for name, value in NONLINEAR_COMPACTION.items():
+                if data.get(name) is None and name not in data:
+                    data[name] = value
+        return data
 
     @model_validator(mode="after")
     def _check_compaction(self) -> WorkerSettings:

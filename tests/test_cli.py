@@ -121,6 +121,9 @@ def test_environment_configures_a_produce_then_worker_run(bootstrap: str, group_
     )
     assert trained.returncode == 0, trained.stderr
     assert "trained 1500 record(s)" in trained.stdout
+    # The whole run's figures, then the window's, named (a binary model: accuracy, log loss, AUC).
+    assert "prequential over 1,500 records: accuracy " in trained.stdout
+    assert all(part in trained.stdout for part in ("(last 1,000: ", "log loss ", "ROC AUC "))
     assert sum(committed_offsets(bootstrap, topic, group_id).values()) == 1500
 
 

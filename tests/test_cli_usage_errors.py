@@ -75,7 +75,7 @@ def test_an_importable_factory_passes_the_check() -> None:
     """The check refuses nothing that works: the test factory gets as far as the broker."""
     result = run_cli(
         "worker", "--topic", "t", *UNREACHABLE[:2], "--startup-timeout-s", "1", "--model",
-        "tests.custom_model:make_model",
+        "tests.custom_model:make_model", "--task", "regression",
         env={"PYTHONPATH": os.pathsep.join(sys.path)},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr

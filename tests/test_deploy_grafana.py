@@ -105,11 +105,11 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
             if "producer" not in expr:
                 assert "$job" in expr and "$instance" in expr, f"{panel['title']}: not filtered by worker"
             # Grafana's rate window, except for rare events: checkpoints come every few tens of
-            # seconds, compactions every few minutes (20,000 records), rollbacks hardly ever.
+            # seconds, compactions every few minutes (20,000 records), rollbacks and drifts hardly ever.
             windows = set(re.findall(r"\[([^\]]+)\]", expr))
             if "checkpoint" in expr:
                 allowed = {"$__rate_interval", "5m"}
-            elif "compaction" in expr or "rollbacks" in expr:
+            elif "compaction" in expr or "rollbacks" in expr or "drift_detections" in expr:
                 allowed = {"$__rate_interval", "15m"}
             else:
                 allowed = {"$__rate_interval"}
@@ -125,6 +125,11 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
         ("prequential loss", "streamtrainer_prequential_loss"),
         ("accuracy", "streamtrainer_prequential_accuracy"),
         ("MAE", "streamtrainer_prequential_mae"),
+        ("ROC AUC", "streamtrainer_prequential_roc_auc"),
+        ("macro F1", "streamtrainer_prequential_macro_f1"),
+        ("R2", "streamtrainer_prequential_r2"),
+        ("prequential loss from the counters", "streamtrainer_prequential_loss_sum_total"),
+        ("records measured", "streamtrainer_prequential_records_total"),
         ("consumer lag", "streamtrainer_consumer_lag_records"),
         ("update latency quantiles", "streamtrainer_update_latency_seconds_bucket"),
         ("checkpoint age", "streamtrainer_last_checkpoint_timestamp_seconds"),
@@ -233,3 +238,16 @@ def test_provisioning_points_at_the_compose_services() -> None:
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def test_the_learning_row_names_the_window_and_the_whole_run(dashboard: dict[str, Any]) -> None:
+    by_title = {p["title"]: p for p in _panels(dashboard)}
+    loss = by_title["Prequential loss"]["targets"]
+    scopes = {m.group(1): t["legendFormat"] for t in loss if (m := re.search(r'scope="(\w+)"', t["expr"]))}
+    assert set(scopes) == {"window", "run"}
+    assert "last window" in scopes["window"] and "whole run" in scopes["run"]
+    # ... and a window PromQL computes from the counters.
+    assert any("rate(streamtrainer_prequential_loss_sum_total" in t["expr"] for t in loss)
+    # The quality gauges carry both scopes: the legend says which.
+    (quality,) = [p for title, p in by_title.items() if title.startswith("Quality:")]
+    assert all("{{scope}}" in t["legendFormat"] for t in quality["targets"])

@@ -18,16 +18,28 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _snapshot(
     elapsed: float, trained: int, loss: float | None, score: float | None, name: str
 ) -> dict[str, object]:
-    """A line as Worker writes it (WorkerStatus.as_json()); NaN is written as null."""
+    """A line as Worker writes it (WorkerStatus.as_json()); NaN is written as null.
+
+    The whole run's figures are the window's plus 0.1 (so the two columns can be told apart).
+    """
+    task = "binary" if name == "accuracy" else "regression"
+    run_loss = None if loss is None else loss + 0.1
+    run_score = None if score is None else score + 0.1
     return {
         "elapsed_s": elapsed,
         "records_consumed": trained,
         "records_trained": trained,
         "records_invalid": 0,
         "records_per_second": trained / elapsed if elapsed else 0.0,
-        "loss": loss,
-        "score_name": name,
-        "score": score,
+        "prequential": {
+            "task": task,
+            "records": trained,
+            "window_size": 1000,
+            "window_records": min(trained, 1000),
+            "run": {"loss": run_loss, name: run_score},
+            "window": {"loss": loss, name: score},
+            "first_window_loss": loss,
+        },
         "first_window_loss": loss,
         "last_window_loss": loss,
         "updates": trained,
@@ -68,8 +80,13 @@ def test_curves_follow_the_log_and_null_losses_stay_gaps(tmp_path: Path) -> None
     (rows,) = read_runs(log)
     curves = run_curves(rows)
     assert curves.score_name == "mae"
+    assert curves.window_size == 1000
     assert curves.records_trained == [0, 1000, 2000, 3000, 4000]
     assert math.isnan(curves.loss[0]) and math.isnan(curves.score[0])
+    assert math.isnan(curves.loss_window[0]) and math.isnan(curves.score_window[0])
+    # The whole run's figures and the window's, each from its own object of the log.
+    assert curves.loss[1:] == pytest.approx([w + 0.1 for w in curves.loss_window[1:]])
+    assert curves.score[1:] == pytest.approx([w + 0.1 for w in curves.score_window[1:]])
     # Throughput over each interval (the log's records_per_second is the average since start).
     assert curves.records_per_second[1:] == pytest.approx([1000.0] * 4)
 

@@ -234,7 +234,8 @@ def test_replay_trains_exactly_the_produced_range(
 def test_same_seed_is_bitwise_identical_a_manifest_reproduces_it_and_another_seed_differs(
     bootstrap: str, shared: SharedTopic, tmp_path: Path
 ) -> None:
-    config: dict[str, object] = {"topic": shared.topic, "model": "mlp", "hidden": 8, "optimizer": "adam"}
+    config: dict[str, object] = {"topic": shared.topic, "model": "mlp", "task": "regression", "hidden": 8}
+    config["optimizer"] = "adam"
     replay(bootstrap, tmp_path / "a", **config, seed=7, lr=0.01)
     replay(bootstrap, tmp_path / "b", **config, seed=7, lr=0.01)
     replay(bootstrap, tmp_path / "c", **config, seed=8, lr=0.01)
@@ -354,6 +355,7 @@ def test_init_from_continues_a_checkpoint_and_refuses_another_model(
             tmp_path / "c",
             topic=shared.topic,
             model="mlp",
+            task="regression",
             init_from=tmp_path / "a" / "checkpoints",
         )
     (tmp_path / "empty").mkdir()

@@ -104,8 +104,9 @@ def test_compaction_on_request_over_http(bootstrap, topic_factory, group_id) -> 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             body = response.read()
         assert b"streamtrainer_compactions_total" in body
-        # A regressor: an MAE, never an accuracy.
-        assert b"\nstreamtrainer_prequential_mae " in body
+        # A regressor: an MAE (whole run and window), never an accuracy.
+        assert b'\nstreamtrainer_prequential_mae{scope="run"} ' in body
+        assert b'\nstreamtrainer_prequential_mae{scope="window"} ' in body
         assert b"streamtrainer_prequential_accuracy" not in body
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/compact", timeout=10)
@@ -129,6 +130,7 @@ def test_an_epoch_longer_than_max_poll_interval_keeps_the_group(
         topic,
         group_id,
         model="tests.custom_model:make_slow_model",  # 5 ms per mini-batch forward pass
+        task="regression",
         max_records=n,
         poll_batch=500,
         kafka_config={"max.poll.interval.ms": str(int(max_poll_interval_s * 1000))},
@@ -224,6 +226,7 @@ def test_compaction_lowers_the_prequential_loss_on_a_drifting_stream(
             topic,
             f"{group_id}-{compaction}",
             model="mlp",
+            task="regression",
             hidden=32,
             lr=0.01,
             max_records=n,

@@ -23,6 +23,10 @@ REQUIRED_METRICS = {
     "streamtrainer_records_invalid_total",
     "streamtrainer_prequential_loss",
     "streamtrainer_prequential_accuracy",
+    "streamtrainer_prequential_roc_auc",
+    "streamtrainer_prequential_records_total",
+    "streamtrainer_prequential_loss_sum_total",
+    "streamtrainer_prequential_correct_total",
     "streamtrainer_throughput_records_per_second",
     "streamtrainer_update_latency_seconds_bucket",
     "streamtrainer_consumer_lag_records",
@@ -47,7 +51,8 @@ def test_worker_trains_exactly_the_produced_records_and_loss_falls(
     assert status.records_trained == n
     assert status.records_invalid == 0
     assert status.last_window_loss < 0.8 * status.first_window_loss
-    assert status.score > 0.9
+    assert status.prequential.window["accuracy"] > 0.9
+    assert status.prequential.records == n
     trained = sum(
         registry.get_sample_value(
             "streamtrainer_records_trained_total", {"topic": topic, "partition": str(p)}
@@ -200,7 +205,11 @@ def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
     assert committed_offsets(bootstrap, topic, group_id) == {0: 3000}
     # Another model cannot silently load these weights...
     with pytest.raises(ConfigurationError, match="checkpoint was made for"):
-        Worker(worker_settings(bootstrap, topic, group_id, model="mlp", checkpoint_dir=checkpoints)).run()
+        Worker(
+            worker_settings(
+                bootstrap, topic, group_id, model="mlp", task="binary", checkpoint_dir=checkpoints
+            )
+        ).run()
     # ...but --fresh starts a new one (a new group here, so it reads from the beginning).
     fresh = Worker(
         worker_settings(
@@ -208,6 +217,7 @@ def test_restart_resumes_from_the_checkpoint_and_refuses_a_different_model(
             topic,
             f"{group_id}-b",
             model="mlp",
+            task="binary",
             checkpoint_dir=checkpoints,
             fresh=True,
             max_records=3000,

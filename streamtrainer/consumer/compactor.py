@@ -20,6 +20,14 @@ records the small things and a :class:`~streamtrainer.consumer.refill.WindowPlan
 of the rows; :meth:`Compactor.restore` takes them back and :meth:`Compactor.refill`
 reads the rows again from the log. The online losses of the kept records are
 not part of it: they only measure a compaction's effect (a metric, never the model).
+
+A drift (the worker's detector on the prequential loss, :meth:`Compactor.drift`)
+makes the compaction at the next point of the drift grid a ``drift`` one over the
+records since the estimated change point (at most the usual window, so the
+checkpoint's plan covers them): the records of the new concept, without the older
+ones that would pull the model back. Where it falls and what it replays are in the
+checkpoint's state while it is pending (``drift_due_at``, ``drift_records``), so it
+is as deterministic as the count trigger.
 """
 
 from __future__ import annotations
@@ -42,14 +50,13 @@ from streamtrainer.settings import WorkerSettings
 from streamtrainer.training import OnlineLearner
 from streamtrainer.training.compaction.epochs import train_epochs
 from streamtrainer.training.compaction.store import CompactionStore
-from streamtrainer.training.compaction.trigger import INTERVAL, ON_DEMAND, RECORDS, CompactionTrigger
+from streamtrainer.training.compaction.trigger import DRIFT, INTERVAL, ON_DEMAND, RECORDS, CompactionTrigger
 from streamtrainer.training.exceptions import CompactionError
 
 logger = logging.getLogger(__name__)
 
 SIGNAL = "signal"
 HTTP = "http"
-DRIFT = "drift"
 # Metric label values must stay a small fixed set, whatever a caller passes to request().
 REASONS = (RECORDS, INTERVAL, ON_DEMAND, SIGNAL, HTTP, DRIFT)
 _OTHER = "other"
@@ -95,8 +102,12 @@ class Compactor:
         self.metrics = metrics
         self.directory = settings.compaction_dir or Path(settings.checkpoint_dir) / "compaction-store"
         self.trigger = CompactionTrigger(
-            every_records=settings.compaction_every_records, every_seconds=settings.compaction_interval_s
+            every_records=settings.compaction_every_records,
+            every_seconds=settings.compaction_interval_s,
+            drift_every_records=settings.drift_every_records if settings.drift_detector != "none" else None,
         )
+        # A detected drift: records kept since its estimated change point (what its compaction replays).
+        self._drift_records: int | None = None
         self.store: CompactionStore | None = None
         self.count = 0
         self.last: CompactionResult | None = None
@@ -159,6 +170,8 @@ class Compactor:
             return
         self.store.append(features, labels, partitions, offsets, keys, timestamps)
         self.trigger.observe(len(labels))
+        if self._drift_records is not None:
+            self._drift_records += len(labels)
         if self.last is not None and self.loss_after is None:
             take = min(len(losses), self.effect_window - self._after_count)
             self._after_sum += float(np.nansum(losses[:take]))
@@ -192,6 +205,16 @@ class Compactor:
     def request(self, reason: str = ON_DEMAND) -> None:
         """Ask for a compaction at the next poll (thread- and signal-safe)."""
         self.trigger.request(reason)
+
+    def drift(self, since_change: int) -> None:
+        """A drift was detected in the records just kept; ``since_change``: records kept from its
+        estimated change point on (that batch included). Its compaction replays them (at most the
+        window); a second detection before it runs keeps the first change point."""
+        if self.store is None:
+            return
+        if self._drift_records is None:
+            self._drift_records = max(1, since_change)
+        self.trigger.drift()
 
     def due(self) -> str | None:
         return self.trigger.due()
@@ -229,6 +252,11 @@ class Compactor:
             data = store.window(since=self._since, dedupe_by_key=settings.compaction_dedupe)
         else:
             data = store.window(last=settings.compaction_window, dedupe_by_key=settings.compaction_dedupe)
+        drift_records, self._drift_records = self._drift_records, None
+        if reason == DRIFT and drift_records is not None and drift_records < data.count:
+            # The records since the change point describe the new concept; older ones would pull
+            # the model back towards the old one (tests/test_compaction_drift.py, bench/drift.py).
+            data = data.subset(np.arange(data.count - drift_records, data.count))
         if data.count == 0:
             logger.info("compaction (%s): no records kept since the last one, nothing to do", reason)
             return None
@@ -301,11 +329,16 @@ class Compactor:
                 last=self.last.as_metadata(topic),
             )
         self._plan_written = self._window_plan()
-        metadata["state"] = {
+        state: dict[str, object] = {
             "records_since_compaction": self.trigger.records_since_compaction,
             "since": {str(p): offset for p, offset in sorted(self._since.items())},
             "window": self._plan_written.as_json() if self._plan_written is not None else None,
         }
+        if self.trigger.drift_due_at is not None and self._drift_records is not None:
+            # A drift detected, its compaction not run yet: where it falls and what it replays.
+            state["drift_due_at"] = self.trigger.drift_due_at
+            state["drift_records"] = self._drift_records
+        metadata["state"] = state
         return metadata
 
     def _window_plan(self) -> WindowPlan | None:
@@ -349,9 +382,16 @@ class Compactor:
             self.trigger.restore(0)
             self._since = {}
             self._plan = None
+            self._drift_records = None
             return
         records = state.get("records_since_compaction")
-        self.trigger.restore(records if isinstance(records, int) and records >= 0 else 0)
+        due_at, drift_records = state.get("drift_due_at"), state.get("drift_records")
+        pending = isinstance(due_at, int) and isinstance(drift_records, int)
+        self.trigger.restore(
+            records if isinstance(records, int) and records >= 0 else 0,
+            drift_due_at=due_at if pending and isinstance(due_at, int) else None,
+        )
+        self._drift_records = drift_records if pending and isinstance(drift_records, int) else None
         since = state.get("since")
         self._since = {int(p): int(offset) for p, offset in since.items()} if isinstance(since, dict) else {}
         self._plan = WindowPlan.from_json(state.get("window"))

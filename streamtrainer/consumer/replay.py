@@ -100,6 +100,7 @@ _CONFIG_FIELDS: Final = (
     "hidden",
     "n_classes",
     "standardize",
+    "standardize_target",
     "epochs",
     "batch_size",
     "holdout",
@@ -141,6 +142,7 @@ class _Plan:
     hidden: int
     n_classes: int | None
     standardize: bool
+    standardize_target: bool
     epochs: int
     batch_size: int
     holdout: float
@@ -160,6 +162,7 @@ class _Plan:
             hidden=self.hidden,
             n_classes=self.n_classes,
             standardize=self.standardize,
+            standardize_target=self.standardize_target,
             seed=self.seed,
             device=device,
         )
@@ -623,9 +626,10 @@ def run_replay(settings: ReplaySettings) -> ReplayResult:
         data = data.subset(np.lexsort((data.offsets, data.partitions)))
     train, held = split_holdout(data, plan.holdout, plan.seed)
     del data
-    if learner.scaler is not None and (start_model is None or learner.scaler.count == 0):
+    if start_model is None or (learner.scaler is not None and learner.scaler.count == 0):
         for begin in range(0, train.count, _SCALER_CHUNK):
-            learner.scaler.learn_transform(train.features[begin : begin + _SCALER_CHUNK])
+            stop = begin + _SCALER_CHUNK
+            learner.learn_statistics(train.features[begin:stop], train.labels[begin:stop])
     learner.settle_path()  # one path for every step: bitwise reproducible
     epoch_losses = _train(learner, train, plan, show)
     holdout_loss = evaluate(learner, held) if held.count else math.nan
@@ -729,6 +733,7 @@ def _plan(settings: ReplaySettings) -> _Plan:
             hidden=settings.hidden,
             n_classes=settings.n_classes,
             standardize=settings.standardize,
+            standardize_target=settings.standardize_target,
             epochs=settings.epochs,
             batch_size=settings.batch_size,
             holdout=settings.holdout,
@@ -776,6 +781,8 @@ def _plan(settings: ReplaySettings) -> _Plan:
         hidden=int(config["hidden"]),
         n_classes=None if config.get("n_classes") is None else int(config["n_classes"]),
         standardize=bool(config["standardize"]),
+        # A manifest from before target standardization existed replays without it.
+        standardize_target=bool(config.get("standardize_target", False)),
         epochs=int(config["epochs"]),
         batch_size=int(config["batch_size"]),
         holdout=float(config["holdout"]),

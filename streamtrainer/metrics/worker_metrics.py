@@ -5,19 +5,34 @@ partitions assigned; ``reason`` by :data:`streamtrainer.consumer.dead_letter.DEA
 (the decode reasons and the training guards'; for compactions, the fixed set of triggers);
 ``location`` is memory or disk.
 
-Gauges that hold a measurement (the prequential loss and score, the learning rate, the last
-trained and checkpointed times, the last compaction's size and loss) are :class:`LazyGauge`:
-absent from ``/metrics`` until the worker first sets them, never a made-up 0 that a rule or a
-panel would take for a real one. The score is either accuracy (classification) or MAE
-(regression): a worker only ever sets, so only ever exports, the one of its task.
+Gauges that hold a measurement (the learning rate, the last trained and checkpointed times, the
+last compaction's size and loss) are :class:`LazyGauge`: absent from ``/metrics`` until the
+worker first sets them, never a made-up 0 that a rule or a panel would take for a real one.
+
+Progressive validation (each record scored before the model learns from it) comes two ways,
+only for the metrics of the worker's task (:meth:`WorkerMetrics.track_progressive`):
+
+* counters from which PromQL computes any window exactly, e.g. the last hour's loss is
+  ``increase(streamtrainer_prequential_loss_sum_total[1h])
+  / increase(streamtrainer_prequential_records_total[1h])``: records measured, loss sum, correct
+  predictions (classification), absolute and squared error sums, label sums by sign and label
+  squared sum (regression: R2 over a window);
+* gauges read at scrape time (:class:`ProgressiveCollector`), ``streamtrainer_prequential_<metric>``
+  with ``scope="run"`` (every record since the model started, restored from its checkpoint) and
+  ``scope="window"`` (the last ``--prequential-window`` records), each absent until it has a value
+  (ROC AUC needs both classes, R2 two different labels).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Per-record update latency spans microseconds (fused updates) to milliseconds (autograd).
 UPDATE_LATENCY_BUCKETS = (
@@ -94,21 +109,15 @@ class WorkerMetrics:
         self.model_updates = Counter(
             "streamtrainer_model_updates", "Optimizer steps taken.", registry=registry
         )
-        self.prequential_loss = LazyGauge(
-            "streamtrainer_prequential_loss",
-            "Exponentially weighted loss, measured on each record before learning from it.",
-            registry,
-        )
-        self.prequential_accuracy = LazyGauge(
-            "streamtrainer_prequential_accuracy",
-            "Exponentially weighted accuracy before learning (classification tasks).",
-            registry,
-        )
-        self.prequential_mae = LazyGauge(
-            "streamtrainer_prequential_mae",
-            "Exponentially weighted absolute error before learning (regression tasks).",
-            registry,
-        )
+        # Progressive validation: the counters and gauges of the worker's task (track_progressive).
+        self.prequential_records: Counter | None = None
+        self.prequential_loss_sum: Counter | None = None
+        self.prequential_correct: Counter | None = None
+        self.prequential_absolute_error_sum: Counter | None = None
+        self.prequential_squared_error_sum: Counter | None = None
+        self.prequential_label_sum: Counter | None = None
+        self.prequential_label_squared_sum: Counter | None = None
+        self.prequential_gauges: ProgressiveCollector | None = None
         self.throughput = Gauge(
             "streamtrainer_throughput_records_per_second",
             "Records trained per second over the last few seconds.",
@@ -225,6 +234,11 @@ class WorkerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.drift_detections = Counter(
+            "streamtrainer_drift_detections",
+            "Drifts detected on the prequential loss (Page-Hinkley, --drift-detector).",
+            registry=registry,
+        )
         self.compaction_duration = Histogram(
             "streamtrainer_compaction_duration_seconds",
             "Time to build a compaction's dataset and train its epochs.",
@@ -253,3 +267,155 @@ class WorkerMetrics:
             registry=registry,
         )
         self.info = Info("streamtrainer_worker", "Worker configuration.", registry=registry)
+
+    def track_progressive(self, task: str, window: int, read: Callable[[], ProgressiveSnapshot]) -> None:
+        """Export the progressive metrics of a ``task`` worker: counters, and gauges ``read`` when scraped."""
+        registry = self.registry
+        self.prequential_records = Counter(
+            "streamtrainer_prequential_records",
+            "Records measured before the model learned from them (progressive validation).",
+            registry=registry,
+        )
+        self.prequential_loss_sum = Counter(
+            "streamtrainer_prequential_loss_sum",
+            "Sum of the per-record losses measured before learning (the log loss for classification): "
+            "a window's mean loss is its increase over that of streamtrainer_prequential_records_total.",
+            registry=registry,
+        )
+        if task == "regression":
+            self.prequential_absolute_error_sum = Counter(
+                "streamtrainer_prequential_absolute_error_sum",
+                "Sum of |prediction - label| measured before learning (a window's MAE over records_total).",
+                registry=registry,
+            )
+            self.prequential_squared_error_sum = Counter(
+                "streamtrainer_prequential_squared_error_sum",
+                "Sum of (prediction - label)^2 measured before learning (a window's RMSE and R2).",
+                registry=registry,
+            )
+            self.prequential_label_sum = Counter(
+                "streamtrainer_prequential_label_sum",
+                "Sum of the measured labels' magnitudes by sign (a counter cannot go down): the labels' "
+                'sum over a window is the increase of sign="positive" minus that of sign="negative".',
+                ["sign"],
+                registry=registry,
+            )
+            self.prequential_label_squared_sum = Counter(
+                "streamtrainer_prequential_label_squared_sum",
+                "Sum of the measured labels squared (with the label sum: a window's R2).",
+                registry=registry,
+            )
+        else:
+            self.prequential_correct = Counter(
+                "streamtrainer_prequential_correct",
+                "Records whose class was predicted right before learning (a window's accuracy over "
+                "records_total).",
+                registry=registry,
+            )
+        self.prequential_gauges = ProgressiveCollector(task, window, read)
+        registry.register(self.prequential_gauges)
+
+    def count_progressive(self, sums: ProgressiveSums) -> None:
+        """Add one measured batch to the progressive counters (after :meth:`track_progressive`)."""
+        if self.prequential_records is None or self.prequential_loss_sum is None or not sums.records:
+            return
+        self.prequential_records.inc(sums.records)
+        # Every loss a user trains with is >= 0; the test-only audit loss (-w.x) is not: a counter
+        # cannot go down, so such a sum is left out rather than crash the worker.
+        if sums.loss_sum >= 0:
+            self.prequential_loss_sum.inc(sums.loss_sum)
+        if self.prequential_correct is not None:
+            self.prequential_correct.inc(sums.correct)
+        if self.prequential_absolute_error_sum is not None:
+            self.prequential_absolute_error_sum.inc(sums.absolute_error_sum)
+        if self.prequential_squared_error_sum is not None:
+            self.prequential_squared_error_sum.inc(sums.squared_error_sum)
+        if self.prequential_label_sum is not None:
+            self.prequential_label_sum.labels("positive").inc(sums.label_sum_positive)
+            self.prequential_label_sum.labels("negative").inc(sums.label_sum_negative)
+        if self.prequential_label_squared_sum is not None:
+            self.prequential_label_squared_sum.inc(sums.label_squared_sum)
+
+
+class ProgressiveSums(Protocol):
+    """One measured batch's increments (``streamtrainer.training.progressive.BatchSums``)."""
+
+    @property
+    def records(self) -> int: ...
+    @property
+    def loss_sum(self) -> float: ...
+    @property
+    def correct(self) -> int: ...
+    @property
+    def absolute_error_sum(self) -> float: ...
+    @property
+    def squared_error_sum(self) -> float: ...
+    @property
+    def label_sum_positive(self) -> float: ...
+    @property
+    def label_sum_negative(self) -> float: ...
+    @property
+    def label_squared_sum(self) -> float: ...
+
+
+class ProgressiveSnapshot(Protocol):
+    """The figures the gauges show (``streamtrainer.training.progressive.ProgressiveReport``)."""
+
+    @property
+    def run(self) -> Mapping[str, float]: ...
+    @property
+    def window(self) -> Mapping[str, float]: ...
+
+
+# Label values of the progressive gauges (scope) and of the label-sum counter (sign).
+PROGRESSIVE_SCOPES = ("run", "window")
+LABEL_SIGNS = ("positive", "negative")
+# The gauge of each progressive metric, and what it is.
+PROGRESSIVE_GAUGES = {
+    "loss": "mean per-record loss (the log loss for classification)",
+    "accuracy": "accuracy (classification)",
+    "roc_auc": "ROC AUC (binary; the run's from a histogram, within 0.005)",
+    "macro_f1": "macro F1 over the classes seen as labels (multi-class)",
+    "mae": "mean absolute error (regression)",
+    "rmse": "root mean squared error (regression)",
+    "r2": "coefficient of determination R2 (regression)",
+}
+
+
+class ProgressiveCollector(Collector):
+    """``streamtrainer_prequential_<metric>{scope="run"|"window"}``, read at scrape time.
+
+    Only the metrics ``read`` returns (those of the worker's task) are exported, and a value
+    only once it is defined (not NaN): an idle worker exports none of them.
+    """
+
+    def __init__(self, task: str, window: int, read: Callable[[], ProgressiveSnapshot]) -> None:
+        self.task = task
+        self.window = window
+        self._read = read
+
+    def _family(self, name: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"streamtrainer_prequential_{name}",
+            f"Progressive validation (each record scored before learning from it): "
+            f'{PROGRESSIVE_GAUGES[name]}; scope="run": every record since the model started, '
+            f'scope="window": the last {self.window:,} records.',
+            labels=["scope"],
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The families this collector may export (for the registry's duplicate check)."""
+        for name in PROGRESSIVE_GAUGES:
+            yield self._family(name)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The defined values of the worker's metrics, both scopes."""
+        snapshot = self._read()
+        for name in PROGRESSIVE_GAUGES:
+            family = self._family(name)
+            for scope, values in zip(PROGRESSIVE_SCOPES, (snapshot.run, snapshot.window), strict=True):
+                value = values.get(name)
+                if value is not None and not math.isnan(value):
+                    family.add_metric([scope], value)
+            if family.samples:
+                yield family

@@ -1,6 +1,14 @@
-"""Models, online learning and prequential evaluation. Knows nothing of Kafka."""
+"""Models, online learning and progressive (prequential) evaluation. Knows nothing of Kafka."""
 
 from streamtrainer.training.learner import LearnerConfig, OnlineLearner, PendingSteps, StepResult
-from streamtrainer.training.prequential import PrequentialMetrics
+from streamtrainer.training.progressive import BatchSums, ProgressiveMetrics, ProgressiveReport
 
-__all__ = ["LearnerConfig", "OnlineLearner", "PendingSteps", "PrequentialMetrics", "StepResult"]
+__all__ = [
+    "BatchSums",
+    "LearnerConfig",
+    "OnlineLearner",
+    "PendingSteps",
+    "ProgressiveMetrics",
+    "ProgressiveReport",
+    "StepResult",
+]

@@ -74,7 +74,7 @@ from torch.nn import functional as F  # noqa: N812 - the conventional name
 from streamtrainer.training import guards, kernels
 from streamtrainer.training.exceptions import ModelSpecError, TrainingError
 from streamtrainer.training.models import build_model, n_outputs_for
-from streamtrainer.training.scaler import RunningStandardizer
+from streamtrainer.training.scaler import RunningStandardizer, TargetStandardizer
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,15 @@ class LearnerConfig:
     model: str = "linear"
     task: str = "regression"
     loss: str = "auto"
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    hidden: int = 64
+    # The worker's defaults (settings.DEFAULT_OPTIMIZER/DEFAULT_LR; why: see there).
+    optimizer: str = "adagrad"
+    lr: float = 0.1
+    hidden: int = 128
     n_classes: int | None = None
     standardize: bool = True
+    # Regression: learn the label standardized online (TargetStandardizer); predictions and losses
+    # are reported in the label's units all the same.
+    standardize_target: bool = True
     seed: int = 0
     device: str = "cpu"
     # Strict and micro-batch learning through the compiled loops when they fit (False: autograd).
@@ -123,7 +127,13 @@ class LearnerConfig:
             "hidden": self.hidden,
             "n_classes": self.n_classes,
             "standardize": self.standardize,
+            "standardize_target": self.standardize_target,
         }
+
+    @property
+    def scales_target(self) -> bool:
+        """Whether the label is standardized: a regression on mse or l1 (not the audit loss)."""
+        return self.standardize_target and self.task == "regression" and self.resolved_loss in ("mse", "l1")
 
 
 # Why a guard refused a record (``StepResult.skipped_reasons``): its loss, or its step's gradient or
@@ -137,6 +147,9 @@ SKIP_REASONS = (SKIP_NON_FINITE, SKIP_SPIKE)
 # A refused spike counts against the model only if its loss on the reference model is under its
 # threshold / this (see OnlineLearner.failing_on).
 _JUDGE_MARGIN = 4.0
+# ... and if its features' norm and its gradient there are under this multiple of the typical
+# record's of the same call (see failing_on).
+_JUDGE_OUTLIER_FACTOR = 1000.0
 
 _NO_POSITIONS: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
 _NO_POSITIONS.flags.writeable = False
@@ -214,6 +227,7 @@ class OnlineLearner:
         ).to(self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.scaler = RunningStandardizer(n_features) if config.standardize else None
+        self.target_scaler = TargetStandardizer() if config.scales_target else None
         self.updates = 0
         self._loss_name = loss
         self._dtype = next(self.model.parameters()).dtype
@@ -268,12 +282,15 @@ class OnlineLearner:
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
         fused = self._fused_ready(n, labels)
+        absent: npt.NDArray[np.bool_] | None = None  # rows left out of the running statistics
         if self.scaler is not None:
             # A finite sum means every value is finite (NaN and inf propagate): one fast pass for the
             # common case; the row by row check only when the sum is not (overflow included).
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, or overflow: checked below
                 total = features.sum()
             rows = None if np.isfinite(total) else np.isfinite(features).all(axis=1)
+            if rows is not None and not rows.all():
+                absent = np.logical_not(rows)
             if rows is None or rows.all():
                 features = self._standardize_learn(features, fused)
             else:
@@ -282,7 +299,17 @@ class OnlineLearner:
                 scaled = np.full(features.shape, np.nan, dtype=np.float32)
                 scaled[rows] = self._standardize_learn(features[rows], fused)
                 features = scaled
-        return self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=True)
+        units = None
+        if self.target_scaler is not None:
+            # A row with a non-finite feature is not learned from: its label stays out of the
+            # statistics too, as if the record were absent.
+            counted = labels if absent is None else np.where(absent, np.float32(np.nan), labels)
+            targets, prior_mean, prior_std = self.target_scaler.learn_transform(counted)
+            units = _LabelUnits(labels, prior_mean, prior_std)
+            labels = targets
+        pending = self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=True)
+        pending.units = units
+        return pending
 
     def _standardize_learn(self, features: npt.NDArray[np.float32], fused: bool) -> npt.NDArray[np.float32]:
         assert self.scaler is not None
@@ -357,7 +384,9 @@ class OnlineLearner:
         or, refused as a spike, its loss there is above a quarter of the threshold
         it exceeded (a record near the threshold on both models is no evidence
         against the model: rolling back for it would lower the learning rate for
-        nothing). A record that passes failed only because of the model.
+        nothing), or its features' norm or its gradient there is over 1,000
+        times the median of the call's other records (absurd values that a model
+        starting from zero still predicts finitely). A record that passes failed only because of the model.
         """
         positions = skips.positions
         if positions.shape[0] == 0:
@@ -379,7 +408,55 @@ class OnlineLearner:
         if not self._gradient_finite(reference, x[rows], y[rows]):
             for j in passing.tolist():
                 fails[j] = not self._gradient_finite(reference, x[j : j + 1], y[j : j + 1])
+        passing = np.flatnonzero(~fails)
+        if passing.shape[0] == 0:
+            return fails
+        # A model that starts at zero predicts 0 for any record, so a record of absurd values (1e30)
+        # has a finite loss there (zero, if its label is 0): what gives it away is its features, or
+        # its gradient there, _JUDGE_OUTLIER_FACTOR times the typical record's of the same call. A
+        # diverging model's refusals are ordinary records: like the others on both counts.
+        rows = torch.from_numpy(passing).to(x.device)
+        sample = self._typical_sample(steps, skips)
+        if sample.shape[0]:
+            features = np.nan_to_num(steps.features.astype(np.float64), nan=np.inf, posinf=np.inf)
+            sizes = np.linalg.norm(features[positions[passing]], axis=1)
+            typical_size = float(np.median(np.linalg.norm(features[sample], axis=1)))
+            norms = self._gradient_norms(reference, x[rows], y[rows])
+            typical_norm = self._typical_gradient_norm(reference, steps, sample)
+            with np.errstate(invalid="ignore", over="ignore"):
+                fails[passing] |= ~(sizes <= _JUDGE_OUTLIER_FACTOR * max(typical_size, 1e-12))
+                fails[passing] |= ~(norms <= _JUDGE_OUTLIER_FACTOR * max(typical_norm, 1e-12))
         return fails
+
+    @staticmethod
+    def _typical_sample(steps: PendingSteps, skips: Skips) -> npt.NDArray[np.intp]:
+        """Up to 64 records of the call the guards did not refuse, spread over it."""
+        kept = np.setdiff1d(np.arange(steps.features.shape[0]), skips.positions)
+        if kept.shape[0] == 0:
+            return kept
+        return kept[np.linspace(0, kept.shape[0] - 1, min(64, kept.shape[0])).astype(np.intp)]
+
+    def _typical_gradient_norm(
+        self, reference: nn.Module, steps: PendingSteps, sample: npt.NDArray[np.intp]
+    ) -> float:
+        """The median gradient norm on ``reference`` of the ``sample`` records of the call."""
+        x = torch.from_numpy(np.ascontiguousarray(steps.features[sample])).to(self.device, self._dtype)
+        y = torch.from_numpy(np.ascontiguousarray(steps.labels[sample])).to(self.device, self._dtype)
+        norms = self._gradient_norms(reference, x, y)
+        finite = norms[np.isfinite(norms)]
+        return float(np.median(finite)) if finite.shape[0] else math.inf
+
+    def _gradient_norms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> npt.NDArray[np.float64]:
+        """Each record's gradient norm on ``model`` (record by record: only refused records and a sample)."""
+        norms = np.empty(x.shape[0], dtype=np.float64)
+        for j in range(x.shape[0]):
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                self._per_record_loss(model(x[j : j + 1]), y[j : j + 1]).sum().backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norms[j] = guards.grad_norm(grads) if grads else 0.0
+        model.zero_grad(set_to_none=True)
+        return norms
 
     def _gradient_finite(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
         model.zero_grad(set_to_none=True)
@@ -392,10 +469,12 @@ class OnlineLearner:
     def fit_rows(
         self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32], *, batch_size: int
     ) -> npt.NDArray[np.float64]:
-        """Mini-batch steps over rows already scaled by ``standardize``, in order (batch epochs).
+        """Mini-batch steps over rows already scaled by ``standardize`` (features) and
+        ``standardize_labels`` (labels), in order (batch epochs).
 
-        The scaler is not updated: it describes the stream, and records trained
-        again must not count twice. Returns each record's loss before its step.
+        The scalers are not updated: they describe the stream, and records trained
+        again must not count twice. Returns each record's loss before its step, in
+        the label's units.
         Built-in models on the CPU take the compiled loop, like ``learn_many``.
         The non-finite guard and clipping apply; the spike check, its running
         loss and the skip streak do not (they describe the stream). A non-finite
@@ -406,7 +485,14 @@ class OnlineLearner:
         fused = self._fused_ready(features.shape[0], labels)
         pending = self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=False)
         pending.run_here()
-        return pending.finish().losses
+        return pending.finish().losses * self._loss_unit()
+
+    def _loss_unit(self) -> float:
+        """What a loss on standardized labels is multiplied by to be in the label's units."""
+        if self.target_scaler is None:
+            return 1.0
+        std = self.target_scaler.std
+        return std * std if self._loss_name == "mse" else std
 
     def _start_steps(
         self,
@@ -458,6 +544,8 @@ class OnlineLearner:
             self._autograd_steps(
                 features[done:], labels[done:], batch_size=batch_size, stream=stream, out=out, offset=done
             )
+        if pending.units is not None:
+            out.losses, out.predictions = pending.units.to_label_units(out.predictions, self._loss_name)
         if out.skips is None:
             return StepResult(out.losses, out.predictions, out.nonfinite, out.spikes, self._rollback_needed)
         positions, reasons, thresholds = zip(*out.skips, strict=True)
@@ -690,7 +778,10 @@ class OnlineLearner:
             features = self.scaler.transform(features)
         self.model.eval()
         outputs = self.model(torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self._dtype))
-        return self._predictions(outputs).cpu().numpy().astype(np.float64)
+        predictions = self._predictions(outputs).cpu().numpy().astype(np.float64)
+        if self.target_scaler is not None:
+            return self.target_scaler.inverse(predictions)
+        return predictions
 
     def _fused_ready(self, n: int, labels: npt.NDArray[np.float32]) -> bool:
         """Whether this batch takes the compiled loop: a built-in model on the CPU, loop compiled.
@@ -735,19 +826,31 @@ class OnlineLearner:
         """Features as the model sees them, scaled by the running statistics without updating them."""
         return self.scaler.transform(features) if self.scaler is not None else features
 
+    def standardize_labels(self, labels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Labels as the model learns them (standardized for a regression), statistics not updated."""
+        return self.target_scaler.transform(labels) if self.target_scaler is not None else labels
+
+    def learn_statistics(self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32]) -> None:
+        """Update the running statistics of features and labels from rows, without training (replay)."""
+        if self.scaler is not None:
+            self.scaler.learn_transform(features)
+        if self.target_scaler is not None:
+            self.target_scaler.learn_transform(labels)
+
     def as_tensors(
         self, features: npt.NDArray[np.float32], labels: npt.NDArray[np.float32]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardized features and labels on the learner's device and dtype."""
         x = torch.from_numpy(np.ascontiguousarray(self.standardize(features)))
-        y = torch.from_numpy(np.ascontiguousarray(labels))
+        y = torch.from_numpy(np.ascontiguousarray(self.standardize_labels(labels)))
         return x.to(self.device, self._dtype), y.to(self.device, self._dtype)
 
     @torch.no_grad()
     def batch_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-record losses on prepared tensors, without learning (for held-out evaluation)."""
+        """Per-record losses on ``as_tensors``' tensors, without learning, in the label's units (held-out
+        evaluation)."""
         self.model.eval()
-        return self._per_record_loss(self.model(x), y)
+        return self._per_record_loss(self.model(x), y) * self._loss_unit()
 
     @contextlib.contextmanager
     def on_device(self, device: str | torch.device) -> Iterator[None]:
@@ -905,6 +1008,9 @@ class OnlineLearner:
         if self.scaler is not None:
             for key, value in self.scaler.state_dict().items():
                 tensors[f"scaler.{key}"] = torch.from_numpy(value.copy())
+        if self.target_scaler is not None:
+            for key, value in self.target_scaler.state_dict().items():
+                tensors[f"target_scaler.{key}"] = torch.from_numpy(value.copy())
         metadata: dict[str, object] = {
             "n_features": self.n_features,
             "learner": self.config.digest_fields(),
@@ -954,6 +1060,10 @@ class OnlineLearner:
             self.scaler.load_state_dict(
                 {k.removeprefix("scaler."): v.numpy() for k, v in tensors.items() if k.startswith("scaler.")}
             )
+        if self.target_scaler is not None:
+            self.target_scaler.load_state_dict(
+                {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("target_scaler.")}
+            )
         updates = metadata.get("updates", 0)
         self.updates = updates if isinstance(updates, int) else 0
         self._pending = None  # steps started before are forgotten: the state is the checkpoint's
@@ -972,7 +1082,7 @@ class OnlineLearner:
 class PendingSteps:
     """One ``learn_many`` call between :meth:`OnlineLearner.start_learn_many` and :meth:`finish`."""
 
-    __slots__ = ("_learner", "batch_size", "call", "features", "labels", "stream")
+    __slots__ = ("_learner", "batch_size", "call", "features", "labels", "stream", "units")
 
     def __init__(
         self,
@@ -987,6 +1097,9 @@ class PendingSteps:
         self._learner = learner
         self.features, self.labels, self.batch_size = features, labels, batch_size
         self.stream, self.call = stream, call  # call: the compiled loop's first run (None: autograd)
+        # The labels as given and the statistics each prediction is read with, when the learner
+        # standardizes them (``labels`` are then the targets the model learns).
+        self.units: _LabelUnits | None = None
 
     def compute(self) -> None:
         """The compiled loop over the whole batch: one call that releases the GIL (any one thread)."""
@@ -1027,6 +1140,29 @@ class _Outcome:
         if self.skips is None:
             self.skips = []
         self.skips.append((position, reason, threshold))
+
+
+@dataclass(frozen=True, slots=True)
+class _LabelUnits:
+    """A call's labels as given, and the statistics its predictions are read back with."""
+
+    labels: npt.NDArray[np.float32]
+    prior_mean: npt.NDArray[np.float64]
+    prior_std: npt.NDArray[np.float64]
+
+    def to_label_units(
+        self, predictions: npt.NDArray[np.float64], loss: str
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Losses and predictions in the label's units from the model's standardized predictions.
+
+        Each prediction is read with the statistics from before its record; its loss
+        is then measured against the label as given (NaN stays NaN: a skipped
+        non-finite record).
+        """
+        values = self.prior_mean + self.prior_std * predictions
+        errors = values - self.labels.astype(np.float64)
+        losses = errors * errors if loss == "mse" else np.abs(errors)
+        return losses, values
 
 
 def _lr_backoff_scale(metadata: Mapping[str, object], lr: float) -> float:

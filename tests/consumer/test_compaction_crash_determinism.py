@@ -80,6 +80,10 @@ def test_a_run_killed_again_and_again_ends_with_the_uninterrupted_model(
     options = [
         "--model",
         "mlp",
+        "--task",
+        "regression",
+        "--compaction-epochs",
+        "3",  # the linear models' count: fewer steps through autograd in each short life
         "--seed",
         "3",
         # Every step through autograd. With the compiled loop each life's first batches still go

@@ -22,6 +22,10 @@ MEASUREMENTS = (
     "streamtrainer_prequential_loss",
     "streamtrainer_prequential_accuracy",
     "streamtrainer_prequential_mae",
+    "streamtrainer_prequential_roc_auc",
+    "streamtrainer_prequential_macro_f1",
+    "streamtrainer_prequential_rmse",
+    "streamtrainer_prequential_r2",
     "streamtrainer_last_trained_timestamp_seconds",
     "streamtrainer_last_checkpoint_timestamp_seconds",
     "streamtrainer_learning_rate",
@@ -50,13 +54,10 @@ def test_a_fresh_worker_exports_no_measurement_until_it_has_one() -> None:
         assert registry.get_sample_value(name) is None, name  # absent, not a made-up 0
     assert registry.get_sample_value("streamtrainer_records_trained_total") is None  # labelled
     assert registry.get_sample_value("streamtrainer_model_updates_total") == 0  # a real zero
-    metrics.prequential_loss.set(0.0)
-    metrics.prequential_accuracy.set(0.5)
-    assert registry.get_sample_value("streamtrainer_prequential_loss") == 0.0  # a real zero now
-    assert registry.get_sample_value("streamtrainer_prequential_accuracy") == 0.5
-    assert registry.get_sample_value("streamtrainer_prequential_mae") is None
-    metrics.prequential_accuracy.set(0.75)  # set again: the same series, not registered twice
-    assert registry.get_sample_value("streamtrainer_prequential_accuracy") == 0.75
+    metrics.learning_rate.set(0.0)
+    assert registry.get_sample_value("streamtrainer_learning_rate") == 0.0  # a real zero now
+    metrics.learning_rate.set(0.75)  # set again: the same series, not registered twice
+    assert registry.get_sample_value("streamtrainer_learning_rate") == 0.75
 
 
 def test_the_server_answers_its_paths_and_404_elsewhere() -> None:
@@ -150,14 +151,26 @@ def test_a_running_worker_is_alive_ready_and_exports_only_its_tasks_measurements
             time.sleep(0.1)
         assert worker.records_trained == 1000
         names = _names(_get(f"{base}/metrics")[1])
-        # A classifier: loss and accuracy, never an MAE; no checkpoint yet, so no checkpoint time.
+        # A binary classifier: loss, accuracy and ROC AUC (whole run and window) and their counters,
+        # never an MAE nor an error sum; no checkpoint yet, so no checkpoint time.
         assert {
             "streamtrainer_prequential_loss",
             "streamtrainer_prequential_accuracy",
+            "streamtrainer_prequential_roc_auc",
+            "streamtrainer_prequential_records_total",
+            "streamtrainer_prequential_correct_total",
             "streamtrainer_last_trained_timestamp_seconds",
             "streamtrainer_learning_rate",
         } <= names
-        assert "streamtrainer_prequential_mae" not in names
+        assert not names & {
+            "streamtrainer_prequential_mae",
+            "streamtrainer_prequential_macro_f1",
+            "streamtrainer_prequential_absolute_error_sum_total",
+        }
+        records = worker.registry.get_sample_value("streamtrainer_prequential_records_total")
+        assert records == 1000
+        for scope in ("run", "window"):
+            assert worker.registry.get_sample_value("streamtrainer_prequential_accuracy", {"scope": scope})
         assert "streamtrainer_last_checkpoint_timestamp_seconds" not in names
         assert _get(f"{base}/ready")[0] == 200
     finally:

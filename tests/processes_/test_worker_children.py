@@ -42,6 +42,8 @@ def test_worker_kill_leaves_no_compiler_running(
         tmp_path / "worker.log",
         "--model",
         "mlp",
+        "--task",
+        "regression",
         "--optimizer",
         "adam",
         # An empty cache: the compiler child works for seconds (6 s here for mlp + adam).

@@ -21,7 +21,17 @@ def _compiled() -> None:
 
 
 def _learner(fused: bool, **overrides: object) -> OnlineLearner:
-    config = LearnerConfig(**{"model": "linear", "lr": 0.1, "fused": fused, **overrides})  # type: ignore[arg-type]
+    # Raw labels: a standardized label (the default) does not diverge at lr 0.1 (tests/training/
+    # test_target_standardization.py); the guard is for what still does (a too large step, bad data).
+    values = {
+        "model": "linear",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "fused": fused,
+        "standardize_target": False,
+        **overrides,
+    }
+    config = LearnerConfig(**values)  # type: ignore[arg-type]
     learner = OnlineLearner(config, D)
     if fused:
         assert kernels.wait_until_ready(learner.model, learner.optimizer, loss="mse", task="regression")
@@ -98,3 +108,21 @@ def test_the_bound_can_be_turned_off() -> None:
     learner = _learner(False, lr=0.01, standardize=False, divergence_factor=None)
     result = learner.learn_many(x[:201], y[:201])
     assert result.skipped_spike == 0  # learned from, as before the bound existed
+
+
+@PATHS
+def test_absurd_records_are_their_own_fault_even_on_a_model_that_starts_at_zero(fused: bool) -> None:
+    # A zero model predicts 0 for anything: a record of 1e30s has a finite loss there, and a zero one
+    # if its label is 0. Its features, and its gradient, are a thousand times the call's others'.
+    x, y = _tame(300)
+    x[[40, 90, 200]] = 1e30
+    y[[40, 90]] = 0.0
+    y[200] = 7.0
+    learner = _learner(fused, lr=0.01, standardize=False)
+    pending = learner.start_learn_many(x, y)
+    pending.run_here()
+    result = pending.finish()
+    assert result.skipped.tolist() == [40, 90, 200]
+    reference = learner.reference_model(None)
+    assert all(not p.any() for p in reference.parameters())
+    assert learner.failing_on(reference, pending, result.skips).all()

@@ -9,6 +9,7 @@ The epochs go through the learner's public batch API, so they use its model,
 optimizer and loss exactly as online learning does: ``standardize`` scales the
 features with the running statistics *without updating them* (the scaler
 describes the stream, and replaying old records must not count them twice);
+``standardize_labels`` does the same for a regression's labels;
 ``fit_rows`` takes the mini-batch steps, through the compiled loop for the
 built-in models on the CPU (a compaction then costs about as much as reading
 its records). With ``device`` they run elsewhere (e.g. ``cuda``, through
@@ -97,7 +98,7 @@ def train_epochs(
     # amortised, and the caller still gets control every few milliseconds.
     chunk = batch_size * max(1, _CHUNK_ROWS // batch_size)
     x = np.ascontiguousarray(learner.standardize(data.features), dtype=np.float32)
-    y = np.ascontiguousarray(data.labels, dtype=np.float32)
+    y = np.ascontiguousarray(learner.standardize_labels(data.labels), dtype=np.float32)
     with learner.on_device(target), _learning_rate(learner, lr):
         for epoch in range(epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()

@@ -14,17 +14,18 @@ notes the sequence number it has seen and ``reset`` marks only requests up to
 that one as served, so a request that arrives while a compaction runs is not
 lost: it makes the next poll compact again.
 
-A drift detector plugs in through :class:`CompactionRequester`: give it the
-trigger and let it call ``request("drift")`` when it fires, e.g.::
-
-    class PageHinkley:
-        def __init__(self, requester: CompactionRequester) -> None: ...
-        def update(self, losses: np.ndarray) -> None:
-            if self._statistic() > self.threshold:
-                self.requester.request("drift")
-
-The worker feeds it the pre-update losses of each batch; the compaction then
-replays the recent window, the records that best describe the new concept.
+A drift detector (``training/drift.py``) is fed the pre-update losses of each
+batch; when it fires, :meth:`CompactionTrigger.drift` makes the next compaction a
+``drift`` one. With ``drift_every_records=G`` it falls due at the next multiple of
+G records trained since the last compaction, not at the next poll: the worker's
+polls end at those points as they end at the ``every_records`` count, so where a
+drift compaction falls depends only on the records (a restarted worker compacts
+exactly where an uninterrupted one would; the count and the pending drift are in
+the checkpoint). A schedule that falls due first (``every_records`` below the
+grid, say) makes its compaction the drift one. The compaction then replays the
+records since the estimated change point, the ones that describe the new concept
+(``Compactor.run``).
+Without ``drift_every_records`` a drift is a plain request, served at the next poll.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 RECORDS: Final = "records"
 INTERVAL: Final = "interval"
 ON_DEMAND: Final = "on_demand"
+DRIFT: Final = "drift"
 
 
 class CompactionRequester(Protocol):
@@ -56,7 +58,8 @@ class CompactionTrigger:
     ``every_records``: after that many records trained since the last
     compaction. ``every_seconds``: that long after the last compaction (or the
     creation), but only once a record has been trained since — an idle stream
-    has nothing new to compact. Both None: only on request.
+    has nothing new to compact. Both None: only on request (or drift).
+    ``drift_every_records``: the grid a detected drift compacts on (see the module docstring).
     """
 
     def __init__(
@@ -65,9 +68,14 @@ class CompactionTrigger:
         every_records: int | None,
         every_seconds: float | None,
         clock: Callable[[], float] = time.monotonic,
+        drift_every_records: int | None = None,
     ) -> None:
         if every_records is not None and every_records < 1:
             raise CompactionError(f"every_records must be >= 1 or None, got {every_records}")
+        if drift_every_records is not None and drift_every_records < 1:
+            raise CompactionError(f"drift_every_records must be >= 1 or None, got {drift_every_records}")
+        self.drift_every_records = drift_every_records
+        self._drift_due_at: int | None = None  # count of records at which the pending drift compacts
         if every_seconds is not None and not every_seconds > 0:
             raise CompactionError(f"every_seconds must be > 0 or None, got {every_seconds}")
         self.every_records = every_records
@@ -85,19 +93,29 @@ class CompactionTrigger:
     def records_since_compaction(self) -> int:
         return self._records
 
-    def records_until_due(self) -> int | None:
-        """Records still to train before the record schedule falls due (None: there is none)."""
-        if self.every_records is None:
-            return None
-        return max(0, self.every_records - self._records)
+    @property
+    def drift_due_at(self) -> int | None:
+        """Records since the last compaction at which a pending drift compacts (None: none pending)."""
+        return self._drift_due_at
 
-    def restore(self, records_since_compaction: int) -> None:
+    def records_until_due(self) -> int | None:
+        """Records still to train before the record schedule (or the drift grid) falls due
+        (None: there is none)."""
+        until = None if self.every_records is None else max(0, self.every_records - self._records)
+        grid = self.drift_every_records
+        if grid is not None:
+            to_grid = grid - self._records % grid
+            until = to_grid if until is None else min(until, to_grid)
+        return until
+
+    def restore(self, records_since_compaction: int, *, drift_due_at: int | None = None) -> None:
         """Continue a checkpoint's count (a restart, a rollback): the next compaction falls on the
         same record as it would have without the interruption. The interval restarts from now."""
         if records_since_compaction < 0:
             raise CompactionError(f"records_since_compaction must be >= 0, got {records_since_compaction}")
         self._records = records_since_compaction
         self._since = self._clock()
+        self._drift_due_at = drift_due_at
 
     def observe(self, n_records: int) -> None:
         """Count records trained since the last compaction (worker thread only)."""
@@ -108,24 +126,40 @@ class CompactionTrigger:
         self._reason = reason
         self._requested = next(self._sequence)
 
+    def drift(self) -> None:
+        """A drift was detected in the records just counted by :meth:`observe` (call it after that,
+        worker thread only): compact when the count reaches the grid point that ends them (the worker's
+        polls never cross one, so that is the end of the batch or later), or at the next poll without
+        a grid."""
+        grid = self.drift_every_records
+        if grid is None:
+            self.request(DRIFT)
+        elif self._drift_due_at is None:
+            self._drift_due_at = max(grid, -(-self._records // grid) * grid)
+
     def due(self) -> str | None:
-        """The reason a compaction is due now, or None. A request wins over the schedules."""
+        """The reason a compaction is due now, or None. A request wins over a drift; a pending drift
+        makes a compaction that a schedule calls for a drift one (it replays the new concept)."""
         requested = self._requested
         if requested > self._served:
             self._seen = requested
             return self._reason
+        scheduled: str | None = None
         if self.every_records is not None and self._records >= self.every_records:
-            return RECORDS
-        if (
+            scheduled = RECORDS
+        elif (
             self.every_seconds is not None
             and self._records > 0
             and self._clock() - self._since >= self.every_seconds
         ):
-            return INTERVAL
-        return None
+            scheduled = INTERVAL
+        if self._drift_due_at is not None and (scheduled is not None or self._records >= self._drift_due_at):
+            return DRIFT
+        return scheduled
 
     def reset(self) -> None:
         """A compaction ran: restart both schedules; requests seen by the last ``due`` are served."""
         self._records = 0
         self._since = self._clock()
         self._served = max(self._served, self._seen)
+        self._drift_due_at = None
