@@ -75,10 +75,11 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
 from streamtrainer.consumer.compactor import Compactor
+from streamtrainer.consumer.worker import learner_config
 from streamtrainer.metrics import WorkerMetrics
 from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import LearnerConfig, OnlineLearner
+from streamtrainer.training import OnlineLearner
 from streamtrainer.training.drift import loss_drift_detector
 
 logger = logging.getLogger(__name__)
@@ -216,26 +217,7 @@ def _settings(directory: Path, stream: Stream, config: str, **overrides: object)
 
 def _learner(s: WorkerSettings, n_features: int) -> OnlineLearner:
     """As ``Worker._create_learner`` builds it."""
-    config = LearnerConfig(
-        model=s.model,
-        task=s.resolved_task,
-        loss=s.loss,
-        optimizer=s.optimizer,
-        lr=s.lr,
-        hidden=s.hidden,
-        n_classes=s.n_classes,
-        standardize=s.standardize,
-        standardize_target=s.standardize_target,
-        seed=s.seed,
-        device=s.device,
-        fused=s.fused,
-        clip_grad_norm=s.clip_grad_norm,
-        spike_factor=s.spike_factor,
-        max_consecutive_skips=s.max_consecutive_skips,
-    )
-    learner = OnlineLearner(config, n_features)
-    learner.settle_path(timeout_s=180)  # the compiled loop from the first record on
-    return learner
+    return OnlineLearner(learner_config(s), n_features)
 
 
 @dataclass

@@ -40,6 +40,7 @@ import numpy.typing as npt
 from bench.quality.datasets import Dataset, Stream
 from bench.quality.metrics import Predictions
 from streamtrainer.consumer.worker import Worker
+from streamtrainer.consumer.worker import learner_config as worker_learner_config
 from streamtrainer.settings import WorkerSettings
 from streamtrainer.training import LearnerConfig, OnlineLearner
 from streamtrainer.training.threads import set_intra_op_threads
@@ -95,17 +96,9 @@ def worker_settings(
 def learner_config(settings: WorkerSettings, overrides: Overrides | None = None) -> LearnerConfig:
     """The ``LearnerConfig`` the worker builds from ``settings``, then any overrides that are config-only.
 
-    Every config field the settings hold (as ``resolved_<name>`` or ``<name>``) is taken from them;
-    the rest keep the config's defaults, as in the worker.
+    The worker's own construction (``streamtrainer.consumer.worker.learner_config``).
     """
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(LearnerConfig):
-        resolved = f"resolved_{field.name}"
-        if hasattr(type(settings), resolved):
-            values[field.name] = getattr(settings, resolved)
-        elif field.name in WorkerSettings.model_fields:
-            values[field.name] = getattr(settings, field.name)
-    config = LearnerConfig(**values)
+    config = worker_learner_config(settings)
     overrides = overrides or {}
     names = {f.name for f in dataclasses.fields(LearnerConfig)}
     extra: dict[str, Any] = {

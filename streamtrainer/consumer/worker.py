@@ -113,6 +113,27 @@ _MIN_POLL = 100
 _PROGRESSIVE_PREFIX = "progressive."
 
 
+def learner_config(s: WorkerSettings) -> LearnerConfig:
+    """The learner a worker on these settings trains (one place: the worker and the benches)."""
+    return LearnerConfig(
+        model=s.model,
+        task=s.resolved_task,
+        loss=s.loss,
+        optimizer=s.optimizer,
+        lr=s.lr,
+        hidden=s.hidden,
+        n_classes=s.n_classes,
+        standardize=s.standardize,
+        standardize_target=s.standardize_target,
+        seed=s.seed,
+        device=s.device,
+        fused=s.fused,
+        clip_grad_norm=s.clip_grad_norm,
+        spike_factor=s.spike_factor,
+        max_consecutive_skips=s.max_consecutive_skips,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
     """A snapshot for live views, run logs and the final summary."""
@@ -1138,23 +1159,7 @@ class Worker:
 
     def _create_learner(self, n_features: int) -> OnlineLearner:
         s = self.settings
-        config = LearnerConfig(
-            model=s.model,
-            task=s.resolved_task,
-            loss=s.loss,
-            optimizer=s.optimizer,
-            lr=s.lr,
-            hidden=s.hidden,
-            n_classes=s.n_classes,
-            standardize=s.standardize,
-            standardize_target=s.standardize_target,
-            seed=s.seed,
-            device=s.device,
-            fused=s.fused,
-            clip_grad_norm=s.clip_grad_norm,
-            spike_factor=s.spike_factor,
-            max_consecutive_skips=s.max_consecutive_skips,
-        )
+        config = learner_config(s)
         learner = OnlineLearner(config, n_features)
         logger.info(
             "model %s (%s, %d features, loss %s, %s lr=%g)",
