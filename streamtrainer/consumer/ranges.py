@@ -148,7 +148,8 @@ def resolve_ranges(
             )
         ranges.append(PartitionRange(partition, first, last))
     if all(r.end is not None and r.end == r.start for r in ranges):
-        raise RangeError(f"the range {start}..{end} of {topic!r} is empty: {describe_ranges(ranges)}")
+        timed = " (no record's timestamp is in that time)" if "time" in (start.kind, end.kind) else ""
+        raise RangeError(f"the range {start}..{end} of {topic!r} is empty: {describe_ranges(ranges)}{timed}")
     return ranges
 
 

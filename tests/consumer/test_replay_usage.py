@@ -215,3 +215,19 @@ def test_a_successful_replay_keeps_its_out(bootstrap: str, topic_factory, tmp_pa
     assert result.manifest_path.exists()
     assert model_tensors(tmp_path / "ok" / "run")
     assert CheckpointStore(tmp_path / "ok" / "run" / "checkpoints").load_latest() is not None
+
+
+def test_a_time_range_before_every_record_is_empty_and_says_so(
+    bootstrap: str, topic_factory, tmp_path: Path
+) -> None:
+    """A right answer is not refused: every record is newer than the range, on any broker."""
+    topic = topic_factory(partitions=1)
+    produce(bootstrap, topic, samples(50, seed=15))
+    with pytest.raises(RangeError) as caught:
+        replay(
+            bootstrap, tmp_path / "old", topic=topic, **{"from_": "2024-05-01T00:00:00Z", "to": "2024-05-02"}
+        )
+    message = str(caught.value)
+    assert "is empty" in message and "no record's timestamp is in that time" in message
+    assert "did not resolve" not in message
+    assert not (tmp_path / "old").exists()
