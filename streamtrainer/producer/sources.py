@@ -19,9 +19,10 @@ A CSV's features are every column but the label and the key, in the header's ord
 text column). :func:`check_csv_file` reads a CSV file as it would be published before anything
 connects, so that a text column among the features is reported before a topic is created: the
 whole file up to :data:`WHOLE_CHECK_BYTES` (a 98 MB file of 1M rows of 11 numbers took 5.0 s on a
-busy 2-core machine, where reading it as samples took 5.9 s), the first :data:`LARGE_FILE_CHECK_ROWS`
-rows of a larger one. Stdin and pipes cannot be read twice: a bad row stops the run before it is
-sent, with the rows before it published.
+busy 2-core machine, where reading it as samples took 5.9 s; of 200,000 such rows, 0.9 s checked
+against 2.2 s published), the first :data:`LARGE_FILE_CHECK_ROWS` rows of a larger one. Stdin
+and pipes cannot be read twice: a bad row stops the run before it is sent, with the rows before it
+published.
 """
 
 from __future__ import annotations
