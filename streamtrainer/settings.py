@@ -152,6 +152,14 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
     codec: Codec = Field(default="json", description="Wire format of the records.")
     label: str | None = Field(default=None, description="CSV: the label column.")
     key_column: str | None = Field(default=None, description="CSV: the column used as record key.")
+    features: list[str] | None = Field(
+        default=None,
+        description="CSV: the feature columns, in this order (default: every column but the label, the "
+        "key and --ignore-columns).",
+    )
+    ignore_columns: list[str] | None = Field(
+        default=None, description="CSV: columns that are not features (an id, a text column)."
+    )
     partitions: int | None = Field(
         default=None, ge=1, description="Create the topic with this many partitions if it is missing."
     )

@@ -287,3 +287,35 @@ def test_the_image_is_slim_cpu_only_and_not_root() -> None:
         if line.strip()[:1] not in {"", "#"}
     ]
     assert ignored[0] == "**" and "!streamtrainer/" in ignored  # nothing else in the build context
+
+
+def test_the_comments_name_only_settings_and_the_values_they_say() -> None:
+    """A comment that names a variable names a setting, and "the defaults, spelled out" are the
+    defaults of the worker's model (issue 20: a comment described values the file did not use)."""
+    text = COMPOSE_FILE.read_text()
+    accepted = {env_name(field) for command in COMMANDS.values() for field in command.model_fields}
+    commented = {
+        name
+        for line in text.splitlines()
+        if "#" in line
+        for name in re.findall(r"STREAMTRAINER_[A-Z_]+", line.split("#", 1)[1])
+    }
+    assert commented <= accepted | {"STREAMTRAINER_IMAGE"}, sorted(commented - accepted)
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "the defaults, spelled out" in line)
+    spelled: dict[str, str] = {}
+    for line in lines[start + 1 :]:
+        found = re.match(r"\s+(STREAMTRAINER_[A-Z_]+): \"?([^\"]*)\"?$", line)
+        if found is None:
+            if line.strip().startswith("#") and not spelled:
+                continue  # the rest of the comment
+            break
+        spelled[found.group(1)] = found.group(2)
+    assert spelled, "no variables under the comment"
+    model = yaml.safe_load(text)["services"]["worker"]["environment"][env_name("model")]
+    defaults = WorkerSettings(topic="t", model=model).model_dump()  # type: ignore[call-arg]
+    for variable, value in spelled.items():
+        field = variable.removeprefix(ENV_PREFIX).lower()
+        assert str(defaults[field]).lower() == value.lower(), (
+            f"{variable}: {value}, default {defaults[field]}"
+        )

@@ -148,7 +148,8 @@ def resolve_ranges(
             )
         ranges.append(PartitionRange(partition, first, last))
     if all(r.end is not None and r.end == r.start for r in ranges):
-        raise RangeError(f"the range {start}..{end} of {topic!r} is empty: {describe_ranges(ranges)}")
+        timed = " (no record's timestamp is in that time)" if "time" in (start.kind, end.kind) else ""
+        raise RangeError(f"the range {start}..{end} of {topic!r} is empty: {describe_ranges(ranges)}{timed}")
     return ranges
 
 
@@ -180,6 +181,37 @@ def _time_offset(
     offset = offset_for_time(partition, bound.timestamp_ms)
     # No record at or after that time: the range bound is the end of the log.
     return offset if offset >= 0 else high
+
+
+def check_time_answer(
+    bound: Bound, partition: int, topic: str, answer: int, records: Sequence[tuple[int, int | None]]
+) -> None:
+    """Raise :class:`RangeError` when the broker's answer to a time lookup contradicts the log.
+
+    ``answer`` is the offset the broker gave for ``bound``'s time, the first record at or after it
+    (negative: none); ``records`` are (offset, timestamp in ms or None) of records read around it: the
+    one before the answer and the answer's, or the last of the log when there was none. A broker that
+    cannot look up offsets by time (the embedded Tansu answers offset 0 for any time) would otherwise
+    turn a time range into the wrong records, or into an "empty" range without a reason.
+    """
+    target = bound.timestamp_ms
+    if target is None:
+        return
+    for offset, timestamp in records:
+        if timestamp is None or timestamp < 0:
+            continue  # no timestamp to judge by
+        # The answer's record must be at or after the time; one before it (or past "none"), before it.
+        answers = answer >= 0 and offset >= answer
+        if timestamp < target if answers else timestamp >= target:
+            when = datetime.fromtimestamp(timestamp / 1000, UTC).isoformat(timespec="milliseconds")
+            said = f"offset {answer}" if answer >= 0 else "no offset"
+            raise RangeError(
+                f"partition {partition} of {topic!r}: the broker did not resolve the timestamp {bound} "
+                f"(it answered {said}, but the record at offset {offset} is from {when}); it cannot look "
+                "up offsets by time (the embedded Tansu broker cannot): use offsets (P:O,...)"
+            )
+        if answers:
+            return  # the answer's own record: the ones after it are not the broker's claim
 
 
 def describe_ranges(ranges: Sequence[PartitionRange]) -> str:

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -48,7 +49,14 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import torch
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -66,6 +74,7 @@ from streamtrainer.consumer.ranges import (
     Bound,
     PartitionRange,
     RangeError,
+    check_time_answer,
     describe_ranges,
     parse_bound,
     resolve_ranges,
@@ -280,10 +289,30 @@ class RangeReader:
             watermarks[partition] = (int(low), int(high))
 
         def offset_for_time(partition: int, timestamp_ms: int) -> int:
-            found = self.consumer.offsets_for_times(
-                [TopicPartition(self.topic, partition, timestamp_ms)], timeout=timeout
-            )
-            return int(found[0].offset)
+            bound = start if start.timestamp_ms == timestamp_ms else end
+            try:
+                found = self.consumer.offsets_for_times(
+                    [TopicPartition(self.topic, partition, timestamp_ms)], timeout=timeout
+                )[0]
+            except KafkaException as error:
+                raise RangeError(
+                    f"partition {partition} of {self.topic!r}: the broker did not resolve the timestamp "
+                    f"{bound} ({error}); use offsets (P:O,...)"
+                ) from None
+            if found.error is not None:
+                raise RangeError(
+                    f"partition {partition} of {self.topic!r}: the broker did not resolve the timestamp "
+                    f"{bound} ({found.error.str()}); use offsets (P:O,...)"
+                )
+            answer = int(found.offset)
+            # Some brokers answer, wrongly: the records around the answer must agree with it.
+            low, high = watermarks[partition]
+            if answer >= 0:
+                around = self._timestamps(partition, max(low, answer - 1), 2 if answer > low else 1)
+            else:
+                around = self._timestamps(partition, high - 1, 1) if high > low else []
+            check_time_answer(bound, partition, self.topic, answer, around)
+            return answer
 
         return resolve_ranges(
             start,
@@ -293,6 +322,29 @@ class RangeReader:
             watermarks=watermarks,
             offset_for_time=offset_for_time,
         )
+
+    def _timestamps(self, partition: int, offset: int, count: int) -> list[tuple[int, int | None]]:
+        """(offset, timestamp in ms or None) of the first ``count`` records from ``offset`` on: fewer at
+        the end of the log, or when none came within the startup timeout."""
+        consumer = self.consumer
+        found: list[tuple[int, int | None]] = []
+        consumer.assign([TopicPartition(self.topic, partition, offset)])
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        try:
+            while len(found) < count and time.monotonic() < deadline:
+                message = consumer.poll(0.2)
+                if message is None:
+                    continue
+                if message.error() is not None:
+                    break  # the end of the log, or an offset outside it: nothing to judge by
+                kind, timestamp = message.timestamp()
+                found.append(
+                    (int(message.offset() or 0), None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp)
+                )
+        finally:
+            with contextlib.suppress(KafkaException):
+                consumer.unassign()
+        return found
 
     def settle_schema(self, ranges: Sequence[PartitionRange], decoder: BatchDecoder) -> None:
         """Fix ``decoder``'s schema from the range's first record in (partition, offset) order that decodes.
@@ -548,7 +600,25 @@ class _Collector:
 
 
 def run_replay(settings: ReplaySettings) -> ReplayResult:
-    """Read the range, train, write the checkpoint and the manifest (see the module docstring)."""
+    """Read the range, train, write the checkpoint and the manifest (see the module docstring).
+
+    A replay that fails leaves no ``--out`` behind that it created (nor the folders above it that it
+    created); an ``--out`` that existed before is left, without the replay's spilled records.
+    """
+    out = settings.out.absolute()
+    created = None  # the topmost folder this run creates for --out
+    while not out.exists() and out != out.parent:
+        created, out = out, out.parent
+    try:
+        return _run_replay(settings)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+            logger.debug("removed %s: the replay failed", created)
+        raise
+
+
+def _run_replay(settings: ReplaySettings) -> ReplayResult:
     started = time.monotonic()
     set_intra_op_threads(settings.torch_threads)
     if settings.device.startswith("cuda"):
@@ -843,7 +913,7 @@ def _learner_from_checkpoint(
         raise ReplayError(f"{where} has {n_features} features, not {plan.n_features}")
     learner = OnlineLearner(plan.learner_config(device), n_features)
     try:
-        learner.load_state(checkpoint.tensors, metadata)
+        learner.load_initial_state(checkpoint.tensors, metadata, where)
     except (TrainingError, RuntimeError, KeyError, ValueError) as error:
         raise ReplayError(f"{where} does not fit this model: {error}") from None
     names = metadata.get("feature_names")

@@ -1136,8 +1136,9 @@ class Worker:
         if not isinstance(n_features, int):
             raise CheckpointError(f"--init-from {directory}: checkpoint {checkpoint.version} holds no model")
         learner = self._create_learner(n_features)
+        where = f"--init-from {directory}: checkpoint {checkpoint.version}"
         try:
-            learner.load_state(checkpoint.tensors, checkpoint.metadata)
+            learner.load_initial_state(checkpoint.tensors, checkpoint.metadata, where)
         except TrainingError as error:
             raise CheckpointError(f"--init-from {directory}: {error}") from None
         self.learner = learner

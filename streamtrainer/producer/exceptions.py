@@ -23,6 +23,17 @@ class SourceSpecError(SourceError):
     exit_code = 2
 
 
+class SourceDataError(SourceError):
+    """The source cannot be published as asked, found before anything was produced: a file that
+    cannot be opened, a CSV header without a named column, a text column among the features of a CSV
+    file (read whole before connecting). A usage error too: the CLI exits 2 for it.
+
+    A bad row met while publishing (stdin, or past the part of a large file checked first) is a plain
+    :class:`SourceError`: the records before it were sent, and the run ends with exit 1."""
+
+    exit_code = 2
+
+
 class SyntheticSpecError(ProducerError, ValueError):
     """A :class:`SyntheticSpec` parameter is out of range.
 

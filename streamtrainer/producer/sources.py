@@ -13,6 +13,16 @@ Positions, which a run reports as the last one delivered and ``skip`` resumes af
 
 ``skip=N`` skips the first N of those without parsing them, so a source reopened with the last
 position a run delivered continues with the very next record.
+
+A CSV's features are every column but the label and the key, in the header's order, unless
+``features`` names them (in the order wanted) or ``ignore_columns`` leaves some out (an ``id``, a
+text column). :func:`check_csv_file` reads a CSV file as it would be published before anything
+connects, so that a text column among the features is reported before a topic is created: the
+whole file up to :data:`WHOLE_CHECK_BYTES` (a 98 MB file of 1M rows of 11 numbers took 5.0 s on a
+busy 2-core machine, where reading it as samples took 5.9 s; of 200,000 such rows, 0.9 s checked
+against 2.2 s published), the first :data:`LARGE_FILE_CHECK_ROWS` rows of a larger one. Stdin
+and pipes cannot be read twice: a bad row stops the run before it is sent, with the rows before it
+published.
 """
 
 from __future__ import annotations
@@ -22,15 +32,19 @@ import csv
 import itertools
 import logging
 import math
+import os
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO, Final, Self, TextIO, TypeGuard
 
 import numpy as np
 import orjson
 
-from streamtrainer.producer.exceptions import SourceError, SourceSpecError
+from streamtrainer.producer.exceptions import SourceDataError, SourceError, SourceSpecError
 from streamtrainer.producer.synthetic import SyntheticSpec, generate
 from streamtrainer.records.sample import Sample
 
@@ -41,6 +55,10 @@ STDIN_NAME: Final = "<stdin>"
 _SPEC_HELP: Final = "synthetic, csv:PATH, jsonl:PATH, or - (JSON lines on stdin); PATH may be - for stdin"
 _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 _MAX_SHOWN: Final = 40  # characters of a bad value quoted in an error message
+# A CSV file up to this size is read whole before anything connects; of a larger one, the first rows.
+WHOLE_CHECK_BYTES: Final = 256 * 1024 * 1024
+LARGE_FILE_CHECK_ROWS: Final = 100_000
+_TEXT_HINT: Final = " (a text column? leave it out with --ignore-columns, or choose --features)"
 
 
 class _Reader:
@@ -142,18 +160,31 @@ def open_source(
     count: int | None = None,
     stdin: TextIO | None = None,
     skip: int = 0,
+    features: Sequence[str] | None = None,
+    ignore_columns: Sequence[str] | None = None,
 ) -> SampleSource:
     """Open the source named by ``spec`` (see :data:`SPEC_FORMS`).
 
-    ``label`` (required) and ``key_column`` name CSV columns; ``synthetic`` is
+    ``label`` (required), ``key_column``, ``features`` and ``ignore_columns`` name CSV columns (see
+    the module doc); ``synthetic`` is
     the generator spec for ``synthetic`` (ignored otherwise); ``count`` caps the
     number of samples (None: all, which is forever for ``synthetic``);
     ``stdin`` replaces ``sys.stdin`` (it is never closed); ``skip`` skips the
     first positions (lines, rows after the header, records: see the module doc)
     unread, and reading fails if the source ends before them. Raises
-    :class:`SourceError` for a bad spec, a missing file or a bad CSV header.
+    :class:`SourceSpecError` for a bad spec, :class:`SourceDataError` for a file that cannot be
+    opened or a CSV header without a named column.
     """
-    check_spec(spec, label=label, key_column=key_column, count=count, skip=skip)
+    columns = _Columns(label, key_column, features, ignore_columns)
+    check_spec(
+        spec,
+        label=label,
+        key_column=key_column,
+        count=count,
+        skip=skip,
+        features=features,
+        ignore_columns=ignore_columns,
+    )
     kind, colon, path = spec.partition(":")
     is_csv = kind == "csv" and bool(colon)
     reader: _Reader
@@ -164,7 +195,7 @@ def open_source(
     elif is_csv or (kind == "jsonl" and colon):
         if not path:
             raise SourceError(f"source {spec!r} has no path; expected {kind}:PATH")
-        reader = _open_csv(path, label, key_column, stdin, skip) if is_csv else _open_jsonl(path, stdin, skip)
+        reader = _open_csv(path, columns, stdin, skip) if is_csv else _open_jsonl(path, stdin, skip)
     else:
         raise SourceError(f"unknown source {spec!r}; expected {_SPEC_HELP}")
     logger.debug("opened source %s", reader.name)
@@ -178,6 +209,8 @@ def check_spec(
     key_column: str | None = None,
     count: int | None = None,
     skip: int = 0,
+    features: Sequence[str] | None = None,
+    ignore_columns: Sequence[str] | None = None,
 ) -> None:
     """Raise :class:`SourceSpecError` for a spec that cannot work, reading nothing (so a command can
     check it before it connects); :func:`open_source` checks the same first."""
@@ -189,6 +222,11 @@ def check_spec(
     is_csv = kind == "csv" and bool(colon)
     if not is_csv and (label is not None or key_column is not None):
         raise SourceSpecError(f"label and key_column name CSV columns; source {spec!r} is not csv:PATH")
+    if not is_csv and (features or ignore_columns):
+        raise SourceSpecError(
+            f"features and ignore_columns name CSV columns; source {spec!r} is not csv:PATH"
+        )
+    _check_column_choice(label, key_column, features, ignore_columns)
     if spec in ("synthetic", "-"):
         return
     if not (is_csv or (kind == "jsonl" and colon)):
@@ -200,6 +238,101 @@ def check_spec(
         raise SourceSpecError(f"{name}: a CSV source needs the name of its label column (label=...)")
 
 
+def _check_column_choice(
+    label: str | None,
+    key_column: str | None,
+    features: Sequence[str] | None,
+    ignore_columns: Sequence[str] | None,
+) -> None:
+    """The CSV column options agree with each other (the header is not read here)."""
+    if features and ignore_columns:
+        raise SourceSpecError(
+            "give either features (the feature columns) or ignore_columns (the columns left out), not both"
+        )
+    if features:
+        duplicates = sorted({name for name in features if list(features).count(name) > 1})
+        if duplicates:
+            raise SourceSpecError(f"features names {duplicates} more than once")
+        for name, role in ((label, "label"), (key_column, "key")):
+            if name is not None and name in features:
+                raise SourceSpecError(f"column {name!r} is the {role} column; it cannot be a feature too")
+    if ignore_columns and label is not None and label in ignore_columns:
+        raise SourceSpecError(f"column {label!r} is the label column; it cannot be ignored")
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The CSV column options, as given."""
+
+    label: str | None
+    key_column: str | None
+    features: Sequence[str] | None
+    ignore_columns: Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class CsvCheck:
+    """What :func:`check_csv_file` read: ``rows`` samples (non-blank rows after ``skip``), the whole
+    of what a run would publish or only its first rows (``whole``), in ``seconds``."""
+
+    rows: int
+    whole: bool
+    seconds: float
+
+
+def check_csv_file(
+    spec: str,
+    *,
+    label: str | None,
+    key_column: str | None = None,
+    features: Sequence[str] | None = None,
+    ignore_columns: Sequence[str] | None = None,
+    count: int | None = None,
+    skip: int = 0,
+) -> CsvCheck | None:
+    """Read a CSV file source as a run would publish it (after ``skip``, at most ``count`` rows) and
+    raise :class:`SourceDataError` for its first problem: a header without a named column, a row
+    whose width differs from the header's, a feature or label that is not a finite float32 number.
+
+    The whole file is read when it is at most :data:`WHOLE_CHECK_BYTES`, its first
+    :data:`LARGE_FILE_CHECK_ROWS` rows otherwise. None, reading nothing, when the source is not a
+    CSV file that can be read twice (synthetic, JSON lines, stdin, a pipe).
+    """
+    check_spec(
+        spec,
+        label=label,
+        key_column=key_column,
+        count=count,
+        skip=skip,
+        features=features,
+        ignore_columns=ignore_columns,
+    )
+    kind, _, path = spec.partition(":")
+    if kind != "csv" or path == "-":
+        return None
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise SourceDataError(f"{path}: cannot open: {error.strerror or error}") from None
+    if not stat.S_ISREG(status.st_mode):
+        return None  # a FIFO, a device: what is read now would not be there for the run
+    whole = status.st_size <= WHOLE_CHECK_BYTES
+    limit = (
+        count if whole else min(LARGE_FILE_CHECK_ROWS, count if count is not None else LARGE_FILE_CHECK_ROWS)
+    )
+    started = time.monotonic()
+    reader = _open_csv(path, _Columns(label, key_column, features, ignore_columns), None, skip)
+    try:
+        rows = reader.check(limit)
+    except SourceDataError:
+        raise
+    except SourceError as error:
+        raise SourceDataError(str(error)) from None
+    finally:
+        reader.close()
+    return CsvCheck(rows, whole or (limit is not None and rows < limit), time.monotonic() - started)
+
+
 def _stdin(stdin: TextIO | None) -> TextIO:
     return stdin if stdin is not None else sys.stdin
 
@@ -209,27 +342,25 @@ def _open_text(path: str) -> TextIO:
         # newline="" as the csv module requires; utf-8-sig drops a spreadsheet's BOM.
         return open(path, encoding="utf-8-sig", newline="")
     except OSError as error:
-        raise SourceError(f"{path}: cannot open: {error.strerror or error}") from None
+        raise SourceDataError(f"{path}: cannot open: {error.strerror or error}") from None
 
 
 def _open_binary(path: str) -> BinaryIO:
     try:
         return open(path, "rb")
     except OSError as error:
-        raise SourceError(f"{path}: cannot open: {error.strerror or error}") from None
+        raise SourceDataError(f"{path}: cannot open: {error.strerror or error}") from None
 
 
-def _open_csv(
-    path: str, label: str | None, key_column: str | None, stdin: TextIO | None, skip: int
-) -> _CsvReader:
+def _open_csv(path: str, columns: _Columns, stdin: TextIO | None, skip: int) -> _CsvReader:
     name = STDIN_NAME if path == "-" else path
-    if label is None:
+    if columns.label is None:
         raise SourceError(f"{name}: a CSV source needs the name of its label column (label=...)")
     if path == "-":
-        return _CsvReader(_stdin(stdin), name, label=label, key_column=key_column, owned=False, skip=skip)
+        return _CsvReader(_stdin(stdin), name, columns, owned=False, skip=skip)
     stream = _open_text(path)
     try:
-        return _CsvReader(stream, name, label=label, key_column=key_column, owned=True, skip=skip)
+        return _CsvReader(stream, name, columns, owned=True, skip=skip)
     except BaseException:
         stream.close()
         raise
@@ -261,7 +392,7 @@ class _SyntheticReader(_Reader):
 
 
 class _CsvReader(_Reader):
-    """CSV with a header row; every column but the key column must be numeric."""
+    """CSV with a header row; the feature and label columns must be numeric (see the module doc)."""
 
     unit = "row"
 
@@ -269,9 +400,8 @@ class _CsvReader(_Reader):
         self,
         stream: TextIO,
         name: str,
+        columns: _Columns,
         *,
-        label: str,
-        key_column: str | None,
         owned: bool,
         skip: int = 0,
     ) -> None:
@@ -282,23 +412,36 @@ class _CsvReader(_Reader):
         self._rows = csv.reader(stream)
         header = self._read_header()
         self._columns = header
+        label, key_column = columns.label, columns.key_column
+        assert label is not None  # _open_csv refuses a CSV source without one
         positions = {column: i for i, column in enumerate(header)}
-        if len(positions) != len(header):
-            duplicates = sorted({c for c in header if header.count(c) > 1})
-            raise SourceError(f"{name}:{self._rows.line_num}: duplicate columns {duplicates}")
+        named = {label, key_column, *(columns.features or ()), *(columns.ignore_columns or ())}
+        duplicates = sorted({c for c in header if header.count(c) > 1})
+        # Duplicated names are ambiguous where they are named or taken as features by default.
+        if duplicates and (not columns.features or named & set(duplicates)):
+            raise SourceDataError(f"{name}:{self._rows.line_num}: duplicate columns {duplicates}")
         if label not in positions:
-            raise SourceError(f"{name}: label column {label!r} is not in the header {header}")
+            raise SourceDataError(f"{name}: label column {label!r} is not in the header {header}")
         if key_column is not None and key_column not in positions:
-            raise SourceError(f"{name}: key column {key_column!r} is not in the header {header}")
+            raise SourceDataError(f"{name}: key column {key_column!r} is not in the header {header}")
         if key_column == label:
-            raise SourceError(f"{name}: column {label!r} cannot be both the label and the key")
+            raise SourceDataError(f"{name}: column {label!r} cannot be both the label and the key")
+        for option, given in (("feature", columns.features), ("ignored", columns.ignore_columns)):
+            missing = [column for column in given or () if column not in positions]
+            if missing:
+                raise SourceDataError(f"{name}: {option} column(s) {missing} not in the header {header}")
         self._label_index = positions[label]
         self._key_index = positions[key_column] if key_column is not None else None
-        not_features = {self._label_index, self._key_index}
-        self._feature_index = [i for i in range(len(header)) if i not in not_features]
+        if columns.features:
+            self._feature_index = [positions[column] for column in columns.features]
+        else:
+            left_out = {self._label_index, self._key_index}
+            left_out |= {positions[column] for column in columns.ignore_columns or ()}
+            self._feature_index = [i for i in range(len(header)) if i not in left_out]
         if not self._feature_index:
-            raise SourceError(f"{name}: no feature columns besides the label and key")
+            raise SourceDataError(f"{name}: no feature columns besides the label, the key and those ignored")
         self.feature_names = tuple(header[i] for i in self._feature_index)
+        self._checked = [*self._feature_index, self._label_index]  # columns that must be numbers
 
     def _next_row(self) -> list[str] | None:
         """The next non-blank row, or None at the end."""
@@ -320,30 +463,35 @@ class _CsvReader(_Reader):
             raise SourceError(f"{self.name}:{self._rows.line_num}: {error}") from None
 
     def _read_header(self) -> list[str]:
-        row = self._next_row()
+        try:
+            row = self._next_row()
+        except SourceError as error:
+            raise SourceDataError(str(error)) from None
         if row is None:
-            raise SourceError(f"{self.name}: empty file, expected a header row")
+            raise SourceDataError(f"{self.name}: empty file, expected a header row")
         return [cell.strip() for cell in row]
+
+    def _skip_rows(self) -> int:
+        number = 0  # rows after the header, blank ones too
+        while number < self._skip:
+            if self._any_row() is None:
+                raise _too_short(self.name, self._skip, self.unit, number)
+            number += 1
+        return number
 
     def samples(self) -> Iterator[Sample]:
         width = len(self._columns)
         features_at = self._feature_index
         label_at = self._label_index
         key_at = self._key_index
-        number = 0  # rows after the header, blank ones too
-        while number < self._skip:
-            if self._any_row() is None:
-                raise _too_short(self.name, self._skip, self.unit, number)
-            number += 1
+        number = self._skip_rows()
         while (row := self._any_row()) is not None:
             number += 1
             if not any(cell.strip() for cell in row):
                 continue
             line = self._rows.line_num
             if len(row) != width:
-                raise SourceError(
-                    f"{self.name}:{line}: {len(row)} fields, expected {width} as in the header (row {number})"
-                )
+                raise self._bad_width(row, line, number)
             try:
                 values = [float(row[i]) for i in features_at]
                 label = float(row[label_at])
@@ -356,14 +504,41 @@ class _CsvReader(_Reader):
             self.position = number
             yield sample
 
-    def _bad_cell(self, row: Sequence[str], line: int, number: int) -> SourceError:
-        for i, cell in enumerate(row):
-            if i == self._key_index:
+    def check(self, limit: int | None) -> int:
+        """Read the rows :meth:`samples` would yield (at most ``limit``: None for all) and check them as
+        it does, making no sample; the number read. Raises :class:`SourceError` at the first bad one."""
+        width = len(self._columns)
+        checked = self._checked
+        number = self._skip_rows()
+        found = 0
+        while (limit is None or found < limit) and (row := self._any_row()) is not None:
+            number += 1
+            if not any(cell.strip() for cell in row):
                 continue
-            problem = _number_problem(cell)
+            line = self._rows.line_num
+            if len(row) != width:
+                raise self._bad_width(row, line, number)
+            try:
+                if not all(_in_range(float(row[i])) for i in checked):
+                    raise self._bad_cell(row, line, number)
+            except ValueError:
+                raise self._bad_cell(row, line, number) from None
+            found += 1
+        return found
+
+    def _bad_width(self, row: Sequence[str], line: int, number: int) -> SourceError:
+        expected = len(self._columns)
+        return SourceError(
+            f"{self.name}:{line}: {len(row)} fields, expected {expected} as in the header (row {number})"
+        )
+
+    def _bad_cell(self, row: Sequence[str], line: int, number: int) -> SourceError:
+        for i in self._checked:
+            problem = _number_problem(row[i])
             if problem is not None:
+                hint = _TEXT_HINT if problem.endswith(" is not a number") and i != self._label_index else ""
                 return SourceError(
-                    f"{self.name}:{line}: column {self._columns[i]!r}: {problem} (row {number})"
+                    f"{self.name}:{line}: column {self._columns[i]!r}: {problem} (row {number}){hint}"
                 )
         return SourceError(f"{self.name}:{line}: bad row (row {number})")  # not reached: some cell was bad
 

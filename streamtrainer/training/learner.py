@@ -1022,23 +1022,90 @@ class OnlineLearner:
         }
         return tensors, metadata
 
+    def checkpoint_differences(self, metadata: Mapping[str, object]) -> dict[str, tuple[object, object]]:
+        """What a checkpoint (``state``'s metadata) must agree on and does not: for each such field of
+        ``config.digest_fields()`` and ``n_features``, (the checkpoint's value, this learner's)."""
+        recorded = metadata.get("learner")
+        theirs = {
+            **(recorded if isinstance(recorded, dict) else {}),
+            "n_features": metadata.get("n_features"),
+        }
+        ours = {**self.config.digest_fields(), "n_features": self.n_features}
+        return {name: (theirs.get(name), value) for name, value in ours.items() if theirs.get(name) != value}
+
     def load_state(
-        self, tensors: dict[str, torch.Tensor], metadata: dict[str, object], *, keep_lr_backoff: bool = True
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, object],
+        *,
+        keep_lr_backoff: bool = True,
+        model_only: bool = False,
     ) -> None:
         """Adopt a checkpoint's state (``state``'s tensors and metadata).
 
         The learning rate is ``config.lr``, times the checkpoint's backoff scale
         (``set_lr_scale``) if ``keep_lr_backoff`` and the checkpoint was made with
         the same ``lr``: a restart keeps a lowered step size, a new ``lr`` replaces it.
+
+        ``model_only`` takes the model and the standardization statistics, not the optimizer's state
+        (this learner's is kept: a new learner's starts fresh) nor the backoff scale: the checkpoint may
+        then have been made with another optimizer. Raises :class:`TrainingError` naming each field in
+        which the checkpoint differs from this learner's configuration.
         """
-        expected = self.config.digest_fields()
-        if metadata.get("learner") != expected or metadata.get("n_features") != self.n_features:
+        differences = self.checkpoint_differences(metadata)
+        if model_only:
+            differences.pop("optimizer", None)
+        if differences:
             raise TrainingError(
-                f"checkpoint was made for {metadata.get('learner')} with {metadata.get('n_features')} "
-                f"features, not {expected} with {self.n_features}"
+                "checkpoint was made for another learner: "
+                + "; ".join(
+                    f"{name}: {theirs} (checkpoint) vs {ours} (this run)"
+                    for name, (theirs, ours) in differences.items()
+                )
             )
         model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state)
+        if model_only:
+            self.set_lr_scale(1.0)
+        else:
+            self._load_optimizer(tensors, metadata, keep_lr_backoff=keep_lr_backoff)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(
+                {k.removeprefix("scaler."): v.numpy() for k, v in tensors.items() if k.startswith("scaler.")}
+            )
+        if self.target_scaler is not None:
+            self.target_scaler.load_state_dict(
+                {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("target_scaler.")}
+            )
+        updates = metadata.get("updates", 0)
+        self.updates = updates if isinstance(updates, int) else 0
+        self._pending = None  # steps started before are forgotten: the state is the checkpoint's
+        self.reset_guards()
+
+    def load_initial_state(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, object], source: str
+    ) -> None:
+        """Start from another run's checkpoint (``--init-from``), named ``source`` in the log line.
+
+        Its whole state when it was trained with this optimizer; otherwise only its model (and
+        standardization statistics), the optimizer's state starting fresh, as a log line says. Any
+        other difference is a :class:`TrainingError` naming the differing fields.
+        """
+        optimizer = self.checkpoint_differences(metadata).get("optimizer")
+        self.load_state(tensors, metadata, model_only=optimizer is not None)
+        if optimizer is not None:
+            logger.info(
+                "%s was trained with the %s optimizer, this run uses %s: its model is taken and the "
+                "optimizer state starts fresh (lr %g)",
+                source,
+                optimizer[0],
+                optimizer[1],
+                self.lr,
+            )
+
+    def _load_optimizer(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, object], *, keep_lr_backoff: bool
+    ) -> None:
         state: dict[int, dict[str, object]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -1056,18 +1123,6 @@ class OnlineLearner:
             group["lr"] = self.config.lr * scale  # the learning rate it is given now (see above)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self._lr_scale = scale
-        if self.scaler is not None:
-            self.scaler.load_state_dict(
-                {k.removeprefix("scaler."): v.numpy() for k, v in tensors.items() if k.startswith("scaler.")}
-            )
-        if self.target_scaler is not None:
-            self.target_scaler.load_state_dict(
-                {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("target_scaler.")}
-            )
-        updates = metadata.get("updates", 0)
-        self.updates = updates if isinstance(updates, int) else 0
-        self._pending = None  # steps started before are forgotten: the state is the checkpoint's
-        self.reset_guards()
 
     def valid_labels(self, labels: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
         """Which labels the task can train on (0/1 for binary, a class index for multiclass)."""
