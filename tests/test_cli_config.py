@@ -7,6 +7,7 @@ array in the file. Most cases build the settings in-process through the CLI's ow
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,20 @@ def test_a_produce_run_takes_its_settings_from_the_file(
     assert result.returncode == 0, result.stderr
     assert "produced 40 record(s)" in result.stdout
     assert "warning" not in result.stderr
+
+
+def test_the_readme_example_file_is_read_without_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "README.md has a ```toml example"
+    path = _config(tmp_path, blocks[0])
+    worker = build_settings(WorkerSettings, {"config_file": path})
+    assert (worker.topic, worker.group, worker.model) == ("samples", "trainers", "logistic")
+    assert worker.kafka_secret_file == {"sasl.password": Path("/run/secrets/kafka-password")}
+    replay = build_settings(ReplaySettings, {"config_file": path})
+    assert (replay.bootstrap_servers, replay.epochs) == ("kafka:9092", 5)
+    dlq = build_settings(DeadLetterSettings, {"config_file": path})
+    assert dlq.reason == ["non_finite", "oversize"]
+    assert capsys.readouterr().err == ""
