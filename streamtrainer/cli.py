@@ -214,7 +214,7 @@ def _section_of(settings_class: type[_Settings], name: str) -> str:
             return title
     if settings_class is WorkerSettings:
         return _FIELD_SECTIONS.get(name, "Options")
-    return "Kafka" if name == "topic" else "Options"
+    return {"topic": "Kafka", "log_level": "Metrics and logging"}.get(name, "Options")
 
 
 class _SectionedCommand(click.Command):
@@ -342,7 +342,7 @@ def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
     except ValidationError as error:
         raise ConfigurationError(_describe_validation(error)) from None
     except SettingsError as error:
-        # pydantic-settings could not parse an environment variable (a dict or list field wants JSON).
+        # pydantic-settings could not parse an environment variable.
         raise ConfigurationError(_describe_settings_error(settings_class, error)) from None
     cache_dir = getattr(settings, "cache_dir", None)
     if cache_dir is not None:
@@ -361,9 +361,9 @@ def _describe_settings_error(settings_class: type[_Settings], error: SettingsErr
     origin = typing.get_origin(_unwrap_optional(field.annotation)) if field else None
     variable = env_name(name)
     if origin is dict:
-        return f"""{variable} must be a JSON object, e.g. {variable}='{{"KEY": "VALUE"}}'"""
+        return f"{variable} must be KEY=VALUE[,KEY=VALUE...] or a JSON object"
     if origin is list:
-        return f"""{variable} must be a JSON list, e.g. {variable}='["a", "b"]'"""
+        return f"{variable} must be a,b,... or a JSON list"
     return f"{variable}: cannot parse its value"
 
 
