@@ -2,7 +2,8 @@
 
 Each flag defaults to "not given", so that pydantic-settings applies the one
 precedence rule (flag, then ``STREAMTRAINER_*`` environment variable, then the
-default) in one place: :mod:`streamtrainer.settings`.
+``--config`` file, then the default) in one place: :mod:`streamtrainer.settings`.
+``--help`` lists a command's flags in sections (Kafka, model, checkpoints...).
 """
 
 from __future__ import annotations
@@ -29,15 +30,22 @@ from streamtrainer.exceptions import ConfigurationError, StreamtrainerError
 from streamtrainer.producer.exceptions import ProducerError
 from streamtrainer.security import install_log_scrubbing, scrub
 from streamtrainer.settings import (
+    COMMAND_SETTINGS,
     ENV_PREFIX,
     DeadLetterSettings,
     DemoSettings,
+    ErrorBudgetSettings,
+    KafkaSettings,
+    MetricsSettings,
+    ModelSettings,
     ProducerSettings,
     ReplaySettings,
     WorkerSettings,
     _Settings,
+    config_warnings,
     env_name,
     public_name,
+    read_config_file,
 )
 from streamtrainer.training.exceptions import TrainingError
 
@@ -79,47 +87,212 @@ class _Choice(click.Choice):  # type: ignore[type-arg]
         return super().convert(value, param, ctx)
 
 
-def _option_for(name: str, field: FieldInfo) -> click.Option:
+class _SettingOption(click.Option):
+    """A flag built from a setting, with the section of --help it is listed in."""
+
+    section: str = "Options"
+    # Listed under "Required" in --help (a setting with no default, or a cluster to reach).
+    required_mark: bool = False
+
+
+def _option_for(name: str, field: FieldInfo, *, required_hint: str = "") -> _SettingOption:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
     required = field.is_required()
     default = None if required else field.get_default(call_default_factory=True)
     shown = "" if default is None or default == {} else f"; default: {default}"
-    help_text = f"{field.description or ''} [env: {env_name(name)}{shown}{'; required' if required else ''}]"
+    marked = "; required" if required else required_hint
+    help_text = f"{field.description or ''} [env: {env_name(name)}{shown}{marked}]"
     flag = _flag(name)
+    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+    declarations = [flag, name]
     if annotation is bool:
-        return click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text)
-    if origin is Literal:
+        declarations = [f"{flag}/--no-{name.replace('_', '-')}", name]
+    elif origin is Literal:
         choices = [str(c) for c in typing.get_args(annotation)]
         visible = [c for c in choices if c not in _TEST_ONLY_CHOICES]
         hidden = frozenset(choices) - frozenset(visible)
-        return click.Option([flag, name], type=_Choice(visible, hidden), default=None, help=help_text)
-    if origin is dict:
-        # A dict of paths (--kafka-secret-file) takes the path of a file as each value.
+        kwargs["type"] = _Choice(visible, hidden)
+    elif origin is dict:
+        # A dict of paths (--kafka-secret-file) takes the path of a file as each value; K=V,K=V
+        # in one flag as in its variable (settings.parse_collection), or the flag repeated.
         value_type = typing.get_args(annotation)[1] if typing.get_args(annotation) else str
-        metavar = "KEY=PATH" if value_type is Path else "KEY=VALUE"
-        return click.Option([flag, name], multiple=True, metavar=metavar, default=None, help=help_text)
-    if origin is list:
+        kwargs.update(multiple=True, metavar="KEY=PATH" if value_type is Path else "KEY=VALUE")
+    elif origin is list:
         # Repeatable as well as comma-separated: every occurrence applies, not only the last.
-        return click.Option([flag, name], multiple=True, metavar="A,B,...", default=None, help=help_text)
-    click_type: Any = {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
-    return click.Option([flag, name], type=click_type, default=None, help=help_text)
+        kwargs.update(multiple=True, metavar="A,B,...")
+    else:
+        kwargs["type"] = {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
+    option = _SettingOption(declarations, **kwargs)
+    option.required_mark = required or bool(required_hint)
+    return option
+
+
+# --help sections, in this order; "Options" holds a command's own flags not placed elsewhere.
+_SECTION_ORDER = (
+    "Options",
+    "Kafka",
+    "Model",
+    "Synthetic source",
+    "Run",
+    "Checkpoints",
+    "Compaction and drift",
+    "Guards",
+    "Dead letters and errors",
+    "Metrics and logging",
+)
+# The section of a field by the settings group that declares it.
+_GROUP_SECTIONS: dict[type[_Settings], str] = {
+    KafkaSettings: "Kafka",
+    ModelSettings: "Model",
+    ErrorBudgetSettings: "Dead letters and errors",
+    MetricsSettings: "Metrics and logging",
+}
+# A command's own fields placed in a section by name (else by prefix, then "Options").
+_FIELD_SECTIONS: dict[str, str] = {
+    "topic": "Kafka",
+    "group": "Kafka",
+    "auto_offset_reset": "Kafka",
+    "session_timeout_ms": "Kafka",
+    "assignment_strategy": "Kafka",
+    "group_instance_id": "Kafka",
+    "poll_batch": "Kafka",
+    "fused": "Model",
+    "update_batch": "Model",
+    "overlap": "Model",
+    "max_records": "Run",
+    "max_seconds": "Run",
+    "stop_at_end": "Run",
+    "fresh": "Checkpoints",
+    "init_from": "Checkpoints",
+    "clip_grad_norm": "Guards",
+    "spike_factor": "Guards",
+    "max_consecutive_skips": "Guards",
+    "lr_backoff": "Guards",
+    "max_lr_backoffs": "Guards",
+    "max_value_bytes": "Dead letters and errors",
+    "worker_id": "Dead letters and errors",
+    "prequential_window": "Metrics and logging",
+    "admin_endpoints": "Metrics and logging",
+    "metrics_linger_s": "Metrics and logging",
+    "run_log": "Metrics and logging",
+    "log_level": "Metrics and logging",
+}
+_PREFIX_SECTIONS = (
+    ("checkpoint_", "Checkpoints"),
+    ("compaction", "Compaction and drift"),
+    ("drift_", "Compaction and drift"),
+    ("dlq_", "Dead letters and errors"),
+)
+# The synthetic generator's flags of `produce`.
+_SYNTHETIC = frozenset(
+    {
+        "task",
+        "n_features",
+        "n_classes",
+        "nonlinear",
+        "noise",
+        "seed",
+        "drift",
+        "drift_at",
+        "drift_width",
+        "n_keys",
+    }
+)
+
+
+def _section_of(settings_class: type[_Settings], name: str) -> str:
+    """The --help section of a setting of this command."""
+    if settings_class is WorkerSettings:
+        for prefix, title in _PREFIX_SECTIONS:
+            if name.startswith(prefix):
+                return _FIELD_SECTIONS.get(name, title)
+    if settings_class is ProducerSettings and name in _SYNTHETIC:
+        return "Synthetic source"
+    for group, title in _GROUP_SECTIONS.items():
+        if issubclass(settings_class, group) and name in group.model_fields:
+            return title
+    if settings_class is WorkerSettings:
+        return _FIELD_SECTIONS.get(name, "Options")
+    return {"topic": "Kafka", "log_level": "Metrics and logging"}.get(name, "Options")
+
+
+class _SectionedCommand(click.Command):
+    """A command whose --help lists its options in titled sections, required ones named first."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        required: list[str] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue  # a hidden option (an old spelling)
+            if getattr(param, "required_mark", False) and isinstance(param, click.Option):
+                required.append(param.opts[0])
+            sections.setdefault(getattr(param, "section", "Options"), []).append(record)
+        if required:
+            with formatter.section("Required"):
+                formatter.write_text(", ".join(required))
+        order = {title: index for index, title in enumerate(_SECTION_ORDER)}
+        for title in sorted(sections, key=lambda t: order.get(t, len(order))):
+            with formatter.section(title):
+                formatter.write_dl(sections[title])
+
+
+_BOOTSTRAP_REQUIRED = "; required (or bootstrap.servers in --kafka-config or --kafka-config-file)"
 
 
 def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """The flags of a settings class (its --config, and old spellings hidden), in --help sections."""
+
     def decorate(function: F) -> F:
         command_params = getattr(function, "__click_params__", [])
         fields = settings_class.model_fields
         # The command's own options first, then the shared ones (connection, metrics, logging).
         own = [name for name in settings_class.__annotations__ if name in fields]
         ordered = own + [name for name in fields if name not in own]
-        for name in reversed(ordered):
-            if name not in exclude:
-                command_params.append(_option_for(name, fields[name]))
+        options: list[click.Option] = [_config_option()]
+        for name in ordered:
+            if name in exclude:
+                continue
+            # The demo starts the embedded broker without one; every other command needs a cluster.
+            hint = (
+                _BOOTSTRAP_REQUIRED
+                if name == "bootstrap_servers" and settings_class is not DemoSettings
+                else ""
+            )
+            option = _option_for(name, fields[name], required_hint=hint)
+            option.section = _section_of(settings_class, name)
+            options.append(option)
+        for old, new in settings_class.renamed.items():
+            current = _option_for(new, fields[new])
+            options.append(
+                click.Option(
+                    [_flag(old), old], type=current.type, multiple=current.multiple, default=None, hidden=True
+                )
+            )
+        command_params.extend(reversed(options))
         function.__click_params__ = command_params  # type: ignore[attr-defined]
         return function
 
     return decorate
+
+
+CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
+
+
+def _config_option() -> _SettingOption:
+    option = _SettingOption(
+        ["--config", "config_file"],
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        envvar=CONFIG_VARIABLE,
+        default=None,
+        help="Settings from this TOML file: top-level keys, then [kafka], then this command's section "
+        "([worker], [replay], [produce], [dlq], [demo]); flags and variables override it "
+        f"[env: {CONFIG_VARIABLE}]",
+    )
+    option.section = "Options"
+    return option
 
 
 # STREAMTRAINER_* names that are not settings: the tests' own, and the compose file's image name.
@@ -128,43 +301,48 @@ _OTHER_VARIABLES = frozenset(
         "STREAMTRAINER_TEST_BOOTSTRAP_SERVERS",
         "STREAMTRAINER_TEST_CHECKPOINT_WRITE_DELAY_S",
         "STREAMTRAINER_IMAGE",
+        CONFIG_VARIABLE,
     }
 )
 
 
 def _warn_unknown_variables() -> None:
     """A misspelled STREAMTRAINER_* variable is named on stderr, not silently ignored."""
-    commands = (ProducerSettings, WorkerSettings, ReplaySettings, DeadLetterSettings, DemoSettings)
+    commands = COMMAND_SETTINGS.values()
     known = {env_name(field) for command in commands for field in command.model_fields} | _OTHER_VARIABLES
+    renamed = {env_name(old): env_name(new) for command in commands for old, new in command.renamed.items()}
     for name in sorted(os.environ):
-        if name.startswith(ENV_PREFIX) and name not in known:
+        if name in renamed:
+            click.echo(f"streamtrainer: warning: {name} is deprecated: use {renamed[name]}", err=True)
+        elif name.startswith(ENV_PREFIX) and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             click.echo(f"streamtrainer: warning: unknown environment variable {name} ignored{hint}", err=True)
 
 
 def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
-    """Settings from the flags actually given (the rest come from the environment or defaults)."""
+    """Settings from the flags actually given (the rest come from the environment, the --config
+    file or defaults). A list or dict flag goes as given: settings.parse_collection reads it as it
+    reads a variable."""
     _warn_unknown_variables()
-    values: dict[str, Any] = {}
-    for name, value in given.items():
-        if value is None or value == ():
-            continue
-        field = settings_class.model_fields.get(name)
-        origin = typing.get_origin(_unwrap_optional(field.annotation)) if field else None
-        if origin is dict:
-            values[name] = _key_values(name, value)
-        elif origin is list:
-            given_values = (value,) if isinstance(value, str) else value
-            values[name] = [item.strip() for v in given_values for item in str(v).split(",") if item.strip()]
-        else:
-            values[name] = value
+    given = dict(given)
+    config_file: Path | None = given.pop("config_file", None)
+    if config_file is not None:
+        for line in config_warnings(read_config_file(config_file)):
+            click.echo(f"streamtrainer: warning: --config {config_file}: {line}", err=True)
+    for old, new in settings_class.renamed.items():
+        value = given.pop(old, None)
+        if value is not None and value != ():
+            click.echo(f"streamtrainer: warning: {_flag(old)} is deprecated: use {_flag(new)}", err=True)
+            if given.get(new) in (None, ()):
+                given[new] = value
+    values = {name: value for name, value in given.items() if value is not None and value != ()}
     try:
-        settings = settings_class(**values)
+        settings = settings_class.load(values, config_file)
     except ValidationError as error:
         raise ConfigurationError(_describe_validation(error)) from None
     except SettingsError as error:
-        # pydantic-settings could not parse an environment variable (a dict or list field wants JSON).
+        # pydantic-settings could not parse an environment variable.
         raise ConfigurationError(_describe_settings_error(settings_class, error)) from None
     cache_dir = getattr(settings, "cache_dir", None)
     if cache_dir is not None:
@@ -183,29 +361,33 @@ def _describe_settings_error(settings_class: type[_Settings], error: SettingsErr
     origin = typing.get_origin(_unwrap_optional(field.annotation)) if field else None
     variable = env_name(name)
     if origin is dict:
-        return f"""{variable} must be a JSON object, e.g. {variable}='{{"KEY": "VALUE"}}'"""
+        return f"{variable} must be KEY=VALUE[,KEY=VALUE...] or a JSON object"
     if origin is list:
-        return f"""{variable} must be a JSON list, e.g. {variable}='["a", "b"]'"""
+        return f"{variable} must be a,b,... or a JSON list"
     return f"{variable}: cannot parse its value"
 
 
-def _key_values(name: str, items: tuple[str, ...]) -> dict[str, str]:
-    result = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigurationError(f"{_flag(name)} expects KEY=VALUE, got {item!r}")
-        result[key.strip()] = value
-    return result
+# The list and dict settings (parsed by settings.parse_collection): a,b or K=V,K=V, or JSON.
+_COLLECTION_FIELDS = frozenset(
+    name
+    for command in COMMAND_SETTINGS.values()
+    for name, field in command.model_fields.items()
+    if typing.get_origin(_unwrap_optional(field.annotation)) in (list, dict)
+)
 
 
 def _describe_validation(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
+        # A renamed field reports its variable (an alias): named by its field, as the others are.
+        location = location.removeprefix(ENV_PREFIX).lower() if location.startswith(ENV_PREFIX) else location
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             problems.append(f"{_flag(location)} is required (or set {env_name(location)})")
+        elif location in _COLLECTION_FIELDS:
+            # Given as a flag, a variable or a file key alike (the same syntax): name the flag and variable.
+            problems.append(f"{_flag(location)} (or {env_name(location)}): {message}")
         elif location:
             problems.append(f"{_flag(location)}: {message}")
         else:
@@ -238,7 +420,7 @@ def cli() -> None:
     """Train PyTorch models on a Kafka stream, one record at a time."""
 
 
-@cli.command()
+@cli.command(cls=_SectionedCommand)
 @settings_options(ProducerSettings)
 def produce(**given: Any) -> None:
     """Publish training samples to a topic (synthetic, CSV, JSON lines or stdin)."""
@@ -258,7 +440,7 @@ def produce(**given: Any) -> None:
         raise SystemExit(code)
 
 
-@cli.command()
+@cli.command(cls=_SectionedCommand)
 @settings_options(WorkerSettings)
 def worker(**given: Any) -> None:
     """Run the worker: learn online from every record of a topic, in a consumer group."""
@@ -297,7 +479,7 @@ def broker(host: str, port: int, storage_engine: str) -> None:
     raise SystemExit(status)
 
 
-@cli.command()
+@cli.command(cls=_SectionedCommand)
 @settings_options(DemoSettings)
 def demo(**given: Any) -> None:
     """Produce a drifting synthetic stream and watch a worker learn from it (embedded broker)."""
@@ -336,7 +518,7 @@ def plot(run_log: Path, output: Path | None, run_index: int, title: str | None) 
     click.echo(f"wrote {written}")
 
 
-@cli.command()
+@cli.command(cls=_SectionedCommand)
 @settings_options(ReplaySettings)
 def replay(**given: Any) -> None:
     """Train in epochs on a bounded range of a topic; write a checkpoint and a manifest."""
@@ -391,7 +573,7 @@ def _fail_missing(missing: list[tuple[int, int]], settings: DeadLetterSettings) 
         _fail(f"no dead letter of {settings.topic} matches source offset(s) {offsets}", 1)
 
 
-@dlq.command()
+@dlq.command(cls=_SectionedCommand)
 @settings_options(DeadLetterSettings)
 def inspect(**given: Any) -> None:
     """List dead-lettered records: where they came from, why, which group; redriven or not."""
@@ -408,7 +590,9 @@ def inspect(**given: Any) -> None:
         source_offsets=wanted,
         limit=None,
     )
-    letters = selection.letters[: settings.limit] if settings.limit is not None else selection.letters
+    letters = (
+        selection.letters[: settings.max_records] if settings.max_records is not None else selection.letters
+    )
     for letter in letters:
         topic, partition, offset = letter.source
         key = letter.key.decode(errors="replace") if letter.key is not None else "-"
@@ -423,7 +607,7 @@ def inspect(**given: Any) -> None:
     _fail_missing(selection.missing, settings)
 
 
-@dlq.command()
+@dlq.command(cls=_SectionedCommand)
 @settings_options(DeadLetterSettings)
 def redrive(**given: Any) -> None:
     """Publish selected dead-lettered records back to their source topic (after fixing the cause).
@@ -444,7 +628,7 @@ def redrive(**given: Any) -> None:
         groups=settings.group,
         source_offsets=wanted,
         skip_redriven=not settings.force,
-        limit=settings.limit,
+        limit=settings.max_records,
     )
     if selection.already_redriven:
         click.echo(

@@ -2,23 +2,38 @@
 
 This is the only place configuration is defined. Each field of a settings class
 is read, in order of precedence, from a command-line flag (the CLI builds its
-flags from these fields), a ``STREAMTRAINER_<FIELD>`` environment variable, then
-the default below. Settings objects are frozen: a running worker never sees its
-configuration change.
+flags from these fields), a ``STREAMTRAINER_<FIELD>`` environment variable, a
+``--config`` TOML file (its command's section, then ``[kafka]``, then top-level
+keys), then the default below. A list is written the same way in a flag and a
+variable (``a,b``, or JSON), and as a native array in the file. Settings objects
+are frozen: a running worker never sees its configuration change.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
 import json
+import tomllib
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
+from streamtrainer.exceptions import ConfigurationError
 from streamtrainer.security import redact
 
 ENV_PREFIX = "STREAMTRAINER_"
@@ -47,9 +62,57 @@ BUILTIN_TASKS: dict[str, Task] = {"linear": "regression", "logistic": "binary", 
 
 
 class _Settings(BaseSettings):
+    # enable_decoding=False: a list or dict variable is parsed by _parse_collections below (a,b or
+    # JSON), as a flag is, not as JSON only. validate_by_name: a renamed field's old variable is an
+    # alias (AliasChoices), and its name still validates.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        enable_decoding=False,
+        validate_by_name=True,
+        validate_by_alias=True,
     )
+
+    # The command's section of a --config file ([worker], ...); None: a shared group of settings.
+    config_section: ClassVar[str | None] = None
+    # Old public names kept for a release as hidden aliases (flag, variable, file key): old -> new.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) > environment > the --config file (when one is loading) > defaults."""
+        sources = (init_settings, env_settings, dotenv_settings, file_secret_settings)
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return sources
+        return (*sources, _ConfigFileSource(settings_cls, path))
+
+    @classmethod
+    def load(cls, flags: dict[str, Any], config_file: Path | None = None) -> Self:
+        """The settings from these flags, the environment and ``config_file`` (a TOML file), in that order."""
+        with _loading_config_file(config_file):
+            return cls(**flags)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _parse_collections(cls, value: Any, info: ValidationInfo) -> Any:
+        """A list as ``a,b`` or JSON, a dict as ``K=V,K=V`` or a JSON object: the same in a flag and a
+        variable; in the file, a native array or table (its scalar values made strings)."""
+        name = info.field_name
+        field = cls.model_fields.get(name) if name is not None else None
+        kind = _collection_kind(field.annotation) if field is not None else None
+        if kind is None or value is None:
+            return value
+        return parse_collection(kind, value)
 
     def digest(self) -> str:
         """A short, stable hash of the configuration (recorded with checkpoints).
@@ -80,6 +143,73 @@ def _redact_dump(dumped: dict[str, Any]) -> dict[str, Any]:
     return dumped
 
 
+def _collection_kind(annotation: Any) -> type | None:
+    """list or dict for a (possibly optional) list or dict field, else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else annotation
+    origin = typing.get_origin(annotation)
+    return origin if origin in (list, dict) else None
+
+
+def parse_collection(kind: type, value: Any) -> Any:
+    """A list or dict setting from a flag's values, a variable's string or a file's array or table.
+
+    A string is JSON if it starts with ``[`` or ``{``, else comma-separated items: ``a,b`` for a
+    list, ``K=V,K=V`` for a dict (a piece without ``=`` continues the previous value, so
+    ``bootstrap.servers=a:9092,b:9092`` keeps both servers). Errors never show the value (a secret)."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                "not valid JSON (expected a,b or a JSON list / K=V,K=V or a JSON object)"
+            ) from None
+        if not isinstance(value, kind):
+            raise ValueError(f"expected a JSON {'list' if kind is list else 'object'}")
+    if kind is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        return [part.strip() for item in items for part in _pieces(item) if part.strip()]
+    if isinstance(value, dict):
+        return {str(key): _scalar_text(item) for key, item in value.items()}
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        return value
+    result: dict[str, str] = {}
+    last: str | None = None
+    for item in items:
+        for piece in str(item).split(","):
+            key, sep, text = piece.partition("=")
+            if sep and key.strip():
+                last = key.strip()
+                result[last] = text
+            elif last is not None and not sep:
+                result[last] += "," + piece
+            elif piece.strip():
+                raise ValueError("expected KEY=VALUE[,KEY=VALUE...] or a JSON object")
+    return result
+
+
+def _pieces(item: Any) -> list[str]:
+    return str(item).split(",") if isinstance(item, str) else [str(item)]
+
+
+def _scalar_text(value: Any) -> Any:
+    """A TOML table's value as librdkafka takes it: true/false, numbers as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _env_aliases(name: str, *old: str) -> AliasChoices:
+    """The variable of a renamed field: its own name first, then the old one (deprecated)."""
+    return AliasChoices(f"{ENV_PREFIX}{name.upper()}", *(f"{ENV_PREFIX}{o.upper()}" for o in old))
+
+
 class KafkaSettings(_Settings):
     """How to reach the Kafka cluster (shared by every command that talks to it)."""
 
@@ -90,8 +220,8 @@ class KafkaSettings(_Settings):
     )
     kafka_config: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra librdkafka settings, KEY=VALUE (repeatable; env: a JSON object). "
-        "Override --kafka-config-file.",
+        description="Extra librdkafka settings, KEY=VALUE[,KEY=VALUE] (repeatable; env: the same or a "
+        "JSON object). Override --kafka-config-file.",
     )
     kafka_config_file: Path | None = Field(
         default=None,
@@ -102,7 +232,7 @@ class KafkaSettings(_Settings):
         default_factory=dict,
         description="KEY=PATH: the librdkafka setting KEY is the content of the file PATH (a Kubernetes "
         "or Docker secret, trailing newline dropped), e.g. sasl.password=/run/secrets/kafka-password "
-        "(repeatable; env: a JSON object). Overrides --kafka-config.",
+        "(repeatable; env: KEY=PATH,... or a JSON object). Overrides --kafka-config.",
     )
     allow_insecure_tls: bool = Field(
         default=False,
@@ -128,6 +258,9 @@ class MetricsSettings(_Settings):
 class ProducerSettings(KafkaSettings, MetricsSettings):
     """`streamtrainer produce`."""
 
+    config_section: ClassVar[str | None] = "produce"
+    renamed: ClassVar[dict[str, str]] = {"count": "max_records"}
+
     topic: str = Field(description="Topic to publish to.")
     metrics_port: int = Field(
         default=9465, ge=-1, le=65535, description="Prometheus port; 0 picks a free one, -1 disables."
@@ -135,8 +268,11 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
     source: str = Field(
         default="synthetic", description="synthetic | csv:PATH | jsonl:PATH | - (stdin, JSON lines)."
     )
-    count: int | None = Field(
-        default=None, ge=0, description="Number of records to publish (default: all; synthetic: 10000)."
+    max_records: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_env_aliases("max_records", "count"),
+        description="Stop after publishing this many records (default: all; synthetic: 10000).",
     )
     rate: float | None = Field(
         default=None, gt=0, description="Records per second (default: as fast as possible)."
@@ -324,6 +460,8 @@ class ErrorBudgetSettings(_Settings):
 
 class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetSettings):
     """`streamtrainer worker`."""
+
+    config_section: ClassVar[str | None] = "worker"
 
     topic: str = Field(description="Topic to train from.")
     group: str = Field(default="streamtrainer", description="Consumer group id.")
@@ -555,8 +693,9 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
 class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):
     """`streamtrainer replay`: train a model in epochs on a bounded, recorded range of a topic."""
 
-    # Validated by name in code, by STREAMTRAINER_FROM in the environment (`from` is a Python keyword).
-    model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
+    # from_: validated by name in code, by STREAMTRAINER_FROM in the environment (a Python keyword).
+    config_section: ClassVar[str | None] = "replay"
+    renamed: ClassVar[dict[str, str]] = {"end_idle_s": "idle_s"}
 
     topic: str | None = Field(default=None, description="Topic to read (required unless --manifest).")
     from_: str = Field(
@@ -589,8 +728,11 @@ class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):
     memory_records: int = Field(
         default=50000, ge=1, description="Records kept in memory while reading; the rest spill to disk."
     )
-    end_idle_s: float = Field(
-        default=1.0, gt=0, description="--to end: reading stops once no record arrived for this long."
+    idle_s: float = Field(
+        default=1.0,
+        gt=0,
+        validation_alias=_env_aliases("idle_s", "end_idle_s"),
+        description="--to end: reading stops once no record arrived for this long.",
     )
     progress: bool | None = Field(default=None, description="Progress bars (default: when on a terminal).")
     log_level: LogLevel = Field(default="info", description="Log level.")
@@ -604,6 +746,9 @@ class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):
 
 class DeadLetterSettings(KafkaSettings):
     """`streamtrainer dlq inspect|redrive`: the records a worker could not train on."""
+
+    config_section: ClassVar[str | None] = "dlq"
+    renamed: ClassVar[dict[str, str]] = {"limit": "max_records"}
 
     topic: str = Field(description="The source topic whose dead letters to read.")
     dlq_topic: str | None = Field(default=None, description="Dead-letter topic (default: <topic>.dlq).")
@@ -622,8 +767,11 @@ class DeadLetterSettings(KafkaSettings):
     force: bool = Field(
         default=False, description="redrive: publish records redriven already, too (they are skipped)."
     )
-    limit: int | None = Field(
-        default=None, ge=1, description="At most this many records (redrive: source records)."
+    max_records: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=_env_aliases("max_records", "limit"),
+        description="Stop after this many records (redrive: source records).",
     )
     idle_s: float = Field(
         default=30.0, gt=0, description="Reading fails if nothing arrived for this long before the end."
@@ -633,6 +781,8 @@ class DeadLetterSettings(KafkaSettings):
 
 class DemoSettings(MetricsSettings, KafkaSettings):
     """`streamtrainer demo`: producer and worker on one topic, on the embedded broker by default."""
+
+    config_section: ClassVar[str | None] = "demo"
 
     topic: str = Field(default="streamtrainer-demo", description="Demo topic.")
     records: int = Field(default=60000, ge=1000, description="Records to produce and train.")
@@ -669,3 +819,132 @@ def public_name(field: str) -> str:
 
 def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{public_name(field).upper()}"
+
+
+# -- the --config file -----------------------------------------------------------
+
+# Each command's settings, by its section of a --config file; [kafka] holds the shared connection.
+COMMAND_SETTINGS: dict[str, type[_Settings]] = {
+    "produce": ProducerSettings,
+    "worker": WorkerSettings,
+    "replay": ReplaySettings,
+    "dlq": DeadLetterSettings,
+    "demo": DemoSettings,
+}
+KAFKA_SECTION = "kafka"
+CONFIG_SECTIONS = (KAFKA_SECTION, *COMMAND_SETTINGS)
+
+# The file a settings class is loading from (set by _Settings.load, read by settings_customise_sources).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("streamtrainer_config_file", default=None)
+
+
+@contextmanager
+def _loading_config_file(path: Path | None) -> Iterator[None]:
+    token = _CONFIG_FILE.set(path)
+    try:
+        yield
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file's TOML document; ConfigurationError (one line) if it cannot be read or parsed."""
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise ConfigurationError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except tomllib.TOMLDecodeError as error:
+        reason = " ".join(str(error).split())
+        raise ConfigurationError(f"--config {path}: not valid TOML: {reason}") from None
+    for section in CONFIG_SECTIONS:
+        if section in document and not isinstance(document[section], dict):
+            raise ConfigurationError(f"--config {path}: {section} must be a table ([{section}])")
+    return document
+
+
+def _field_key(key: str, settings_class: type[_Settings]) -> str | None:
+    """The field a file key names (``-`` or ``_``, ``from`` for ``from_``, an old name), or None."""
+    name = key.replace("-", "_")
+    name = settings_class.renamed.get(name, name)
+    for candidate in (name, name + "_"):
+        if candidate in settings_class.model_fields:
+            return candidate
+    return None
+
+
+def config_values(document: dict[str, Any], settings_class: type[_Settings]) -> dict[str, Any]:
+    """What a --config document gives one command: its top-level keys, then [kafka], then its own
+    section (later wins); keys the command does not have are left out (config_warnings names them)."""
+    tables: list[dict[str, Any]] = [{k: v for k, v in document.items() if k not in CONFIG_SECTIONS}]
+    tables.append(document.get(KAFKA_SECTION, {}))
+    if settings_class.config_section is not None:
+        tables.append(document.get(settings_class.config_section, {}))
+    values: dict[str, Any] = {}
+    for table in tables:
+        for key, value in table.items():
+            field = _field_key(key, settings_class)
+            if field is not None:
+                values[field] = value
+    return values
+
+
+def config_warnings(document: dict[str, Any]) -> list[str]:
+    """A line for each key or section of a --config document that no command would read (with the
+    likely intended name), and for each old name of a renamed setting."""
+    lines: list[str] = []
+    everyone: dict[str, type[_Settings]] = {}
+    for settings_class in COMMAND_SETTINGS.values():
+        everyone.update(dict.fromkeys(settings_class.model_fields, settings_class))
+
+    def check(where: str, key: str, classes: list[type[_Settings]]) -> None:
+        name = key.replace("-", "_")
+        for settings_class in classes:
+            if name in settings_class.renamed:
+                lines.append(f"{where}{key} is deprecated: use {settings_class.renamed[name]}")
+                return
+            if _field_key(key, settings_class) is not None:
+                return
+        known = sorted({public_name(f) for c in classes for f in c.model_fields})
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"unknown key {where}{key} ignored{hint}")
+
+    for key, value in document.items():
+        if key in CONFIG_SECTIONS:
+            continue
+        if isinstance(value, dict) and _collection_kind(_annotation_of(key)) is not dict:
+            close = difflib.get_close_matches(key, CONFIG_SECTIONS, n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            lines.append(f"unknown section [{key}] ignored{hint}")
+            continue
+        check("", key, list(COMMAND_SETTINGS.values()))
+    for key in document.get(KAFKA_SECTION, {}):
+        check(f"[{KAFKA_SECTION}] ", key, [KafkaSettings])
+    for section, settings_class in COMMAND_SETTINGS.items():
+        for key in document.get(section, {}):
+            check(f"[{section}] ", key, [settings_class])
+    return lines
+
+
+def _annotation_of(key: str) -> Any:
+    """The annotation of the field a top-level key names in any command (None: no such field)."""
+    for settings_class in COMMAND_SETTINGS.values():
+        field = _field_key(key, settings_class)
+        if field is not None:
+            return settings_class.model_fields[field].annotation
+    return None
+
+
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source, reading one command's values out of a sectioned --config file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        self._command = settings_cls
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        command = self._command if issubclass(self._command, _Settings) else None
+        if command is None:
+            return {}
+        return config_values(read_config_file(Path(file_path)), command)

@@ -129,7 +129,7 @@ def _producer_command(bootstrap: str, topic: str, count: int, *extra: str) -> li
         "regression",
         "--n-features",
         "4",
-        "--count",
+        "--max-records",
         str(count),
         *extra,
     ]

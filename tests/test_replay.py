@@ -53,7 +53,7 @@ def replay(bootstrap: str, out: Path, **overrides: object) -> ReplayResult:
         "out": out,
         "epochs": 2,
         "batch_size": 32,
-        "end_idle_s": 0.5,
+        "idle_s": 0.5,
         "progress": False,
         **overrides,
     }

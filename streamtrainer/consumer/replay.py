@@ -20,7 +20,7 @@ what was read and how it was trained, so ``--manifest`` can replay it exactly.
 
 ``--to end`` means the end of the log when reading *finishes*: the reader keeps
 going past the high watermark it saw at the start until every partition reported
-its end and no record arrived for ``--end-idle-s``. (The embedded Tansu broker
+its end and no record arrived for ``--idle-s``. (The embedded Tansu broker
 reports high watermarks that are too low, so they cannot bound the read.) The
 manifest records the actual end offsets.
 """
@@ -377,7 +377,7 @@ class RangeReader:
         wanted = [TopicPartition(self.topic, s.partition, s.start) for s in states.values() if not s.done]
         if wanted:
             consumer.assign(wanted)
-        idle_s = self.settings.end_idle_s
+        idle_s = self.settings.idle_s
         stall_s = max(self.settings.startup_timeout_s, 2 * idle_s)
         last_record = last_activity = time.monotonic()
         total = 0

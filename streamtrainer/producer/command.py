@@ -45,7 +45,7 @@ def run_producer(settings: ProducerSettings) -> ProduceSummary:
 
     SIGINT and SIGTERM stop it (see :mod:`streamtrainer.producer.stop`): from the first connection on,
     a signal ends the run with what was read flushed and counted, never with a traceback."""
-    count = settings.count
+    count = settings.max_records
     if count is None and settings.source == "synthetic":
         count = DEFAULT_SYNTHETIC_COUNT
     registry = CollectorRegistry()

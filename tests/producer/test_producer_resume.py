@@ -156,7 +156,7 @@ def test_a_signal_stops_reading_flushes_and_reports(bootstrap: str, group_id: st
         "3",
         "--n-keys",
         "7",
-        "--count",
+        "--max-records",
         "100000",
         "--rate",
         "400",
@@ -233,7 +233,7 @@ def test_sigterm_stops_the_producer_as_pid_1(bootstrap: str, group_id: str) -> N
     topic = f"pid1-{group_id}"
     command = [*CLI, "produce", "--bootstrap-servers", bootstrap, "--topic", topic, "--metrics-port", "-1"]
     process = subprocess.Popen(
-        ["unshare", "-Urpf", *command, "--partitions", "2", "--count", "100000", "--rate", "400"],
+        ["unshare", "-Urpf", *command, "--partitions", "2", "--max-records", "100000", "--rate", "400"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
