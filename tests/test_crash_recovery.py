@@ -274,6 +274,9 @@ def test_rebalance_churn_applies_each_record_once_across_the_group(
             victim.start()
             events.append(f"restart {attempt % len(workers)} (Tansu rebalance stalled)")
         assert total_applied() >= n
+        # A member restarted for a stalled rebalance may still be starting (a SIGTERM before its
+        # handler is installed ends it with -15): a clean stop is asked of running loops only.
+        assert wait_until(lambda: all(w.running_loop() for w in workers), timeout=60)
         time.sleep(1.5)
         for worker in workers:
             assert worker.terminate() == 0
