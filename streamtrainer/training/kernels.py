@@ -378,6 +378,12 @@ def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> flo
 Variant = tuple[int, bool, bool]
 
 _lock = threading.Lock()
+# Held while an optimizer is constructed, here and in the learner: the first construction in a
+# process imports torch._dynamo, and two threads doing it at once (this warm-up and a learner being
+# built) could see each other's half-imported modules ("'prims' object has no attribute 'view_of'",
+# "operator onnx_symbolic::_symbolic_multi_out does not exist", seen on a loaded 2-core machine);
+# the warm-up then failed and training stayed on autograd for the whole run.
+OPTIMIZER_IMPORT_LOCK = threading.Lock()
 _jobs: dict[str | Variant, concurrent.futures.Future[None]] = {}
 _dispatchers: dict[Variant, Any] = {}
 
@@ -487,7 +493,8 @@ def _prepare_base(variants: tuple[Variant, ...] = (), processes: int = 1) -> Non
         variants = tuple(v for v in variants if v not in _dispatchers)
     children = _start_compilers(variants, processes)
     # A parameter-free SGD would be rejected; one scalar is enough to run Optimizer.__init__.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    with OPTIMIZER_IMPORT_LOCK:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     warmed = time.perf_counter()
     _wait_for_compilers(children)
     _precompiled.update(variants if children else ())

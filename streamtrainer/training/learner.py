@@ -1253,14 +1253,13 @@ def _check_guards(config: LearnerConfig) -> None:
 
 
 def make_optimizer(name: str, parameters: object, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``parameters`` (see ``kernels.OPTIMIZER_IMPORT_LOCK`` for the lock)."""
     params = list(parameters)  # type: ignore[call-overload]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
-    raise ModelSpecError(f"unknown optimizer {name!r} (sgd, adam, adagrad)")
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
+    if name not in kinds:
+        raise ModelSpecError(f"unknown optimizer {name!r} (sgd, adam, adagrad)")
+    with kernels.OPTIMIZER_IMPORT_LOCK:
+        return kinds[name](params, lr=lr)
 
 
 def parameter_count(model: nn.Module) -> int:
