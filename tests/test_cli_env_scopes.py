@@ -265,3 +265,24 @@ def test_one_shell_runs_produce_then_worker(bootstrap: str, group_id: str) -> No
     assert "trained 600 record(s)" in trained.stdout
     assert "accuracy" in trained.stdout  # a binary model on binary data
     assert "warning" not in trained.stderr
+
+
+def test_the_readme_example_gives_each_command_its_own_values(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README.md's "One shell, several commands" block, its exports applied as a shell would."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### One shell, several commands", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    for line in block.splitlines():
+        if line.startswith("export "):
+            for assignment in line.split("#", 1)[0].split()[1:]:
+                name, _, value = assignment.partition("=")
+                monkeypatch.setenv(name, value)
+    assert "streamtrainer produce " in block and "streamtrainer worker --model logistic" in block
+    producer = build_settings(ProducerSettings, {"partitions": 3, "max_records": 100000})
+    worker = build_settings(WorkerSettings, {"model": "logistic"})
+    assert (producer.metrics_port, worker.metrics_port) == (9465, 9464)
+    assert (producer.synthetic_seed, producer.synthetic_task, worker.seed) == (11, "binary", 3)
+    assert producer.topic == worker.topic == "samples"
+    assert capsys.readouterr().err == ""
