@@ -1,8 +1,9 @@
 """The `streamtrainer` command. Its flags are built from the fields of the settings classes.
 
 Each flag defaults to "not given", so that pydantic-settings applies the one
-precedence rule (flag, then ``STREAMTRAINER_*`` environment variable, then the
-``--config`` file, then the default) in one place: :mod:`streamtrainer.settings`.
+precedence rule (flag, then the command's ``STREAMTRAINER_<COMMAND>_*`` variable, then the
+shared ``STREAMTRAINER_*`` one, then the ``--config`` file, then the default) in one place:
+:mod:`streamtrainer.settings`.
 ``--help`` lists a command's flags in sections (Kafka, model, checkpoints...).
 """
 
@@ -42,8 +43,11 @@ from streamtrainer.settings import (
     ReplaySettings,
     WorkerSettings,
     _Settings,
+    command_env_name,
+    command_scope,
     config_warnings,
     env_name,
+    live_names,
     public_name,
     read_config_file,
 )
@@ -187,12 +191,12 @@ _PREFIX_SECTIONS = (
 # The synthetic generator's flags of `produce`.
 _SYNTHETIC = frozenset(
     {
-        "task",
+        "synthetic_task",
         "n_features",
         "n_classes",
         "nonlinear",
         "noise",
-        "seed",
+        "synthetic_seed",
         "drift",
         "drift_at",
         "drift_width",
@@ -242,8 +246,11 @@ class _SectionedCommand(click.Command):
 _BOOTSTRAP_REQUIRED = "; required (or bootstrap.servers in --kafka-config or --kafka-config-file)"
 
 
-def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """The flags of a settings class (its --config, and old spellings hidden), in --help sections."""
+def settings_options(
+    settings_class: type[_Settings], *, command: str | None = None, exclude: tuple[str, ...] = ()
+) -> Callable[[F], F]:
+    """The flags of a settings class (its --config, and old spellings hidden), in --help sections;
+    ``command`` (``dlq inspect``; default: the class's) names its variables in --help."""
 
     def decorate(function: F) -> F:
         command_params = getattr(function, "__click_params__", [])
@@ -251,7 +258,8 @@ def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...
         # The command's own options first, then the shared ones (connection, metrics, logging).
         own = [name for name in settings_class.__annotations__ if name in fields]
         ordered = own + [name for name in fields if name not in own]
-        options: list[click.Option] = [_config_option()]
+        scope = command_scope(command) if command else settings_class.env_scopes[0]
+        options: list[click.Option] = [_config_option(scope)]
         for name in ordered:
             if name in exclude:
                 continue
@@ -281,15 +289,16 @@ def settings_options(settings_class: type[_Settings], *, exclude: tuple[str, ...
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 
 
-def _config_option() -> _SettingOption:
+def _config_option(scope: str) -> _SettingOption:
     option = _SettingOption(
         ["--config", "config_file"],
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         envvar=CONFIG_VARIABLE,
         default=None,
         help="Settings from this TOML file: top-level keys, then [kafka], then this command's section "
-        "([worker], [replay], [produce], [dlq], [demo]); flags and variables override it "
-        f"[env: {CONFIG_VARIABLE}]",
+        "([worker], [replay], [produce], [dlq], [demo]); flags and variables override it. Each "
+        f"setting's variable may be this command's own: {ENV_PREFIX}{scope}_<NAME> overrides "
+        f"{ENV_PREFIX}<NAME> [env: {CONFIG_VARIABLE}]",
     )
     option.section = "Options"
     return option
@@ -306,11 +315,28 @@ _OTHER_VARIABLES = frozenset(
 )
 
 
-def _warn_unknown_variables() -> None:
-    """A misspelled STREAMTRAINER_* variable is named on stderr, not silently ignored."""
+def _known_variables() -> tuple[set[str], dict[str, str]]:
+    """The STREAMTRAINER_* variables some command reads (shared, and each command's own), and the
+    deprecated ones with their new names."""
     commands = COMMAND_SETTINGS.values()
     known = {env_name(field) for command in commands for field in command.model_fields} | _OTHER_VARIABLES
-    renamed = {env_name(old): env_name(new) for command in commands for old, new in command.renamed.items()}
+    renamed: dict[str, str] = {}
+    for command in commands:
+        for scope in command.env_scopes:
+            known.update(command_env_name(scope, field) for field in command.model_fields)
+            for old, new in command.renamed.items():
+                renamed[command_env_name(scope, old)] = command_env_name(scope, new)
+        # An old name that is still another command's setting (STREAMTRAINER_SEED) is that setting.
+        renamed.update(
+            {env_name(old): env_name(new) for old, new in command.renamed.items() if old not in live_names()}
+        )
+    return known, renamed
+
+
+def _warn_unknown_variables() -> None:
+    """A misspelled STREAMTRAINER_* variable (or STREAMTRAINER_WORKER_*...) is named on stderr, not
+    silently ignored."""
+    known, renamed = _known_variables()
     for name in sorted(os.environ):
         if name in renamed:
             click.echo(f"streamtrainer: warning: {name} is deprecated: use {renamed[name]}", err=True)
@@ -320,10 +346,10 @@ def _warn_unknown_variables() -> None:
             click.echo(f"streamtrainer: warning: unknown environment variable {name} ignored{hint}", err=True)
 
 
-def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
-    """Settings from the flags actually given (the rest come from the environment, the --config
-    file or defaults). A list or dict flag goes as given: settings.parse_collection reads it as it
-    reads a variable."""
+def build_settings(settings_class: type[S], given: dict[str, Any], command: str | None = None) -> S:
+    """Settings from the flags actually given (the rest come from the environment, ``command``'s
+    variables first, the --config file or defaults). A list or dict flag goes as given:
+    settings.parse_collection reads it as it reads a variable."""
     _warn_unknown_variables()
     given = dict(given)
     config_file: Path | None = given.pop("config_file", None)
@@ -338,17 +364,31 @@ def build_settings(settings_class: type[S], given: dict[str, Any]) -> S:
                 given[new] = value
     values = {name: value for name, value in given.items() if value is not None and value != ()}
     try:
-        settings = settings_class.load(values, config_file)
+        settings = settings_class.load(values, config_file, command_scope(command) if command else None)
     except ValidationError as error:
         raise ConfigurationError(_describe_validation(error)) from None
     except SettingsError as error:
         # pydantic-settings could not parse an environment variable.
         raise ConfigurationError(_describe_settings_error(settings_class, error)) from None
+    _note_unscoped_old_variables(settings)
     cache_dir = getattr(settings, "cache_dir", None)
     if cache_dir is not None:
         # numba reads it at import, in this process and in the compiler processes it starts.
         os.environ["NUMBA_CACHE_DIR"] = str(Path(cache_dir).expanduser() / "numba")
     return settings
+
+
+def _note_unscoped_old_variables(settings: _Settings) -> None:
+    """For a release: a variable this command read before its setting was renamed, and that another
+    command still reads (produce's STREAMTRAINER_SEED, the worker's model seed), is no longer read
+    here; said when it would have changed this run (nothing set the new name)."""
+    for old, new in type(settings).renamed.items():
+        if old in live_names() and env_name(old) in os.environ and new not in settings.model_fields_set:
+            click.echo(
+                f"streamtrainer: warning: {env_name(old)} is not read by this command (it is another "
+                f"command's {_flag(old)}): set {env_name(new)} for its {_flag(new)}",
+                err=True,
+            )
 
 
 def _describe_settings_error(settings_class: type[_Settings], error: SettingsError) -> str:
@@ -574,10 +614,10 @@ def _fail_missing(missing: list[tuple[int, int]], settings: DeadLetterSettings) 
 
 
 @dlq.command(cls=_SectionedCommand)
-@settings_options(DeadLetterSettings)
+@settings_options(DeadLetterSettings, command="dlq inspect")
 def inspect(**given: Any) -> None:
     """List dead-lettered records: where they came from, why, which group; redriven or not."""
-    settings = build_settings(DeadLetterSettings, given)
+    settings = build_settings(DeadLetterSettings, given, command="dlq inspect")
     _configure_logging(settings.log_level)
     from streamtrainer.consumer.dead_letter import ERROR_MESSAGE, WORKER_ID, select
 
@@ -608,14 +648,14 @@ def inspect(**given: Any) -> None:
 
 
 @dlq.command(cls=_SectionedCommand)
-@settings_options(DeadLetterSettings)
+@settings_options(DeadLetterSettings, command="dlq redrive")
 def redrive(**given: Any) -> None:
     """Publish selected dead-lettered records back to their source topic (after fixing the cause).
 
     Each source record is published once, however many groups dead-lettered it, and marked as
     redriven: a second redrive skips it unless --force.
     """
-    settings = build_settings(DeadLetterSettings, given)
+    settings = build_settings(DeadLetterSettings, given, command="dlq redrive")
     _configure_logging(settings.log_level)
     from streamtrainer.consumer.dead_letter import dead_letter_topic, select
     from streamtrainer.consumer.dead_letter import redrive as publish_again

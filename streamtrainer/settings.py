@@ -2,9 +2,10 @@
 
 This is the only place configuration is defined. Each field of a settings class
 is read, in order of precedence, from a command-line flag (the CLI builds its
-flags from these fields), a ``STREAMTRAINER_<FIELD>`` environment variable, a
-``--config`` TOML file (its command's section, then ``[kafka]``, then top-level
-keys), then the default below. A list is written the same way in a flag and a
+flags from these fields), the command's own ``STREAMTRAINER_<COMMAND>_<FIELD>``
+environment variable (``STREAMTRAINER_WORKER_SEED``), the shared
+``STREAMTRAINER_<FIELD>`` one, a ``--config`` TOML file (its command's section,
+then ``[kafka]``, then top-level keys), then the default below. A list is written the same way in a flag and a
 variable (``a,b``, or JSON), and as a native array in the file. Settings objects
 are frozen: a running worker never sees its configuration change.
 """
@@ -26,8 +27,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -78,7 +81,12 @@ class _Settings(BaseSettings):
     # The command's section of a --config file ([worker], ...); None: a shared group of settings.
     config_section: ClassVar[str | None] = None
     # Old public names kept for a release as hidden aliases (flag, variable, file key): old -> new.
+    # An old name that is still another command's setting (produce's seed, now synthetic_seed) is
+    # an alias only where it is this command's own: its flag, its section, its command's variable.
     renamed: ClassVar[dict[str, str]] = {}
+    # The commands these settings are for, as STREAMTRAINER_<SCOPE>_<FIELD> variables scope them
+    # ("DLQ_INSPECT": the [dlq] section's STREAMTRAINER_DLQ_ is the worker's dlq_* settings).
+    env_scopes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -89,17 +97,22 @@ class _Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init arguments) > environment > the --config file (when one is loading) > defaults."""
-        sources = (init_settings, env_settings, dotenv_settings, file_secret_settings)
+        """Flags (init arguments) > the command's variables (when a command is loading) > the shared
+        variables > the --config file (when one is loading) > defaults."""
+        scope = _ENV_SCOPE.get()
+        command_env = (_CommandEnvSource(settings_cls, scope),) if scope is not None else ()
+        sources = (init_settings, *command_env, env_settings, dotenv_settings, file_secret_settings)
         path = _CONFIG_FILE.get()
         if path is None:
             return sources
         return (*sources, _ConfigFileSource(settings_cls, path))
 
     @classmethod
-    def load(cls, flags: dict[str, Any], config_file: Path | None = None) -> Self:
-        """The settings from these flags, the environment and ``config_file`` (a TOML file), in that order."""
-        with _loading_config_file(config_file):
+    def load(cls, flags: dict[str, Any], config_file: Path | None = None, scope: str | None = None) -> Self:
+        """The settings from these flags, the environment (``scope``'s variables first, e.g.
+        ``WORKER``; default: the class's first) and ``config_file`` (a TOML file), in that order."""
+        scope = scope or (cls.env_scopes[0] if cls.env_scopes else None)
+        with _loading_config_file(config_file), _loading_scope(scope):
             return cls(**flags)
 
     @field_validator("*", mode="before")
@@ -259,7 +272,13 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
     """`streamtrainer produce`."""
 
     config_section: ClassVar[str | None] = "produce"
-    renamed: ClassVar[dict[str, str]] = {"count": "max_records"}
+    env_scopes: ClassVar[tuple[str, ...]] = ("PRODUCE",)
+    # The generator's seed and task are the data's, not a model's (the worker's --seed, --task).
+    renamed: ClassVar[dict[str, str]] = {
+        "count": "max_records",
+        "seed": "synthetic_seed",
+        "task": "synthetic_task",
+    }
 
     topic: str = Field(description="Topic to publish to.")
     metrics_port: int = Field(
@@ -300,12 +319,12 @@ class ProducerSettings(KafkaSettings, MetricsSettings):
         default=None, ge=1, description="Create the topic with this many partitions if it is missing."
     )
     # Synthetic generator.
-    task: Task = Field(default="regression", description="Synthetic task.")
+    synthetic_task: Task = Field(default="regression", description="Synthetic task: the labels generated.")
     n_features: int = Field(default=8, ge=1, description="Synthetic feature dimension.")
     n_classes: int = Field(default=3, ge=2, description="Synthetic multi-class: number of classes.")
     nonlinear: bool = Field(default=False, description="Synthetic: a concept no linear model separates.")
     noise: float = Field(default=0.1, ge=0, description="Synthetic label noise (std, or flip probability).")
-    seed: int = Field(default=0, description="Synthetic random seed.")
+    synthetic_seed: int = Field(default=0, description="Synthetic random seed (of the data, not a model's).")
     drift: Literal["none", "abrupt", "gradual"] = Field(
         default="none", description="Synthetic concept drift."
     )
@@ -462,6 +481,7 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     """`streamtrainer worker`."""
 
     config_section: ClassVar[str | None] = "worker"
+    env_scopes: ClassVar[tuple[str, ...]] = ("WORKER",)
 
     topic: str = Field(description="Topic to train from.")
     group: str = Field(default="streamtrainer", description="Consumer group id.")
@@ -695,6 +715,7 @@ class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):
 
     # from_: validated by name in code, by STREAMTRAINER_FROM in the environment (a Python keyword).
     config_section: ClassVar[str | None] = "replay"
+    env_scopes: ClassVar[tuple[str, ...]] = ("REPLAY",)
     renamed: ClassVar[dict[str, str]] = {"end_idle_s": "idle_s"}
 
     topic: str | None = Field(default=None, description="Topic to read (required unless --manifest).")
@@ -748,6 +769,7 @@ class DeadLetterSettings(KafkaSettings):
     """`streamtrainer dlq inspect|redrive`: the records a worker could not train on."""
 
     config_section: ClassVar[str | None] = "dlq"
+    env_scopes: ClassVar[tuple[str, ...]] = ("DLQ_INSPECT", "DLQ_REDRIVE")
     renamed: ClassVar[dict[str, str]] = {"limit": "max_records"}
 
     topic: str = Field(description="The source topic whose dead letters to read.")
@@ -783,6 +805,7 @@ class DemoSettings(MetricsSettings, KafkaSettings):
     """`streamtrainer demo`: producer and worker on one topic, on the embedded broker by default."""
 
     config_section: ClassVar[str | None] = "demo"
+    env_scopes: ClassVar[tuple[str, ...]] = ("DEMO",)
 
     topic: str = Field(default="streamtrainer-demo", description="Demo topic.")
     records: int = Field(default=60000, ge=1000, description="Records to produce and train.")
@@ -818,7 +841,43 @@ def public_name(field: str) -> str:
 
 
 def env_name(field: str) -> str:
+    """The shared environment variable of a setting: ``STREAMTRAINER_<NAME>``."""
     return f"{ENV_PREFIX}{public_name(field).upper()}"
+
+
+def command_env_name(scope: str, field: str) -> str:
+    """A command's own variable of a setting, ``STREAMTRAINER_<SCOPE>_<NAME>`` (over the shared one)."""
+    return f"{ENV_PREFIX}{scope}_{public_name(field).upper()}"
+
+
+def command_scope(command: str) -> str:
+    """The scope of a command's variables: ``dlq inspect`` -> ``DLQ_INSPECT``."""
+    return "_".join(command.split()).replace("-", "_").upper()
+
+
+class _CommandEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source with a command's prefix (``STREAMTRAINER_WORKER_``).
+
+    Each field is read from its command variable only (a renamed field's old name too, deprecated),
+    never from the shared aliases of a renamed field, and is keyed as the shared source keys it, so
+    that the command's value overrides the shared one."""
+
+    def __init__(self, settings_cls: type[BaseSettings], scope: str) -> None:
+        self._scope = scope
+        self._renamed = settings_cls.renamed if issubclass(settings_cls, _Settings) else {}
+        super().__init__(settings_cls, env_prefix=f"{ENV_PREFIX}{scope}_")
+
+    def _extract_field_info(
+        self, field: FieldInfo, field_name: str, model_config: Any = None
+    ) -> list[tuple[str, str, bool]]:
+        shared = super()._extract_field_info(field, field_name, model_config)
+        key = shared[0][0]  # the preferred alias (a renamed field's new variable), else the name
+        complex_value = any(entry[2] for entry in shared)
+        names = [field_name, *(old for old, new in self._renamed.items() if new == field_name)]
+        return [
+            (key, self._apply_case_sensitive(command_env_name(self._scope, name)), complex_value)
+            for name in names
+        ]
 
 
 # -- the --config file -----------------------------------------------------------
@@ -838,6 +897,10 @@ CONFIG_SECTIONS = (KAFKA_SECTION, *COMMAND_SETTINGS)
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("streamtrainer_config_file", default=None)
 
 
+# The command whose STREAMTRAINER_<SCOPE>_* variables a settings class is loading (set by _Settings.load).
+_ENV_SCOPE: ContextVar[str | None] = ContextVar("streamtrainer_env_scope", default=None)
+
+
 @contextmanager
 def _loading_config_file(path: Path | None) -> Iterator[None]:
     token = _CONFIG_FILE.set(path)
@@ -845,6 +908,20 @@ def _loading_config_file(path: Path | None) -> Iterator[None]:
         yield
     finally:
         _CONFIG_FILE.reset(token)
+
+
+@contextmanager
+def _loading_scope(scope: str | None) -> Iterator[None]:
+    token = _ENV_SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _ENV_SCOPE.reset(token)
+
+
+def live_names() -> frozenset[str]:
+    """Every field of every command (an old name among them is renamed only in its own command)."""
+    return frozenset(field for command in COMMAND_SETTINGS.values() for field in command.model_fields)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -863,10 +940,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return document
 
 
-def _field_key(key: str, settings_class: type[_Settings]) -> str | None:
-    """The field a file key names (``-`` or ``_``, ``from`` for ``from_``, an old name), or None."""
+def _field_key(key: str, settings_class: type[_Settings], *, shared: bool = False) -> str | None:
+    """The field a file key names (``-`` or ``_``, ``from`` for ``from_``, an old name), or None.
+    ``shared``: a top-level or [kafka] key, where an old name that is another command's setting
+    (``seed``) is that setting, not this command's renamed one."""
     name = key.replace("-", "_")
-    name = settings_class.renamed.get(name, name)
+    if not (shared and name in live_names()):
+        name = settings_class.renamed.get(name, name)
     for candidate in (name, name + "_"):
         if candidate in settings_class.model_fields:
             return candidate
@@ -881,9 +961,9 @@ def config_values(document: dict[str, Any], settings_class: type[_Settings]) -> 
     if settings_class.config_section is not None:
         tables.append(document.get(settings_class.config_section, {}))
     values: dict[str, Any] = {}
-    for table in tables:
+    for index, table in enumerate(tables):
         for key, value in table.items():
-            field = _field_key(key, settings_class)
+            field = _field_key(key, settings_class, shared=index < 2)
             if field is not None:
                 values[field] = value
     return values
@@ -899,6 +979,8 @@ def config_warnings(document: dict[str, Any]) -> list[str]:
 
     def check(where: str, key: str, classes: list[type[_Settings]]) -> None:
         name = key.replace("-", "_")
+        if any(_field_key(key, c) is not None and name not in c.renamed for c in classes):
+            return  # a setting (of another command too: a top-level seed is the model's)
         for settings_class in classes:
             if name in settings_class.renamed:
                 lines.append(f"{where}{key} is deprecated: use {settings_class.renamed[name]}")

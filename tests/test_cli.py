@@ -104,7 +104,9 @@ def test_missing_topic_and_bad_source_are_clear(bootstrap: str) -> None:
 def test_environment_configures_a_produce_then_worker_run(bootstrap: str, group_id: str, tmp_path) -> None:
     topic = f"cli-{group_id}"
     env = {env_name("bootstrap_servers"): bootstrap, env_name("topic"): topic, env_name("metrics_port"): "-1"}
-    produced = run_cli("produce", "--max-records", "1500", "--partitions", "2", "--task", "binary", env=env)
+    produced = run_cli(
+        "produce", "--max-records", "1500", "--partitions", "2", "--synthetic-task", "binary", env=env
+    )
     assert produced.returncode == 0, produced.stderr
     assert "produced 1500 record(s)" in produced.stdout
     trained = run_cli(

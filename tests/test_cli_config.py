@@ -253,7 +253,7 @@ def test_a_produce_run_takes_its_settings_from_the_file(
         max_records = 40
         partitions = 1
         metrics_port = -1
-        task = "binary"
+        synthetic_task = "binary"
         """,
     )
     result = run_cli("produce", "--config", str(path))

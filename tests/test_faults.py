@@ -125,7 +125,7 @@ def _producer_command(bootstrap: str, topic: str, count: int, *extra: str) -> li
         topic,
         "--source",
         "synthetic",
-        "--task",
+        "--synthetic-task",
         "regression",
         "--n-features",
         "4",
@@ -162,7 +162,7 @@ def test_worker_and_producer_ride_out_a_broker_restart_with_s3_storage(moto_s3: 
 
         # N records, every one acknowledged, before anything else runs.
         before = subprocess.run(
-            _producer_command(bootstrap, topic, n_before, "--seed", "1", "--metrics-port", "-1"),
+            _producer_command(bootstrap, topic, n_before, "--synthetic-seed", "1", "--metrics-port", "-1"),
             env=_clean_env(),
             capture_output=True,
             check=False,
@@ -198,7 +198,7 @@ def test_worker_and_producer_ride_out_a_broker_restart_with_s3_storage(moto_s3: 
                     bootstrap,
                     topic,
                     m_during,
-                    *("--seed", "2", "--rate", str(rate), "--metrics-port", str(producer_port)),
+                    *("--synthetic-seed", "2", "--rate", str(rate), "--metrics-port", str(producer_port)),
                 ),
                 stdout=log,
                 stderr=subprocess.STDOUT,

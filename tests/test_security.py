@@ -182,7 +182,7 @@ def test_no_secret_in_any_output_of_a_debug_worker_run(
         "--metrics-port",
         "-1",
     ]
-    produced = run_cli("produce", *common, "--max-records", "300", "--task", "binary", env=env)
+    produced = run_cli("produce", *common, "--max-records", "300", "--synthetic-task", "binary", env=env)
     assert produced.returncode == 0, produced.stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
     run_log = tmp_path / "run.jsonl"

@@ -27,12 +27,12 @@ _ANNOUNCE_CHECK_BYTES = 16 * 1024 * 1024  # a CSV file read first for longer tha
 def synthetic_spec(settings: ProducerSettings) -> SyntheticSpec:
     """The synthetic generator's spec from the producer's settings."""
     return SyntheticSpec(
-        task=settings.task,
+        task=settings.synthetic_task,
         n_features=settings.n_features,
         n_classes=settings.n_classes,
         nonlinear=settings.nonlinear,
         noise=settings.noise,
-        seed=settings.seed,
+        seed=settings.synthetic_seed,
         drift=settings.drift,
         drift_at=settings.drift_at,
         drift_width=settings.drift_width,
