@@ -25,6 +25,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +50,6 @@ EXEMPT: dict[str, str] = {
     r"^make test\b": "the whole suite, this test included",
     r"^make bench(-quality)?\b": "minutes long; tests/bench covers the benchmark code",
     r"^docker compose\b": "needs Docker; tests/test_deploy_compose.py checks the compose file",
-    r"^promtool\b": "needs Prometheus' promtool; tests/test_deploy_prometheus.py runs it when present",
     r"^kill -USR1 <": "a placeholder pid of a running worker; tests/test_worker_compaction.py sends USR1",
     r"^curl -X POST http://127\.0\.0\.1:9464/compact": (
         "a running worker with --admin-endpoints; tests/metrics covers POST /compact"
@@ -68,6 +68,9 @@ EXEMPT: dict[str, str] = {
         "illustrative offsets of dead letters; tests/test_dead_letter.py redrives by offsets"
     ),
 }
+
+if shutil.which("promtool") is None:
+    EXEMPT[r"^promtool\b"] = "Prometheus' promtool is not installed (the CI image has it)"
 
 # (pattern, replacement) applied to every run command, in order: smaller counts, same meaning
 REWRITES: list[tuple[str, str]] = [
@@ -113,6 +116,7 @@ class DocCommand:
 
     @property
     def program(self) -> str:
+        """The command's first word."""
         return self.tokens[0] if self.tokens else ""
 
 
@@ -166,7 +170,7 @@ def _exemption(command: DocCommand) -> str | None:
 
 def _runnable(command: DocCommand) -> bool:
     """A streamtrainer command, alone or at the end of a pipe, or a here-document written to a file."""
-    if command.program == "streamtrainer":
+    if command.program in {"streamtrainer", "promtool"}:
         return True
     if command.heredoc and command.tokens[:2] == ["cat", ">"]:
         return True
@@ -220,6 +224,8 @@ def _limited(command: DocCommand, expanded: str, number: int, scratch: Path, boo
     """The command as run here: placeholders expanded, the test broker, small counts, a stop."""
     if command.heredoc:  # a file written as documented
         return command.text + "\n" + command.heredoc
+    if "streamtrainer" not in command.tokens:  # another tool, as documented
+        return " ".join(shlex.quote(token) for token in command.tokens)
     pipe = command.tokens[: command.tokens.index("streamtrainer")]
     text = " ".join(shlex.quote(t) if t != "|" else t for t in pipe) + (" " if pipe else "") + expanded
     assert "..." not in text, f"{command.where}: a '...' placeholder the test cannot expand: {command.text}"
@@ -273,10 +279,10 @@ def _check(command: DocCommand, result: subprocess.CompletedProcess[str]) -> str
 
 def _run_broker(command: DocCommand, scratch: Path) -> str | None:
     """The broker in the foreground: it must listen, then stop on Ctrl-C (SIGINT) with exit 0."""
-    with socket_port() as port:
-        script = _limited(command, " ".join(command.tokens), 0, scratch, "").replace(
-            "--port 9092", f"--port {port}"
-        )
+    port = _free_port()
+    script = _limited(command, " ".join(command.tokens), 0, scratch, "").replace(
+        "--port 9092", f"--port {port}"
+    )
     process = subprocess.Popen(
         ["bash", "-c", f"exec {script}"],
         stdout=subprocess.PIPE,
@@ -285,37 +291,31 @@ def _run_broker(command: DocCommand, scratch: Path) -> str | None:
         env=_environment(scratch / "models"),
         cwd=scratch,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        if _listening(port):
-            break
-        time.sleep(0.2)
-    listened = _listening(port)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None and not _listening(port):
+            time.sleep(0.2)
+        listened = _listening(port)
+        process.send_signal(signal.SIGINT)  # the doc's Ctrl-C
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     if listened and process.returncode == 0:
         return None
     return f"{command.where}: listened {listened}, exit {process.returncode}: {command.text}\n{output[-800:]}"
 
 
-class socket_port:  # noqa: N801 - used as a context manager, like a function
-    """A free TCP port on 127.0.0.1 (free once the context ends)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        port: int = self._socket.getsockname()[1]
+def _free_port() -> int:
+    """A TCP port of 127.0.0.1 free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
         return port
-
-    def __exit__(self, *exc: object) -> None:
-        self._socket.close()
 
 
 def _listening(port: int) -> bool:
-    import socket
-
     with socket.socket() as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
@@ -350,12 +350,15 @@ PHASES = {
     "replay-again": 1,
     "dlq": 1,
     "plot": 2,
+    "promtool": 1,
 }
 
 
 def _phase(command: DocCommand) -> str:
     if command.heredoc:
         return "files"
+    if command.program == "promtool":
+        return "promtool"
     if _subcommand(command) == "replay" and "--manifest" in command.tokens:
         return "replay-again"  # reads the manifest an earlier replay wrote
     return _subcommand(command)
@@ -405,7 +408,9 @@ def test_every_doc_command_runs(bootstrap: str, tmp_path: Path) -> None:
             for number, command in batch
         ]
         with ThreadPoolExecutor(max_workers=side_by_side) as pool:
-            results = list(pool.map(lambda item: _run(item[1], tmp_path), scripts))
+            # promtool's paths are the checkout's (deploy/prometheus/...)
+            cwd = ROOT if phase == "promtool" else tmp_path
+            results = list(pool.map(_run, [script for _, script in scripts], [cwd] * len(scripts)))
         failures += [
             f for (command, _), result in zip(scripts, results, strict=True) if (f := _check(command, result))
         ]
