@@ -50,9 +50,9 @@ EXEMPT: dict[str, str] = {
     r"^make test\b": "the whole suite, this test included",
     r"^make bench(-quality)?\b": "minutes long; tests/bench covers the benchmark code",
     r"^docker compose\b": "needs Docker; tests/test_deploy_compose.py checks the compose file",
-    r"^kill -USR1 <": "a placeholder pid of a running worker; tests/test_worker_compaction.py sends USR1",
+    r"^kill -USR1 <": "a placeholder pid of a running worker; tests/test_compaction_trigger.py sends USR1",
     r"^curl -X POST http://127\.0\.0\.1:9464/compact": (
-        "a running worker with --admin-endpoints; tests/metrics covers POST /compact"
+        "a running worker with --admin-endpoints; tests/metrics/test_endpoints.py posts /compact"
     ),
     r"--kafka-config-file client\.properties --kafka-secret-file": (
         "needs a SASL_SSL listener and its CA; tests/test_security.py checks the settings it builds"
