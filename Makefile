@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench bench-quality clean
+.PHONY: setup demo test lint unit bench bench-quality bench-models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: setup
 # scikit-learn); prints the table and writes runs/quality.json. See bench/README.md, "Quality".
 bench-quality: setup
 	$(BIN)/python -m bench.quality
+
+# Users' own modules against the built-in model: in memory, the worker end to end, cold and warm
+# starts of the compiled paths. See bench/README.md, "Custom models".
+bench-models: setup
+	$(BIN)/python -m bench.custom_models
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs

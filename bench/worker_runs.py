@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from bench.workloads import HIDDEN, Timing, lr_for
 from streamtrainer.consumer.worker import Worker, WorkerStatus
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import OnlineLearner, kernels
+from streamtrainer.training import OnlineLearner
 from streamtrainer.training.checkpoint import Checkpoint
 
 T = TypeVar("T")
@@ -57,6 +57,7 @@ class TimedWorker(Worker):
         self.first_trained_at: float | None = None
         self.last_trained_at: float | None = None
         self.fused_from: float | None = None  # end of the first batch trained with the loop ready
+        self.records_at_fused = 0  # records trained by then
         self.first_batch_records = 0
         self.batches = 0  # batches whose update finished
         self._batches_at_first = 0
@@ -170,7 +171,7 @@ class TimedWorker(Worker):
     def _finish_update(self) -> None:
         if self._in_flight is None or self._in_flight.update is None:
             return
-        ready_before = kernels.compile_state() == "ready"
+        ready_before = self._compiled_path_ready()
         began = time.perf_counter()
         super()._finish_update()
         now = time.perf_counter()
@@ -184,7 +185,15 @@ class TimedWorker(Worker):
         self._at_last_batch = dict(self.spent)
         if self.fused_from is None and ready_before and self.records_trained:
             self.fused_from = now
+            self.records_at_fused = self.records_trained
         self.last_trained_at = now
+
+    def _compiled_path_ready(self) -> bool:
+        """Whether the learner's compiled path (if it has one) runs this batch size compiled now."""
+        learner = self.learner
+        if learner is None or learner.path.compiled is None:
+            return False
+        return learner.path.compiled.ready(self.settings.update_batch)
 
     def timing(self, *, from_assignment: bool = False) -> Timing:
         """Steady-state rate: the records after the first batch over the time since it.
@@ -212,6 +221,10 @@ class TimedWorker(Worker):
             extra["end_to_end_rate"] = self.records_trained / (last - self.assigned_at)
             if self.fused_from is not None:
                 extra["fused_from_s"] = self.fused_from - self.assigned_at
+                if last > self.fused_from:
+                    # The steady state of the compiled path alone: from the first batch it trained.
+                    compiled = self.records_trained - self.records_at_fused
+                    extra["compiled_rate"] = compiled / (last - self.fused_from)
             if self.run_started is not None:
                 extra["join_s"] = self.assigned_at - self.run_started
         if self.run_ended is not None:

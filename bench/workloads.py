@@ -26,9 +26,8 @@ from streamtrainer.producer.synthetic import SyntheticSpec, generate_arrays
 from streamtrainer.records import CODEC_HEADER, BatchDecoder, encode_binary_rows
 from streamtrainer.records.codec import BINARY_CODEC, JSON_CODEC
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import kernels
 from streamtrainer.training.compaction import CompactionStore, train_epochs
-from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer
+from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer, prepare_training
 from streamtrainer.training.models import build_model
 from streamtrainer.training.scaler import RunningStandardizer
 
@@ -187,13 +186,13 @@ def learner_loop(
     """``OnlineLearner.learn_many`` on in-memory arrays, ``chunk`` records per call as the worker's polls.
 
     The learner's own path: the fused kernels once compiled (waited for here, as the
-    worker's ``kernels.prepare`` would have them ready by its first batch).
+    worker's ``prepare_training`` would have them ready by its first batch).
     """
-    task, loss = MODELS[model_name]
+    task, _loss = MODELS[model_name]
     d = features.shape[1]
     config = LearnerConfig(model=model_name, task=task, optimizer="sgd", lr=lr_for(d), hidden=HIDDEN)
     learner = OnlineLearner(config, d)
-    if not kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300):
+    if not learner.settle_path(timeout_s=300, batch_size=batch_size):
         raise RuntimeError(f"the fused loop for {model_name} did not get ready")
     chunk = chunk or WORKER_POLL
     started = time.perf_counter()
@@ -261,11 +260,11 @@ def compaction_epochs(
     into one block) and the epochs (standardize, seeded shuffles, mini-batch
     steps through ``learner.fit_rows``). Records = W x epochs.
     """
-    task, loss = MODELS[model_name]
+    task, _loss = MODELS[model_name]
     n, d = features.shape
     config = LearnerConfig(model=model_name, task=task, optimizer="sgd", lr=lr_for(d), hidden=HIDDEN)
     learner = OnlineLearner(config, d)
-    if not kernels.wait_until_ready(learner.model, learner.optimizer, loss=loss, task=task, timeout_s=300):
+    if not learner.settle_path(timeout_s=300, batch_size=batch_size):
         raise RuntimeError(f"the fused loop for {model_name} did not get ready")
     if learner.scaler is not None:
         learner.scaler.learn_transform(features)
@@ -340,7 +339,7 @@ def replay_read(bootstrap: str, topic: str, n: int, *, directory: Path, model: s
         return OnlineLearner(config, n_features)
 
     began = time.perf_counter()
-    kernels.prepare(model, "sgd")  # as run_replay does, before it resolves the range
+    prepare_training(model, "sgd")  # as run_replay does, before it resolves the range
     store_dir = directory / "shards"
     with (
         CompactionStore(store_dir, memory_records=settings.memory_records, retain_records=None) as store,

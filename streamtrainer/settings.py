@@ -38,12 +38,14 @@ from pydantic_settings import (
 
 from streamtrainer.exceptions import ConfigurationError
 from streamtrainer.security import redact
+from streamtrainer.training import catalog
+from streamtrainer.training.catalog import Task
 
 ENV_PREFIX = "STREAMTRAINER_"
 
 Codec = Literal["json", "binary"]
-Task = Literal["regression", "binary", "multiclass"]
 ModelName = str  # linear | logistic | softmax | mlp | package.module:factory
+# Literal types for the flags' choices; tests/test_catalog.py holds them equal to the catalog's.
 OptimizerName = Literal["sgd", "adam", "adagrad"]
 LossName = Literal["auto", "mse", "l1", "bce", "ce", "audit"]
 OffsetReset = Literal["earliest", "latest"]
@@ -60,8 +62,6 @@ DEFAULT_LR = 0.1
 # record online: an mlp worker trades throughput for learning within a few thousand records; set
 # --compaction-every-records 2000 --compaction-epochs 3 for the linear models' schedule.
 NONLINEAR_COMPACTION: dict[str, int] = {"compaction_every_records": 500, "compaction_epochs": 10}
-_LINEAR_MODELS = frozenset({"linear", "logistic", "softmax", "audit"})
-BUILTIN_TASKS: dict[str, Task] = {"linear": "regression", "logistic": "binary", "softmax": "multiclass"}
 
 
 class _Settings(BaseSettings):
@@ -382,17 +382,16 @@ class ModelSettings(_Settings):
 
     @model_validator(mode="after")
     def _check_model(self) -> Self:
-        builtin = {"linear", "logistic", "softmax", "mlp"}
-        # "audit" is a test-only model (tests/test_crash_recovery.py): accepted, never offered.
-        if self.model not in builtin | {"audit"} and ":" not in self.model:
+        # A test-only model ("audit", tests/test_crash_recovery.py) is accepted, never offered.
+        if self.model not in catalog.MODELS and ":" not in self.model:
             raise ValueError(
-                f"model {self.model!r} is neither built in ({', '.join(sorted(builtin))}) "
-                "nor package.module:factory"
+                f"model {self.model!r} is neither built in ({', '.join(sorted(catalog.offered_models()))}) "
+                f"nor {catalog.FACTORY_FORM}"
             )
         if ":" in self.model:
             _check_factory(self.model)
         _check_device("--device", self.device)
-        if self.task is None and self.model not in BUILTIN_TASKS and self.model != "audit":
+        if self.task is None and catalog.implied_task(self.model) is None:
             # Guessing would be worse than asking: 0/1 labels trained as a regression (the old
             # default) look like learning and are not what was meant.
             raise ValueError(f"--model {self.model} needs --task (regression, binary or multiclass)")
@@ -404,7 +403,7 @@ class ModelSettings(_Settings):
     def resolved_task(self) -> Task:
         if self.task is not None:
             return self.task
-        return BUILTIN_TASKS.get(self.model, "regression")
+        return catalog.implied_task(self.model) or "regression"
 
 
 def _check_factory(spec: str) -> None:
@@ -687,7 +686,7 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     @classmethod
     def _compaction_defaults_of_the_model(cls, data: Any) -> Any:
         """A model with a hidden layer compacts more often and longer, unless told otherwise."""
-        if isinstance(data, dict) and str(data.get("model", "linear")) not in _LINEAR_MODELS:
+        if isinstance(data, dict) and catalog.is_nonlinear(str(data.get("model", "linear"))):
             for name, value in NONLINEAR_COMPACTION.items():
                 if data.get(name) is None and name not in data:
                     data[name] = value

@@ -12,6 +12,11 @@ def make_model(*, n_features: int, n_outputs: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_features, 8), nn.Tanh(), nn.Linear(8, n_outputs))
 
 
+def make_dropout_model(*, n_features: int, n_outputs: int) -> nn.Module:
+    """Random in training (dropout): no compiled path can reproduce it, so it trains through autograd."""
+    return nn.Sequential(nn.Linear(n_features, 8), nn.Dropout(0.5), nn.Linear(8, n_outputs))
+
+
 class _SlowInBatches(nn.Module):
     """A linear model whose mini-batch forward passes take a while: a compaction far longer than
     max.poll.interval.ms, without making the online (one record per step) path slow."""

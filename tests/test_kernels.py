@@ -531,8 +531,10 @@ def test_learner_switches_from_autograd_to_fused_seamlessly(
     _assert_same_learner(learner, reference)
 
 
-def _custom_model_config() -> LearnerConfig:
-    return LearnerConfig(model="tests.custom_model:make_model", task="regression", optimizer="adam", lr=0.01)
+def _random_custom_model_config() -> LearnerConfig:
+    return LearnerConfig(
+        model="tests.custom_model:make_dropout_model", task="regression", optimizer="adam", lr=0.01
+    )
 
 
 @pytest.mark.parametrize(
@@ -540,10 +542,10 @@ def _custom_model_config() -> LearnerConfig:
     [
         LearnerConfig(model="linear", fused=False),
         LearnerConfig(model="mlp", task="binary", optimizer="adagrad", hidden=HIDDEN, fused=False),
-        _custom_model_config(),
+        _random_custom_model_config(),
         LearnerConfig(model="audit", task="regression", optimizer="sgd", lr=1.0, standardize=False),
     ],
-    ids=["linear-off", "mlp-off", "custom", "audit"],
+    ids=["linear-off", "mlp-off", "custom-dropout", "audit"],
 )
 def test_learners_the_kernels_do_not_cover_stay_on_autograd(
     config: LearnerConfig, fused_calls: list[int]

@@ -68,3 +68,18 @@ def test_no_pickle_and_no_star_imports_in_product_code() -> None:
                 )
                 assert not any(m.split(".")[0] in {"pickle", "dill", "cloudpickle"} for m in modules), path
         assert "torch.load(" not in text, path
+
+
+def test_the_consumer_reaches_training_through_the_learner_not_its_compiled_paths() -> None:
+    """How a learner's steps run (kernels, compiled graphs) is the learner's business."""
+    internals = tuple(
+        f"streamtrainer.training.{name}"
+        for name in ("kernels", "fused_loops", "program_loops", "graph_step", "paths")
+    )
+    for path in sorted((PACKAGE / "consumer").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "streamtrainer.training":
+                assert not {a.name for a in node.names} & {n.rsplit(".", 1)[1] for n in internals}, path
+        for name in _imports(path):
+            assert not name.startswith(internals), f"consumer/{path.name} imports {name}"

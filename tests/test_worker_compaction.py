@@ -138,6 +138,7 @@ def test_an_epoch_longer_than_max_poll_interval_keeps_the_group(
         compaction_window=2000,
         compaction_epochs=4,
         compaction_batch_size=4,  # 4 epochs x 500 batches x 5 ms: about 10 s per compaction
+        fused=False,  # its forward's sleep is Python: a compiled step graph would leave it out
     )
     caplog.set_level(logging.INFO, logger="streamtrainer")
     status = Worker(settings, registry=registry).run()

@@ -84,11 +84,12 @@ from streamtrainer.consumer.validation import trainable_rows
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.records import BatchDecoder, DecodeError
 from streamtrainer.settings import ReplaySettings
-from streamtrainer.training import LearnerConfig, OnlineLearner, kernels
+from streamtrainer.training import LearnerConfig, OnlineLearner
 from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.compaction.epochs import evaluate, split_holdout, train_epochs
 from streamtrainer.training.compaction.store import CompactionStore, EpochData
 from streamtrainer.training.exceptions import CheckpointError, TrainingError
+from streamtrainer.training.learner import prepare_training
 from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
@@ -627,7 +628,7 @@ def _run_replay(settings: ReplaySettings) -> ReplayResult:
     plan = _plan(settings)
     # Torch's optimizer machinery (a 1-2 s import on first use) and the compiled loop get
     # ready in the background while the range is resolved and read.
-    kernels.prepare(plan.model, plan.optimizer)
+    prepare_training(plan.model, plan.optimizer)
     out = settings.out
     show = settings.progress if settings.progress is not None else sys.stderr.isatty()
     start_model = _initial_checkpoint(plan)
@@ -700,7 +701,7 @@ def _run_replay(settings: ReplaySettings) -> ReplayResult:
         for begin in range(0, train.count, _SCALER_CHUNK):
             stop = begin + _SCALER_CHUNK
             learner.learn_statistics(train.features[begin:stop], train.labels[begin:stop])
-    learner.settle_path()  # one path for every step: bitwise reproducible
+    learner.settle_path(batch_size=plan.batch_size)  # one path for every step: bitwise reproducible
     epoch_losses = _train(learner, train, plan, show)
     holdout_loss = evaluate(learner, held) if held.count else math.nan
     checkpoint = _save_checkpoint(

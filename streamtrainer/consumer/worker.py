@@ -83,11 +83,11 @@ from streamtrainer.training import (
     ProgressiveMetrics,
     ProgressiveReport,
     StepResult,
-    kernels,
 )
 from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.drift import LossDriftDetector, loss_drift_detector
 from streamtrainer.training.exceptions import CheckpointError, DivergenceError, TrainingError
+from streamtrainer.training.learner import prepare_training
 from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class Worker:
                 self._check_binding(checkpoint)
             stack.enter_context(self._signals_stop_the_loop())
             if settings.fused and settings.device == "cpu":
-                kernels.prepare(settings.model, settings.optimizer)  # compiles in the background meanwhile
+                prepare_training(settings.model, settings.optimizer)  # compiles in the background meanwhile
             try:
                 self._restore(checkpoint)
             except TrainingError as error:

@@ -21,3 +21,7 @@ class CompactionError(TrainingError):
 
 class DivergenceError(TrainingError):
     """The model kept diverging although its learning rate was lowered as far as allowed."""
+
+
+class CompiledPathRefusedError(TrainingError):
+    """A compiled path cannot take this batch (nothing has moved yet): the caller takes autograd."""

@@ -59,22 +59,23 @@ import torch
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
-from streamtrainer.training.exceptions import TrainingError
+from streamtrainer.training import catalog
+from streamtrainer.training.exceptions import CompiledPathRefusedError, TrainingError
 from streamtrainer.training.scaler import RunningStandardizer
 
 logger = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 
-LOSS_CODES: Final = {"mse": 0, "l1": 1, "bce": 2, "ce": 3}
+# From the catalog: the losses the loops compute, and the shape each built-in model has.
+LOSS_CODES: Final = {name: e.kernel_code for name, e in catalog.LOSSES.items() if e.kernel_code is not None}
 OPTIMIZER_CODES: Final = {torch.optim.SGD: 0, torch.optim.Adam: 1, torch.optim.Adagrad: 2}
-_TASK_OF_LOSS: Final = {"mse": "regression", "l1": "regression", "bce": "binary", "ce": "multiclass"}
 _SGD, _ADAM, _ADAGRAD = 0, 1, 2
-_BUILTIN_KINDS: Final = {"linear": "linear", "logistic": "linear", "softmax": "linear", "mlp": "mlp"}
+_BUILTIN_KINDS: Final = {name: e.compiled_kind for name, e in catalog.MODELS.items() if e.compiled_kind}
 _EMPTY: Final = np.empty(0, dtype=np.float32)
 
 
-class FusedUnsupportedError(TrainingError):
+class FusedUnsupportedError(CompiledPathRefusedError):
     """The model/optimizer/loss combination has no fused kernel; use the autograd path."""
 
 
@@ -105,6 +106,21 @@ def unsupported_reason(
     """Why there is no fused kernel for this combination (None: there is one)."""
     plan = _plan(model, optimizer, loss, task)
     return plan if isinstance(plan, str) else None
+
+
+def plan_summary(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, loss: str, task: str
+) -> tuple[str, str]:
+    """The kind of loop that trains this combination (``linear``, ``mlp``) and what it trains, in words.
+
+    Raises :class:`FusedUnsupportedError` when there is none (see :func:`unsupported_reason`).
+    """
+    plan = _plan(model, optimizer, loss, task)
+    if isinstance(plan, str):
+        raise FusedUnsupportedError(plan)
+    shapes = [tuple(p.shape) for p in plan.params[::2]]  # the weights, (out, in) each
+    layers = [f"Linear({n_in}->{n_out})" for n_out, n_in in shapes]
+    return plan.kind, " -> ReLU -> ".join(layers)
 
 
 def fused_learn(
@@ -605,7 +621,7 @@ _CHILD_TIMEOUT_S = 300
 def _plan(model: nn.Module, optimizer: torch.optim.Optimizer, loss_name: str, task: str) -> _Plan | str:
     if loss_name not in LOSS_CODES:
         return f"no fused kernel for the loss {loss_name!r}"
-    if _TASK_OF_LOSS[loss_name] != task:
+    if catalog.LOSSES[loss_name].task != task:
         return f"loss {loss_name!r} does not fit a {task} task"
     layout = _layout(model)
     if isinstance(layout, str):

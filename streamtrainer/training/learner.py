@@ -6,12 +6,15 @@ mode (the default) ``learn_many`` applies the records one at a time, exactly as
 model as it was before that record (test-then-train). Micro-batch mode
 (``batch_size > 1``) takes one step per group of records instead.
 
-For the built-in models on the CPU, ``learn_many`` runs the whole loop in the
-compiled kernels of :mod:`streamtrainer.training.kernels` once they are ready
-(they compile in the background; until then, and for anything they do not
-cover, it takes the autograd path). Both paths agree to float32 rounding and
-share the model's parameters and the optimizer's state, so a learner may switch
-between them at any batch; ``LearnerConfig.fused=False`` keeps it on autograd.
+A learner picks the way its steps run once, when it is made
+(:func:`streamtrainer.training.paths.choose`, logged, kept in ``path``): a
+compiled loop for a model made of known layers (built in or the user's), a
+compiled step graph for any other module, else autograd. Compiled paths compile
+in the background (``prepare`` starts them early); until one is ready the
+learner takes autograd. They agree with autograd (to float32 rounding, or within
+1e-5) and share the model's parameters and the optimizer's state, so a learner
+may switch between them at any batch; ``LearnerConfig.fused=False`` keeps it on
+autograd.
 ``start_learn_many`` splits a ``learn_many`` call in three (prepare, the
 compiled loop without the GIL on any thread, check and finish) for a caller
 that overlaps the loop with other work (the worker's ``--overlap``).
@@ -71,18 +74,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
-from streamtrainer.training import guards, kernels
-from streamtrainer.training.exceptions import ModelSpecError, TrainingError
+from streamtrainer.training import catalog, guards, kernels, paths
+from streamtrainer.training.exceptions import CompiledPathRefusedError, ModelSpecError, TrainingError
 from streamtrainer.training.models import build_model, n_outputs_for
 from streamtrainer.training.scaler import RunningStandardizer, TargetStandardizer
 
 logger = logging.getLogger(__name__)
-
-TASK_LOSSES = {"regression": ("mse", "l1", "audit"), "binary": ("bce",), "multiclass": ("ce",)}
-DEFAULT_LOSS = {"regression": "mse", "binary": "bce", "multiclass": "ce"}
-# Built-in models the fused kernels may train (kernels.fused_supported checks the rest);
-# a user's factory stays on autograd even when its module happens to fit.
-FUSED_MODELS = frozenset({"linear", "logistic", "softmax", "mlp"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +112,7 @@ class LearnerConfig:
     def resolved_loss(self) -> str:
         if self.model == "audit":
             return "audit"
-        return DEFAULT_LOSS[self.task] if self.loss == "auto" else self.loss
+        return catalog.DEFAULT_LOSS[self.task] if self.loss == "auto" else self.loss  # type: ignore[index]
 
     def digest_fields(self) -> dict[str, object]:
         """What a checkpoint must agree on to be loaded into this learner (the lr may change)."""
@@ -208,11 +205,12 @@ class StepResult:
 class OnlineLearner:
     def __init__(self, config: LearnerConfig, n_features: int) -> None:
         loss = config.resolved_loss
-        if config.task not in TASK_LOSSES:
+        if config.task not in catalog.TASKS:
             raise ModelSpecError(f"unknown task {config.task!r}")
-        if loss not in TASK_LOSSES[config.task]:
+        if loss not in catalog.task_losses(config.task):
             raise ModelSpecError(
-                f"loss {loss!r} does not fit a {config.task} task (use {', '.join(TASK_LOSSES[config.task])})"
+                f"loss {loss!r} does not fit a {config.task} task "
+                f"(use {', '.join(catalog.task_losses(config.task))})"
             )
         self.config = config
         self.n_features = n_features
@@ -239,6 +237,25 @@ class OnlineLearner:
         self._rollback_needed = False
         self._lr_scale = 1.0  # the steps take config.lr x this (lowered after a divergence)
         self._pending: PendingSteps | None = None  # started by start_learn_many, not yet finished
+        self.path = paths.choose(
+            self.model,
+            self.optimizer,
+            loss=loss,
+            task=config.task,
+            enabled=config.fused,
+            clip_grad_norm=config.clip_grad_norm,
+        )
+        logger.info("training path for %s: %s", config.model, self.path.describe())
+
+    def prepare(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Start compiling this learner's path for steps of ``batch_sizes`` records, in the background.
+
+        Returns at once. Optional: the first batch of a size schedules its compilation anyway
+        (and trains through autograd until it is ready); calling this early hides the wait.
+        """
+        if self.path.compiled is not None:
+            for batch_size in batch_sizes:
+                self.path.compiled.ready(batch_size)
 
     # -- public API ---------------------------------------------------------
 
@@ -281,7 +298,7 @@ class OnlineLearner:
             raise TrainingError(f"expected features of shape (n, {self.n_features}), got {features.shape}")
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
-        fused = self._fused_ready(n, labels)
+        fused = self._fused_ready(n, labels, batch_size)
         absent: npt.NDArray[np.bool_] | None = None  # rows left out of the running statistics
         if self.scaler is not None:
             # A finite sum means every value is finite (NaN and inf propagate): one fast pass for the
@@ -313,7 +330,7 @@ class OnlineLearner:
 
     def _standardize_learn(self, features: npt.NDArray[np.float32], fused: bool) -> npt.NDArray[np.float32]:
         assert self.scaler is not None
-        if fused:
+        if fused and self.path.path in ("kernel", "program"):  # the numba loops' standardizer is compiled
             return kernels.fused_standardize(self.scaler, features)
         return self.scaler.learn_transform(features)
 
@@ -482,7 +499,7 @@ class OnlineLearner:
         """
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
-        fused = self._fused_ready(features.shape[0], labels)
+        fused = self._fused_ready(features.shape[0], labels, batch_size)
         pending = self._start_steps(features, labels, batch_size=batch_size, fused=fused, stream=False)
         pending.run_here()
         return pending.finish().losses * self._loss_unit()
@@ -516,8 +533,8 @@ class OnlineLearner:
             self._snapshot.take()
             try:
                 call = self._fused_call(features, labels, batch_size)
-            except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
-                logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+            except CompiledPathRefusedError as error:  # raised before any parameter moves
+                logger.warning("the compiled path refused a batch (%s): learning it through autograd", error)
         pending = PendingSteps(
             self,
             features=features,
@@ -587,8 +604,8 @@ class OnlineLearner:
                 self._snapshot.take()
                 try:
                     losses, predictions = self._fused_run(x[pos:end], y[pos:end], batch_size)
-                except kernels.FusedUnsupportedError as error:  # raised before any parameter moves
-                    logger.warning("the fused loop refused a batch (%s): learning it through autograd", error)
+                except CompiledPathRefusedError as error:  # raised before any parameter moves
+                    logger.warning("the compiled path refused a batch (%s): it goes through autograd", error)
                     return pos
             bad = self._first_failure(losses, x[pos:end], y[pos:end], batch_size, stream)
             if bad == losses.shape[0] and self._snapshot.finite():
@@ -695,16 +712,11 @@ class OnlineLearner:
 
     def _fused_call(
         self, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], batch_size: int
-    ) -> kernels.FusedCall:
-        return kernels.fused_call(
-            self.model,
-            self.optimizer,
-            x,
-            y,
-            loss=self._loss_name,
-            task=self.config.task,
-            batch_size=batch_size,
-        )
+    ) -> paths.CompiledCall:
+        compiled = self.path.compiled
+        if compiled is None:
+            raise CompiledPathRefusedError("this learner trains through autograd")
+        return compiled.call(x, y, batch_size)
 
     def _first_failure(
         self,
@@ -783,38 +795,34 @@ class OnlineLearner:
             return self.target_scaler.inverse(predictions)
         return predictions
 
-    def _fused_ready(self, n: int, labels: npt.NDArray[np.float32]) -> bool:
-        """Whether this batch takes the compiled loop: a built-in model on the CPU, loop compiled.
+    def _fused_ready(self, n: int, labels: npt.NDArray[np.float32], batch_size: int = 1) -> bool:
+        """Whether this batch takes the learner's compiled path: there is one, compiled, on the CPU.
 
-        Never blocks: the first call for a model schedules its loop's compilation.
+        Never blocks: the first call for a batch size schedules its compilation.
         """
-        config = self.config
-        if not config.fused or config.model not in FUSED_MODELS or self.device.type != "cpu":
-            return False
-        if labels.shape != (n,):
-            return False
-        if config.task == "multiclass" and not self.valid_labels(labels).all():
+        compiled = self.path.compiled
+        if compiled is None or self.device.type != "cpu" or labels.shape != (n,):
+            return False  # (on_device moves the model for batch epochs on a GPU)
+        if self.config.task == "multiclass" and not self.valid_labels(labels).all():
             return False  # autograd raises on a class index out of range; the loop does not check
-        if config.clip_grad_norm is not None and config.model == "mlp":
-            return False  # the check after the loop bounds the gradient norm of a linear model only
-        return kernels.kernels_ready(self.model, self.optimizer, loss=self._loss_name, task=config.task)
+        return compiled.ready(batch_size)
 
-    def settle_path(self, timeout_s: float = 120.0) -> bool:
+    def settle_path(self, timeout_s: float = 120.0, batch_size: int = 1) -> bool:
         """Wait until this learner's steps take one path for good (the compiled loop, if it applies).
 
         Online learning never waits: the first batches go through autograd while the loop compiles,
         and the two agree to float32 rounding. A run that must be bitwise reproducible (replay)
         calls this first; if the loop cannot be had, the learner stays on autograd. True: compiled.
         """
-        config = self.config
-        if config.fused and config.model in FUSED_MODELS and self.device.type == "cpu":
-            ready = kernels.wait_until_ready(
-                self.model, self.optimizer, loss=self._loss_name, task=config.task, timeout_s=timeout_s
-            )
-            if ready:
+        compiled = self.path.compiled
+        if compiled is not None and self.device.type == "cpu":
+            if compiled.wait(batch_size, timeout_s):
                 return True
-            logger.warning("the compiled loop is not ready after %.0fs: staying on autograd", timeout_s)
-        self.config = dataclasses.replace(config, fused=False)
+            logger.warning("the compiled path is not ready after %.0fs: staying on autograd", timeout_s)
+        self.config = dataclasses.replace(self.config, fused=False)
+        self.path = dataclasses.replace(
+            self.path, path="autograd", compiled=None, reason="not compiled in time"
+        )
         return False
 
     def predict_one(self, features: npt.NDArray[np.float32]) -> float:
@@ -1147,7 +1155,7 @@ class PendingSteps:
         labels: npt.NDArray[np.float32],
         batch_size: int,
         stream: bool,
-        call: kernels.FusedCall | None,
+        call: paths.CompiledCall | None,
     ) -> None:
         self._learner = learner
         self.features, self.labels, self.batch_size = features, labels, batch_size
@@ -1250,6 +1258,17 @@ def _check_guards(config: LearnerConfig) -> None:
         raise TrainingError("spike_span must be >= 2 and spike_warmup >= 0")
     if config.max_consecutive_skips is not None and config.max_consecutive_skips < 1:
         raise TrainingError(f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
+
+
+def prepare_training(model: str, optimizer: str) -> None:
+    """Start getting any learner of ``model`` and ``optimizer`` ready, in the background; returns at once.
+
+    For a worker or a replay to call before it knows its features (while it joins its group or
+    reads its range): torch's optimizer machinery is imported (1-2 s on first use), and for a
+    built-in model its compiled loop compiled (or loaded from the cache). A learner made later
+    compiles what is left of its own path (``OnlineLearner.prepare``).
+    """
+    kernels.prepare(model, optimizer)
 
 
 def make_optimizer(name: str, parameters: object, lr: float) -> torch.optim.Optimizer:

@@ -1,8 +1,9 @@
-"""Built-in models, and loading a user's model factory.
+"""Building a model: a built-in one from the catalog, or a user's factory.
 
 A factory is any callable ``factory(n_features=..., n_outputs=...) -> nn.Module``
 named as ``package.module:factory``. Models output raw scores (no sigmoid or
 softmax): the loss functions take logits, which is both faster and more stable.
+The built-in models are the entries of :mod:`streamtrainer.training.catalog`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from streamtrainer.training.catalog import MODELS, offered_models
 from streamtrainer.training.exceptions import ModelSpecError
-
-BUILTIN_MODELS = ("linear", "logistic", "softmax", "mlp", "audit")
 
 
 def n_outputs_for(task: str, n_classes: int | None) -> int:
@@ -45,28 +45,14 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     if name == "audit":
-        return model
+        return model  # float64 by construction
     return model.to(dtype)
 
 
 def _construct(name: str, *, n_features: int, n_outputs: int, hidden: int) -> nn.Module:
-    if name == "audit":
-        # Test-mode model: float64 weights from zero, no bias. Trained with the "audit" loss
-        # (-w.x) and SGD at lr=1, each record adds exactly its features to w, so w is the sum
-        # of the applied records: a duplicate or a lost record shows as a difference.
-        model = nn.Linear(n_features, 1, bias=False).double()
-        nn.init.zeros_(model.weight)
-        return model
-    if name in ("linear", "logistic", "softmax"):
-        # From zero, as River and Vowpal Wabbit start: a random start is a random first guess, a
-        # worse prior than "no opinion" (on the quality bench's linear tasks it cost accuracy over
-        # the first few hundred records), and a convex loss needs no symmetry breaking.
-        model = nn.Linear(n_features, n_outputs)
-        nn.init.zeros_(model.weight)
-        nn.init.zeros_(model.bias)
-        return model
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs))
+    entry = MODELS.get(name)
+    if entry is not None:
+        return entry.builder(n_features, n_outputs, hidden)
     factory = load_factory(name)
     try:
         return factory(n_features=n_features, n_outputs=n_outputs)
@@ -80,7 +66,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ModelSpecError(
-            f"model {spec!r} is neither built in ({', '.join(BUILTIN_MODELS)}) nor package.module:factory"
+            f"model {spec!r} is neither built in ({', '.join(offered_models())}) nor package.module:factory"
         )
     try:
         module = importlib.import_module(module_name)
