@@ -51,6 +51,7 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -59,6 +60,7 @@ import torch
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
+from streamtrainer.training import lowering
 from streamtrainer.training.exceptions import TrainingError
 from streamtrainer.training.scaler import RunningStandardizer
 
@@ -80,11 +82,12 @@ class FusedUnsupportedError(TrainingError):
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    kind: str  # "linear" | "mlp"
+    kind: str  # "linear" | "mlp" | "program"
     params: tuple[torch.Tensor, ...]
     opt: int
     loss: int
     n_features: int
+    program: lowering.Program | None = None  # kind "program": the lowered model
 
 
 # -- public API ---------------------------------------------------------------
@@ -140,7 +143,7 @@ class FusedCall:
     predictions.
     """
 
-    __slots__ = ("_args", "_loop", "_ran", "_step_slots", "_steps", "losses", "predictions")
+    __slots__ = ("_args", "_finish", "_loop", "_ran", "_step_slots", "_steps", "losses", "predictions")
 
     def __init__(
         self,
@@ -151,8 +154,10 @@ class FusedCall:
         predictions: F64,
         steps: F64,
         step_slots: list[tuple[int, torch.Tensor]],
+        finish: Callable[[], None] | None = None,
     ) -> None:
         self._loop, self._args = loop, args
+        self._finish = finish  # a program's loop: copies parameters and state back into the tensors
         self.losses, self.predictions = losses, predictions
         self._steps, self._step_slots = steps, step_slots
         self._ran = loop is None  # nothing to run (no rows)
@@ -164,6 +169,9 @@ class FusedCall:
 
     def result(self) -> tuple[F64, F64]:
         self.run()
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
         for index, tensor in self._step_slots:
             tensor.fill_(float(self._steps[index]))
         self._step_slots = []
@@ -201,6 +209,8 @@ def fused_call(
     predictions = np.empty(n, dtype=np.float64)
     if n == 0:
         return FusedCall(None, (), losses=losses, predictions=predictions, steps=np.zeros(0), step_slots=[])
+    if plan.program is not None:
+        return _program_call(plan, plan.program, optimizer, x, y, int(batch_size), losses, predictions)
 
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
@@ -252,6 +262,80 @@ def fused_call(
     step_slots = [(i, t) for i, t in enumerate(step_tensors, start=padding) if t is not None]
     return FusedCall(
         _train_loop(variant), args, losses=losses, predictions=predictions, steps=steps, step_slots=step_slots
+    )
+
+
+def _program_call(  # noqa: PLR0913, PLR0917 - fused_call's checked arguments, passed on
+    plan: _Plan,
+    program: lowering.Program,
+    optimizer: torch.optim.Optimizer,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    batch_size: int,
+    losses: F64,
+    predictions: F64,
+) -> FusedCall:
+    """:func:`fused_call` of a lowered program: parameters and optimizer state gathered into flat arrays.
+
+    The program loop takes them as one flat array each (any number of parameters, one compiled
+    signature); :meth:`FusedCall.result` copies them back into the tensors, so after it the model and
+    the optimizer hold what torch would. Both copies are O(#parameters) per call, not per record:
+    gathering and scattering the 16-64-1 MLP with Adam (1,153 parameters, three arrays) takes
+    ~25 us, what the loop spends on ~20 records (bench/program_kernels.py prints it).
+    """
+    group = optimizer.param_groups[0]
+    lr = float(group["lr"])
+    beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+    eps = float(group.get("eps", 0.0))
+    lr_decay = float(group.get("lr_decay", 0.0))
+    params = program.params
+    states = [_state_views(optimizer, p, plan.opt) for p in params]
+    views = [_flat_view(p) for p in params]
+    offsets = np.zeros(len(views) + 1, dtype=np.int64)
+    np.cumsum([v.size for v in views], out=offsets[1:])
+    theta = np.concatenate(views)
+    first = [state[0] for state in states] if plan.opt != _SGD else []
+    second = [state[1] for state in states] if plan.opt == _ADAM else []
+    s1 = np.concatenate(first) if first else _EMPTY
+    s2 = np.concatenate(second) if second else _EMPTY
+    step_tensors = [state[2] for state in states]
+    steps = np.array([float(t) if t is not None else 0.0 for t in step_tensors], dtype=np.float64)
+    round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
+    ops, consts = program.table()
+
+    variants = _variants(plan)
+    variant = variants[0]
+    if len(variants) > 1 and batch_size >= _program_loops().BLAS_MIN_ROWS:
+        if _ready(variants[1]):
+            variant = variants[1]
+        else:
+            _schedule(variants[1])  # the row-by-row pass until it is compiled: the same updates
+    rows = min(batch_size, x.shape[0])
+    work = np.empty(
+        _program_loops().work_size(program.n_features, [op.n_out for op in program.ops], theta.size, rows),
+        dtype=np.float32,
+    )
+
+    def finish() -> None:
+        for low, high, view in zip(offsets[:-1], offsets[1:], views, strict=True):
+            view[:] = theta[low:high]
+        for source, targets in ((s1, first), (s2, second)):
+            for low, high, view in zip(offsets[:-1], offsets[1:], targets, strict=True):
+                view[:] = source[low:high]
+
+    args = (
+        x, y, ops, consts, theta, offsets, s1, s2, steps, plan.loss,
+        lr, beta1, beta2, eps, lr_decay, round_step, batch_size, losses, predictions, work,
+    )  # fmt: skip
+    step_slots = [(i, t) for i, t in enumerate(step_tensors) if t is not None]
+    return FusedCall(
+        _train_loop(variant),
+        args,
+        losses=losses,
+        predictions=predictions,
+        steps=steps,
+        step_slots=step_slots,
+        finish=finish,
     )
 
 
@@ -374,8 +458,9 @@ def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> flo
 
 # -- compilation ------------------------------------------------------------------
 
-# (optimizer code, has a hidden layer, grouped: a hidden layer's micro-batches by matrix products)
-Variant = tuple[int, bool, bool]
+# (optimizer code, has a hidden layer, grouped: a hidden layer's micro-batches by matrix products),
+# or ("program", optimizer code, grouped): the loop of lowered programs (program_loops)
+Variant = tuple[int, bool, bool] | tuple[str, int, bool]
 
 _lock = threading.Lock()
 # Held while an optimizer is constructed, here and in the learner: the first construction in a
@@ -465,6 +550,12 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
 
 
 def _variants(plan: _Plan) -> tuple[Variant, ...]:
+    if plan.program is not None:
+        # The grouped variant only helps a program with a Linear layer wide enough for BLAS.
+        wide = any(
+            op.code == lowering.LINEAR and op.n_out >= _program_loops().BLAS_MIN_WIDTH for op in plan.program.ops
+        )
+        return (("program", plan.opt, False), ("program", plan.opt, True)) if wide else (("program", plan.opt, False),)
     return _variants_of(plan.opt, plan.kind)
 
 
@@ -476,6 +567,8 @@ def _variants_of(opt: int, kind: str) -> tuple[Variant, ...]:
     """
     if kind == "mlp":
         return (opt, True, False), (opt, True, True)
+    if kind == "program":
+        return ("program", opt, False), ("program", opt, True)
     return ((opt, False, False),)
 
 
@@ -483,8 +576,25 @@ def _train_loop(variant: Variant) -> Any:
     with _lock:
         dispatcher = _dispatchers.get(variant)
         if dispatcher is None:
-            dispatcher = _dispatchers[variant] = _loops().make_train_loop(*variant)
+            if variant[0] == "program":
+                dispatcher = _program_loops().make_program_loop(int(variant[1]), bool(variant[2]))
+            else:
+                dispatcher = _loops().make_train_loop(*variant)
+            _dispatchers[variant] = dispatcher
         return dispatcher
+
+
+def _compile_variant(variant: Variant) -> Any:
+    """Compile ``variant`` in this process (or load it from the cache); returns the dispatcher."""
+    if variant[0] == "program":
+        return _program_loops().compile_variant(int(variant[1]), bool(variant[2]))
+    return _loops().compile_variant(*variant)
+
+
+def _job(variant: Variant) -> str:
+    """``variant`` as a compiler child's job: ``opt:hidden:grouped`` or ``program:opt:grouped``."""
+    first, second, grouped = variant
+    return f"{first}:{int(second)}:{int(grouped)}"
 
 
 def _prepare_base(variants: tuple[Variant, ...] = (), processes: int = 1) -> None:
@@ -513,7 +623,7 @@ def _compile(variant: Variant) -> None:
     if dispatcher is None and variant not in _precompiled:
         _wait_for_compilers(_start_compilers((variant,), 1))
     if dispatcher is None:
-        dispatcher = _loops().compile_variant(*variant)  # loads what the child compiled
+        dispatcher = _compile_variant(variant)  # loads what the child compiled
         with _lock:
             _dispatchers.setdefault(variant, dispatcher)
     logger.debug("fused loop %s ready in %.2fs", variant, time.perf_counter() - started)
@@ -551,8 +661,12 @@ for name in ("streamtrainer", "streamtrainer.training"):
 from streamtrainer.training import fused_loops
 fused_loops.compile_standardizer()
 for job in filter(None, jobs.split(",")):
-    opt, hidden, grouped = job.split(":")
-    fused_loops.compile_variant(int(opt), hidden == "1", grouped == "1")
+    first, second, grouped = job.split(":")
+    if first == "program":
+        from streamtrainer.training import program_loops
+        program_loops.compile_variant(int(second), grouped == "1")
+    else:
+        fused_loops.compile_variant(int(first), second == "1", grouped == "1")
 """
 _precompiled: set[Variant] = set()
 
@@ -566,7 +680,7 @@ def _start_compilers(variants: tuple[Variant, ...], processes: int) -> list[subp
     shares = [variants[i::processes] for i in range(min(processes, len(variants)))]
     children = []
     for share in shares:
-        jobs = ",".join(f"{opt}:{int(hidden)}:{int(grouped)}" for opt, hidden, grouped in share)
+        jobs = ",".join(map(_job, share))
         try:
             children.append(
                 subprocess.Popen(
@@ -610,8 +724,8 @@ def _plan(model: nn.Module, optimizer: torch.optim.Optimizer, loss_name: str, ta
     layout = _layout(model)
     if isinstance(layout, str):
         return layout
-    kind, params = layout
-    n_outputs = params[-1].shape[0]
+    kind, params, program = layout
+    n_outputs = program.n_outputs if program is not None else params[-1].shape[0]
     if loss_name == "ce" and n_outputs < 2:
         return "cross-entropy needs at least 2 outputs"
     if loss_name != "ce" and n_outputs != 1:
@@ -628,10 +742,30 @@ def _plan(model: nn.Module, optimizer: torch.optim.Optimizer, loss_name: str, ta
         return opt
     if not _numba_installed():
         return "numba is not installed"
+    if program is not None:
+        return _Plan(kind, params, opt, LOSS_CODES[loss_name], program.n_features, program)
     return _Plan(kind, params, opt, LOSS_CODES[loss_name], params[0].shape[1])
 
 
-def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
+def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], lowering.Program | None] | str:
+    """The built-in shapes as they are; any other model lowered (:mod:`lowering`).
+
+    A lowered model that is exactly one of the built-in shapes (a user's module wrapping
+    ``Sequential(Linear, ReLU, Linear)``, say) takes the hand-written loop, the fastest.
+    """
+    builtin = _builtin_layout(model)
+    if builtin is not None:
+        return builtin
+    program = lowering.lowered(model)
+    if isinstance(program, str):
+        return f"no compiled loop for {program}"
+    shape = program.builtin()
+    if shape is not None:
+        return shape[0], shape[1], None
+    return "program", program.params, program
+
+
+def _builtin_layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], None] | str | None:
     if type(model) is nn.Linear:
         modules: list[nn.Module] = [model]
         kind = "linear"
@@ -645,7 +779,7 @@ def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
         modules = [model, model[0], model[1], model[2]]
         kind = "mlp"
     else:
-        return f"no fused kernel for {type(model).__name__} (only nn.Linear and Linear-ReLU-Linear)"
+        return None
     for module in modules:
         if (
             module._forward_hooks
@@ -656,13 +790,13 @@ def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
             return "the model has module hooks"
     linears = [m for m in modules if type(m) is nn.Linear]
     if any(m.bias is None for m in linears):
-        return "no fused kernel for a Linear without bias"
+        return None  # a program
     params: list[torch.Tensor] = []
     for m in linears:
         params += [m.weight, m.bias]
     if len(list(model.parameters())) != len(params):
         return "the model has parameters the kernel does not know"
-    return kind, tuple(params)
+    return kind, tuple(params), None
 
 
 def _optimizer_code(optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...]) -> int | str:
@@ -807,6 +941,14 @@ def _loops() -> ModuleType:
         logger.debug("imported numba and the fused loops in %.2fs", time.perf_counter() - started)
         _loops_module = fused_loops
     return _loops_module
+
+
+def _program_loops() -> ModuleType:
+    """The lowered programs' compiled loop (imports numba and the fused loops first)."""
+    _loops()
+    from streamtrainer.training import program_loops
+
+    return program_loops
 
 
 @cache
