@@ -320,7 +320,7 @@ def _program_call(  # noqa: PLR0913, PLR0917 - fused_call's checked arguments, p
         for low, high, view in zip(offsets[:-1], offsets[1:], views, strict=True):
             view[:] = theta[low:high]
         for source, targets in ((s1, first), (s2, second)):
-            for low, high, view in zip(offsets[:-1], offsets[1:], targets, strict=True):
+            for low, high, view in zip(offsets[:-1], offsets[1:], targets, strict=False):  # none for SGD
                 view[:] = source[low:high]
 
     args = (

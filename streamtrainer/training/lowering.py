@@ -214,22 +214,27 @@ def _function_op(node: torch.fx.Node) -> Op | None:
     code = _ELEMENTWISE_FUNCTIONS[function]
     try:
         bound = inspect.signature(function).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
-        if len(node.args) == 1 and not node.kwargs:  # torch.relu & co.: builtins without a signature
-            return Op(code, 0, 0)
+    except ValueError:  # a builtin without a signature: torch.relu & co. take the input only
+        names = ("input", "approximate") if code == GELU else ("input",)
+        if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args) :]):
+            raise _Refused(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
+        arguments = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    except TypeError:
         raise _Refused(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
+    else:
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
     arguments.pop(next(iter(arguments)))  # the input
     if code == -1:  # F.dropout(x, p, training, inplace)
         if arguments.get("p") != 0 and arguments.get("training", True) is not False:
             raise _Refused(f"dropout with p={arguments.get('p')} at node {node.name!r} is random")
         return None
-    if arguments.pop("inplace", False) and code not in {RELU, LEAKY_RELU}:
+    inplace = bool(arguments.pop("inplace", False))
+    if inplace and code not in {RELU, LEAKY_RELU}:
         raise _Refused(f"in-place {_what(node)} at node {node.name!r}")
     if code == LEAKY_RELU:
         slope = float(arguments.pop("negative_slope"))
-        if slope <= 0 and bound.arguments.get("inplace"):
+        if slope <= 0 and inplace:
             raise _Refused(f"in-place LeakyReLU with slope {slope} at node {node.name!r}")
         return Op(code, 0, 0, constant=slope)
     if code == ELU:
