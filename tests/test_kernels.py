@@ -265,7 +265,7 @@ def _float64_model() -> nn.Module:
     [
         # Tanh and a Linear without bias are lowered to a program now (tests/training/test_program_kernels.py)
         (lambda: nn.Sequential(nn.Linear(D, 4), nn.Softplus(), nn.Linear(4, 1)), "sgd", "mse", "regression"),
-        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Dropout(0.5), nn.Linear(4, 1)), "sgd", "mse", "regression"),
+        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Dropout(0.5)), "sgd", "mse", "regression"),
         (_float64_model, "sgd", "mse", "regression"),
         (_hooked_model, "sgd", "mse", "regression"),
         (lambda: nn.Linear(D, 1), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "mse", "regression"),

@@ -46,12 +46,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
-from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -265,7 +265,7 @@ def fused_call(
     )
 
 
-def _program_call(  # noqa: PLR0913, PLR0917 - fused_call's checked arguments, passed on
+def _program_call(  # noqa: PLR0917 - fused_call's checked arguments, passed on
     plan: _Plan,
     program: lowering.Program,
     optimizer: torch.optim.Optimizer,
@@ -552,10 +552,10 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
 def _variants(plan: _Plan) -> tuple[Variant, ...]:
     if plan.program is not None:
         # The grouped variant only helps a program with a Linear layer wide enough for BLAS.
-        wide = any(
-            op.code == lowering.LINEAR and op.n_out >= _program_loops().BLAS_MIN_WIDTH for op in plan.program.ops
-        )
-        return (("program", plan.opt, False), ("program", plan.opt, True)) if wide else (("program", plan.opt, False),)
+        width = _program_loops().BLAS_MIN_WIDTH
+        wide = any(op.code == lowering.LINEAR and op.n_out >= width for op in plan.program.ops)
+        rows: Variant = ("program", plan.opt, False)
+        return (rows, ("program", plan.opt, True)) if wide else (rows,)
     return _variants_of(plan.opt, plan.kind)
 
 

@@ -138,7 +138,7 @@ _ELEMENTWISE_FUNCTIONS: Final[dict[Any, int]] = {
 _METHODS: Final = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
 
 
-class _Refused(Exception):
+class _RefusedError(Exception):
     """Internal: the reason a model cannot be lowered."""
 
 
@@ -149,7 +149,7 @@ def lower(model: nn.Module) -> Program | str:
     """
     try:
         return _lower(model)
-    except _Refused as refused:
+    except _RefusedError as refused:
         return f"{type(model).__name__}: {refused}"
 
 
@@ -168,16 +168,18 @@ def _lower(model: nn.Module) -> Program:
         for node in graph.nodes:
             if node.op == "placeholder":
                 if previous is not None:
-                    raise _Refused("forward takes more than one input")
+                    raise _RefusedError("forward takes more than one input")
                 previous = node
                 continue
             if node.op == "output":
                 if node.args[0] is not previous:
-                    raise _Refused("forward does not return the last layer's output")
+                    raise _RefusedError("forward does not return the last layer's output")
                 break
             inputs = [arg for arg in _flatten((node.args, node.kwargs)) if isinstance(arg, torch.fx.Node)]
             if previous is None or inputs != [previous]:
-                raise _Refused(f"forward is not a chain of known layers ({_what(node)} at node {node.name!r})")
+                raise _RefusedError(
+                    f"forward is not a chain of known layers ({_what(node)} at node {node.name!r})"
+                )
             op = _node_op(node, modules, index)
             if op is not None:
                 ops.append(op)
@@ -192,7 +194,9 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
     try:
         return torch.fx.symbolic_trace(model).graph
     except Exception as error:  # noqa: BLE001 - fx raises anything a forward raises on proxies
-        raise _Refused(f"forward cannot be traced by torch.fx ({type(error).__name__}: {error})") from None
+        raise _RefusedError(
+            f"forward cannot be traced by torch.fx ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _node_op(node: torch.fx.Node, modules: dict[str, nn.Module], index: dict[int, int]) -> Op | None:
@@ -200,13 +204,15 @@ def _node_op(node: torch.fx.Node, modules: dict[str, nn.Module], index: dict[int
         module = modules[str(node.target)]
         op = _leaf_op(module, f"layer {node.target!r}", index)
         if op is _NOT_A_LEAF:
-            raise _Refused(f"forward is not a chain of known layers ({type(module).__name__} at node {node.name!r})")
+            raise _RefusedError(
+                f"forward is not a chain of known layers ({type(module).__name__} at node {node.name!r})"
+            )
         return op
     if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
         return _function_op(node)
     if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
         return Op(_METHODS[str(node.target)], 0, 0)
-    raise _Refused(f"forward is not a chain of known layers ({_what(node)} at node {node.name!r})")
+    raise _RefusedError(f"forward is not a chain of known layers ({_what(node)} at node {node.name!r})")
 
 
 def _function_op(node: torch.fx.Node) -> Op | None:
@@ -217,37 +223,37 @@ def _function_op(node: torch.fx.Node) -> Op | None:
     except ValueError:  # a builtin without a signature: torch.relu & co. take the input only
         names = ("input", "approximate") if code == GELU else ("input",)
         if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args) :]):
-            raise _Refused(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
+            raise _RefusedError(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
         arguments = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     except TypeError:
-        raise _Refused(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
+        raise _RefusedError(f"unexpected arguments to {_what(node)} at node {node.name!r}") from None
     else:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
     arguments.pop(next(iter(arguments)))  # the input
     if code == -1:  # F.dropout(x, p, training, inplace)
         if arguments.get("p") != 0 and arguments.get("training", True) is not False:
-            raise _Refused(f"dropout with p={arguments.get('p')} at node {node.name!r} is random")
+            raise _RefusedError(f"dropout with p={arguments.get('p')} at node {node.name!r} is random")
         return None
     inplace = bool(arguments.pop("inplace", False))
     if inplace and code not in {RELU, LEAKY_RELU}:
-        raise _Refused(f"in-place {_what(node)} at node {node.name!r}")
+        raise _RefusedError(f"in-place {_what(node)} at node {node.name!r}")
     if code == LEAKY_RELU:
-        slope = float(arguments.pop("negative_slope"))
+        slope = float(arguments.pop("negative_slope"))  # type: ignore[arg-type]
         if slope <= 0 and inplace:
-            raise _Refused(f"in-place LeakyReLU with slope {slope} at node {node.name!r}")
+            raise _RefusedError(f"in-place LeakyReLU with slope {slope} at node {node.name!r}")
         return Op(code, 0, 0, constant=slope)
     if code == ELU:
-        return Op(code, 0, 0, constant=float(arguments.pop("alpha")))
+        return Op(code, 0, 0, constant=float(arguments.pop("alpha")))  # type: ignore[arg-type]
     if code == GELU:
         approximate = arguments.pop("approximate", "none")
         return Op(GELU_TANH if approximate == "tanh" else GELU, 0, 0)
     if arguments:
-        raise _Refused(f"unexpected arguments to {_what(node)} at node {node.name!r}")
+        raise _RefusedError(f"unexpected arguments to {_what(node)} at node {node.name!r}")
     return Op(code, 0, 0)
 
 
-def _leaf_op(module: nn.Module, where: str, index: dict[int, int]) -> Op | None:  # noqa: PLR0911, C901
+def _leaf_op(module: nn.Module, where: str, index: dict[int, int]) -> Op | None:
     """The op of a known layer (None: a no-op layer), or _NOT_A_LEAF."""
     kind = type(module)
     if kind is nn.Linear:
@@ -260,7 +266,7 @@ def _leaf_op(module: nn.Module, where: str, index: dict[int, int]) -> Op | None:
         assert isinstance(module, nn.LeakyReLU)
         slope = float(module.negative_slope)
         if module.inplace and slope <= 0:
-            raise _Refused(f"{where}: in-place LeakyReLU with slope {slope}")
+            raise _RefusedError(f"{where}: in-place LeakyReLU with slope {slope}")
         return Op(LEAKY_RELU, 0, 0, constant=slope)
     if kind in (nn.Tanh, nn.Sigmoid):
         return Op(TANH if kind is nn.Tanh else SIGMOID, 0, 0)
@@ -269,19 +275,19 @@ def _leaf_op(module: nn.Module, where: str, index: dict[int, int]) -> Op | None:
         return Op(GELU_TANH if module.approximate == "tanh" else GELU, 0, 0)
     if kind in (nn.SiLU, nn.ELU):
         if getattr(module, "inplace", False):
-            raise _Refused(f"{where}: in-place {kind.__name__}")
+            raise _RefusedError(f"{where}: in-place {kind.__name__}")
         return Op(SILU, 0, 0) if kind is nn.SiLU else Op(ELU, 0, 0, constant=float(module.alpha))  # type: ignore[arg-type]
     if kind is nn.Identity:
         return None
     if kind is nn.Dropout:
         assert isinstance(module, nn.Dropout)
         if module.p != 0 and module.training:
-            raise _Refused(f"{where}: Dropout(p={module.p}) is random")
+            raise _RefusedError(f"{where}: Dropout(p={module.p}) is random")
         return None
     if kind is nn.LayerNorm:
         assert isinstance(module, nn.LayerNorm)
         if len(module.normalized_shape) != 1:
-            raise _Refused(f"{where}: LayerNorm over more than the last dimension")
+            raise _RefusedError(f"{where}: LayerNorm over more than the last dimension")
         width = module.normalized_shape[0]
         weight = index[id(module.weight)] if module.weight is not None else -1
         bias = index[id(module.bias)] if module.bias is not None else -1
@@ -295,52 +301,58 @@ def _checked(ops: list[Op], model: nn.Module, index: dict[int, int]) -> Program:
     """Widths filled in and checked; every parameter used by exactly one op."""
     first_linear = next((i for i, op in enumerate(ops) if op.code == LINEAR), None)
     if first_linear is None:
-        raise _Refused("no Linear layer")
+        raise _RefusedError("no Linear layer")
     width = ops[first_linear].n_in
     sized: list[Op] = []
     for op in ops:
         if op.code in {LINEAR, LAYER_NORM}:
             if op.n_in != width:
-                raise _Refused(f"{_NAMES[op.code]} expects {op.n_in} inputs, gets {width}")
+                raise _RefusedError(f"{_NAMES[op.code]} expects {op.n_in} inputs, gets {width}")
             sized.append(op)
             width = op.n_out
         else:
             sized.append(Op(op.code, width, width, op.weight, op.bias, op.constant))
     used = [i for op in sized for i in (op.weight, op.bias) if i >= 0]
     if len(used) != len(set(used)):
-        raise _Refused("a parameter is used by several layers")
+        raise _RefusedError("a parameter is used by several layers")
     if len(used) != len(index):
-        raise _Refused("the model has parameters its forward does not use")
+        raise _RefusedError("the model has parameters its forward does not use")
     return Program(tuple(sized), tuple(model.parameters()))
 
 
 def _check_hooks_and_tensors(model: nn.Module) -> None:
     if any(_global_hooks()):
-        raise _Refused("global module hooks are registered")
+        raise _RefusedError("global module hooks are registered")
     for name, module in model.named_modules():
         if _has_hooks(module):
-            raise _Refused(f"module {name or 'the model'!r} has hooks")
+            raise _RefusedError(f"module {name or 'the model'!r} has hooks")
     for name, buffer in model.named_buffers():
-        raise _Refused(f"it has a buffer ({name!r}, {tuple(buffer.shape)})")
+        raise _RefusedError(f"it has a buffer ({name!r}, {tuple(buffer.shape)})")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32 or p.device.type != "cpu":
-            raise _Refused(f"parameter {name!r} is {p.dtype} on {p.device}, not float32 on the CPU")
+            raise _RefusedError(f"parameter {name!r} is {p.dtype} on {p.device}, not float32 on the CPU")
         if not p.requires_grad:
-            raise _Refused(f"parameter {name!r} does not require grad (frozen)")
+            raise _RefusedError(f"parameter {name!r} does not require grad (frozen)")
         if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None):
-            raise _Refused(f"parameter {name!r} has gradient hooks")
+            raise _RefusedError(f"parameter {name!r} has gradient hooks")
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
     )
 
 
 def _global_hooks() -> tuple[Any, ...]:
     hooks = nn.modules.module
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
-    return (*(getattr(hooks, name, None) for name in names), getattr(hooks, "_global_backward_pre_hooks", None))
+    return (
+        *(getattr(hooks, name, None) for name in names),
+        getattr(hooks, "_global_backward_pre_hooks", None),
+    )
 
 
 def _what(node: torch.fx.Node) -> str:
@@ -369,7 +381,9 @@ def _flatten(value: Any) -> Iterator[Any]:
 
 # -- a per-model cache --------------------------------------------------------
 
-_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], Program | str]] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], Program | str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def lowered(model: nn.Module) -> Program | str:

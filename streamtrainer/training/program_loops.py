@@ -87,7 +87,7 @@ def work_size(n_features: int, widths: list[int], n_theta: int, batch: int) -> i
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _forward_elementwise(code: int, x: np.float32, c: np.float32) -> np.float32:  # noqa: PLR0911
+def _forward_elementwise(code: int, x: np.float32, c: np.float32) -> np.float32:
     if code == RELU:
         return x if (x > 0 or math.isnan(x)) else np.float32(0.0)  # NaN passes, as in torch
     if code == LEAKY_RELU:
@@ -109,7 +109,9 @@ def _forward_elementwise(code: int, x: np.float32, c: np.float32) -> np.float32:
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _backward_elementwise(code: int, g: np.float32, x: np.float32, y: np.float32, c: np.float32) -> np.float32:  # noqa: PLR0911, PLR0917
+def _backward_elementwise(
+    code: int, g: np.float32, x: np.float32, y: np.float32, c: np.float32
+) -> np.float32:
     """d/dx of one element: ``g`` the gradient of the output ``y``, ``x`` the input."""
     if code == RELU:
         return np.float32(0.0) if y <= 0 else g  # threshold_backward(grad, result, 0)
@@ -139,7 +141,7 @@ def _backward_elementwise(code: int, g: np.float32, x: np.float32, y: np.float32
     return g if x > 0 else np.float32(float(g) * float(c) * math.exp(v))
 
 
-def make_program_loop(opt: int, grouped: bool = False) -> Any:  # noqa: C901, PLR0915
+def make_program_loop(opt: int, grouped: bool = False) -> Any:
     """The program loop specialised for one optimizer (and with or without BLAS for groups).
 
     ``opt`` and ``grouped`` are closure constants, as in
@@ -149,7 +151,7 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:  # noqa: C901, PL
     """
 
     @njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
-    def program_loop(  # noqa: PLR0912, PLR0913, PLR0914, PLR0915, PLR0917 - a compiled entry point
+    def program_loop(  # noqa: PLR0917 - a compiled entry point
         x: np.ndarray,
         y: np.ndarray,
         ops: np.ndarray,
@@ -275,7 +277,9 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:  # noqa: C901, PL
                     )  # fmt: skip
             else:
                 for r in range(m):
-                    value, slope, prediction = _scalar_loss(float(acts[out + r]), float(y[start + r]), loss, scale)
+                    value, slope, prediction = _scalar_loss(
+                        float(acts[out + r]), float(y[start + r]), loss, scale
+                    )
                     losses[start + r] = value
                     predictions[start + r] = prediction
                     buffer_a[r] = np.float32(slope)
@@ -380,7 +384,9 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:  # noqa: C901, PL
                 if opt == ADAM:
                     c0, c1, c2, c3, c4, c5 = _adam_constants(steps[p], lr, beta1, beta2, eps)
                     for i in range(low, high):
-                        theta[i], s1[i], s2[i] = _adam(theta[i], grad[i], s1[i], s2[i], c0, c1, c2, c3, c4, c5)
+                        theta[i], s1[i], s2[i] = _adam(
+                            theta[i], grad[i], s1[i], s2[i], c0, c1, c2, c3, c4, c5
+                        )
                 elif opt == ADAGRAD:
                     neg_clr = np.float32(-(lr / (1.0 + (steps[p] - 1.0) * lr_decay)))
                     e = np.float32(eps)

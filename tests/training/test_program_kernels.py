@@ -59,7 +59,9 @@ def _mlp(*middle: nn.Module) -> Callable[[int], nn.Module]:
 
 
 KINDS: dict[str, Callable[[int], nn.Module]] = {
-    "relu-depth3": lambda k: nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, 10), nn.ReLU(), nn.Linear(10, k)),
+    "relu-depth3": lambda k: nn.Sequential(
+        nn.Linear(D, H), nn.ReLU(), nn.Linear(H, 10), nn.ReLU(), nn.Linear(10, k)
+    ),
     "leaky_relu": _mlp(nn.LeakyReLU(0.1)),
     "tanh": _mlp(nn.Tanh()),
     "sigmoid": _mlp(nn.Sigmoid()),
@@ -334,7 +336,10 @@ def _unused() -> nn.Module:
         (lambda: nn.Sequential(nn.Embedding(10, D), nn.Linear(D, 1)), "Embedding at node"),
         (Branchy, "cannot be traced by torch.fx"),
         (lambda: nn.Sequential(nn.Tanh(), nn.LayerNorm(D)), "no Linear layer"),
-        (lambda: nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H + 1), nn.Linear(H + 1, 1)), "expects 13 inputs"),
+        (
+            lambda: nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H + 1), nn.Linear(H + 1, 1)),
+            "expects 13 inputs",
+        ),
     ],
 )
 def test_modules_the_program_loop_cannot_take_are_refused_with_a_reason(
@@ -356,7 +361,9 @@ def test_a_changed_module_is_lowered_again() -> None:
     opt = make_optimizer("sgd", model.parameters(), 0.1)
     assert fused_supported(model, opt, loss="mse", task="regression")
     model[1].p = 0.3  # the cached lowering must not hide it
-    assert "Dropout(p=0.3) is random" in (kernels.unsupported_reason(model, opt, loss="mse", task="regression") or "")
+    assert "Dropout(p=0.3) is random" in (
+        kernels.unsupported_reason(model, opt, loss="mse", task="regression") or ""
+    )
     model[1].p = 0.0
     model[2].register_forward_hook(lambda module, args, out: out)
     assert "has hooks" in (kernels.unsupported_reason(model, opt, loss="mse", task="regression") or "")
