@@ -20,9 +20,20 @@ is correct, and a later autograd step continues as if every step had been
 taken by torch. The results agree with the autograd loop to float32 rounding
 (tests/test_kernels.py checks every model x optimizer against it).
 
-Anything the kernels do not reproduce exactly — a custom module, hooks, weight
-decay, momentum, AMSGrad, another dtype or device, several parameter groups —
-makes :func:`fused_supported` false, and the caller keeps the autograd path.
+Any other module is lowered (:mod:`streamtrainer.training.lowering`): a chain of
+known layers (any nesting of ``Sequential``, or a ``forward`` torch.fx traces to
+a chain) becomes a program, which the program loop
+(:mod:`streamtrainer.training.program_loops`) trains with the same discipline;
+one that lowers to exactly a built-in shape (a user's module wrapping
+``Linear -> ReLU -> Linear``) takes the hand-written loop. A program's
+parameters and optimizer state are gathered into flat arrays before a call and
+copied back by :meth:`FusedCall.result`.
+
+Anything the kernels do not reproduce exactly — a module that is not a chain of
+known layers, hooks, weight decay, momentum, AMSGrad, another dtype or device,
+several parameter groups — makes :func:`fused_supported` false
+(:func:`unsupported_reason` says why, in words for a log line), and the caller
+keeps the autograd path.
 
 Compiling takes seconds, so it happens in a background thread: :func:`prepare`
 (when a worker starts) imports numba and warms torch's optimizer machinery,
@@ -288,11 +299,9 @@ def _program_call(  # noqa: PLR0917 - fused_call's checked arguments, passed on
     beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
     eps = float(group.get("eps", 0.0))
     lr_decay = float(group.get("lr_decay", 0.0))
-    params = program.params
+    params, offsets = program.params, program.offsets
     states = [_state_views(optimizer, p, plan.opt) for p in params]
     views = [_flat_view(p) for p in params]
-    offsets = np.zeros(len(views) + 1, dtype=np.int64)
-    np.cumsum([v.size for v in views], out=offsets[1:])
     theta = np.concatenate(views)
     first = [state[0] for state in states] if plan.opt != _SGD else []
     second = [state[1] for state in states] if plan.opt == _ADAM else []
@@ -301,7 +310,6 @@ def _program_call(  # noqa: PLR0917 - fused_call's checked arguments, passed on
     step_tensors = [state[2] for state in states]
     steps = np.array([float(t) if t is not None else 0.0 for t in step_tensors], dtype=np.float64)
     round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
-    ops, consts = program.table()
 
     variants = _variants(plan)
     variant = variants[0]
@@ -324,7 +332,7 @@ def _program_call(  # noqa: PLR0917 - fused_call's checked arguments, passed on
                 view[:] = source[low:high]
 
     args = (
-        x, y, ops, consts, theta, offsets, s1, s2, steps, plan.loss,
+        x, y, program.codes, program.constants, theta, offsets, s1, s2, steps, plan.loss,
         lr, beta1, beta2, eps, lr_decay, round_step, batch_size, losses, predictions, work,
     )  # fmt: skip
     step_slots = [(i, t) for i, t in enumerate(step_tensors) if t is not None]
@@ -441,8 +449,9 @@ def compile_state() -> str:
 def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> float:
     """Compile (or load from the cache) the loops of ``(model, optimizer)`` pairs now; blocks.
 
-    ``model`` is ``linear`` (any nn.Linear) or ``mlp``; ``optimizer`` is ``sgd``,
-    ``adam`` or ``adagrad``. Returns the seconds it took.
+    ``model`` is ``linear`` (any nn.Linear), ``mlp`` or ``program`` (the loop of
+    lowered modules); ``optimizer`` is ``sgd``, ``adam`` or ``adagrad``. Returns
+    the seconds it took.
     """
     started = time.perf_counter()
     codes = {"sgd": _SGD, "adam": _ADAM, "adagrad": _ADAGRAD}

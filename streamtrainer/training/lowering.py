@@ -79,6 +79,25 @@ class Program:
 
     ops: tuple[Op, ...]
     params: tuple[torch.Tensor, ...] = field(repr=False)
+    # What the compiled loop takes, made once (not per call): the ops as rows of
+    # (code, n_in, n_out, weight, bias), their constants, and where each parameter starts in the
+    # flat parameter array (one more entry: the total).
+    codes: npt.NDArray[np.int64] = field(
+        repr=False, compare=False, default_factory=lambda: np.empty((0, 5), np.int64)
+    )
+    constants: npt.NDArray[np.float64] = field(repr=False, compare=False, default_factory=lambda: np.empty(0))
+    offsets: npt.NDArray[np.int64] = field(
+        repr=False, compare=False, default_factory=lambda: np.zeros(1, np.int64)
+    )
+
+    @classmethod
+    def of(cls, ops: tuple[Op, ...], params: tuple[torch.Tensor, ...]) -> Program:
+        """A program with its arrays for the compiled loop."""
+        codes = np.array([(op.code, op.n_in, op.n_out, op.weight, op.bias) for op in ops], dtype=np.int64)
+        offsets = np.zeros(len(params) + 1, dtype=np.int64)
+        np.cumsum([p.numel() for p in params], out=offsets[1:])
+        constants = np.array([op.constant for op in ops], dtype=np.float64)
+        return cls(ops, params, codes.reshape(len(ops), 5), constants, offsets)
 
     @property
     def n_features(self) -> int:
@@ -112,12 +131,6 @@ class Program:
         if codes == (LINEAR, RELU, LINEAR):
             return "mlp", tensors
         return None
-
-    def table(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """The operations as arrays for the compiled loop: ``(code, n_in, n_out, weight, bias)`` rows
-        (parameter indices) and the constants."""
-        rows = np.array([(op.code, op.n_in, op.n_out, op.weight, op.bias) for op in self.ops], dtype=np.int64)
-        return rows, np.array([op.constant for op in self.ops], dtype=np.float64)
 
 
 # Functions (and tensor methods) that fx records as call_function/call_method, with the code and
@@ -317,7 +330,7 @@ def _checked(ops: list[Op], model: nn.Module, index: dict[int, int]) -> Program:
         raise _RefusedError("a parameter is used by several layers")
     if len(used) != len(index):
         raise _RefusedError("the model has parameters its forward does not use")
-    return Program(tuple(sized), tuple(model.parameters()))
+    return Program.of(tuple(sized), tuple(model.parameters()))
 
 
 def _check_hooks_and_tensors(model: nn.Module) -> None:
@@ -389,10 +402,10 @@ _cache: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], Program | st
 def lowered(model: nn.Module) -> Program | str:
     """:func:`lower`, cached per model while its structure stays the same.
 
-    The key — each module's identity, type, mode, hooks and plain attributes (a
-    Dropout's ``p``, a LeakyReLU's slope), and each parameter's identity, shape,
-    dtype and device — takes ~3 us per module to build, where a trace costs
-    ~1 ms: cheap enough to check on every batch.
+    The key — each module's identity, mode, hooks, buffers and the attributes
+    lowering reads (a Dropout's ``p``, a LeakyReLU's slope), and each
+    parameter's identity, shape, dtype and device — takes ~2 us per module to
+    build, where a trace costs 1-4 ms: cheap enough to check on every batch.
     """
     key = _fingerprint(model)
     hit = _cache.get(model)
@@ -403,16 +416,26 @@ def lowered(model: nn.Module) -> Program | str:
     return result
 
 
+# The attributes lowering reads, per layer type (a module's identity covers its type).
+_ATTRIBUTES: Final[dict[type, tuple[str, ...]]] = {
+    nn.Linear: ("in_features", "out_features"),
+    nn.LeakyReLU: ("negative_slope", "inplace"),
+    nn.GELU: ("approximate",),
+    nn.SiLU: ("inplace",),
+    nn.ELU: ("alpha", "inplace"),
+    nn.Dropout: ("p",),
+    nn.LayerNorm: ("normalized_shape", "eps"),
+}
+
+
 def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     parts: list[Any] = [tuple(map(bool, _global_hooks()))]
     for module in model.modules():
-        attributes = tuple(
-            (name, value)
-            for name, value in vars(module).items()
-            if not name.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
+        names = _ATTRIBUTES.get(type(module), ())
+        attributes = tuple(module.__dict__.get(name) for name in names)
+        parts.append(
+            (id(module), type(module), module.training, _has_hooks(module), bool(module._buffers), attributes)
         )
-        parts.append((id(module), type(module), module.training, _has_hooks(module), attributes))
-        parts.append(tuple((name, id(t)) for name, t in module._buffers.items()))
     for p in model.parameters():
         parts.append((id(p), p.shape, p.dtype, p.device, p.requires_grad))
     return tuple(parts)
