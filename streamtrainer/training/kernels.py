@@ -85,6 +85,9 @@ _TASK_OF_LOSS: Final = {"mse": "regression", "l1": "regression", "bce": "binary"
 _SGD, _ADAM, _ADAGRAD = 0, 1, 2
 _BUILTIN_KINDS: Final = {"linear": "linear", "logistic": "linear", "softmax": "linear", "mlp": "mlp"}
 _EMPTY: Final = np.empty(0, dtype=np.float32)
+# program_loops.BLAS_MIN_WIDTH, which kernels_ready reads without importing numba (~0.5 s: it never
+# blocks); tests/training/test_program_kernels.py checks that the two agree.
+PROGRAM_BLAS_MIN_WIDTH: Final = 8
 
 
 class FusedUnsupportedError(TrainingError):
@@ -561,8 +564,8 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
 def _variants(plan: _Plan) -> tuple[Variant, ...]:
     if plan.program is not None:
         # The grouped variant only helps a program with a Linear layer wide enough for BLAS.
-        width = _program_loops().BLAS_MIN_WIDTH
-        wide = any(op.code == lowering.LINEAR and op.n_out >= width for op in plan.program.ops)
+        ops = plan.program.ops
+        wide = any(op.code == lowering.LINEAR and op.n_out >= PROGRAM_BLAS_MIN_WIDTH for op in ops)
         rows: Variant = ("program", plan.opt, False)
         return (rows, ("program", plan.opt, True)) if wide else (rows,)
     return _variants_of(plan.opt, plan.kind)

@@ -215,6 +215,7 @@ def test_micro_batches_take_the_grouped_program_loop(monkeypatch: pytest.MonkeyP
     for batch in (1, program_loops.BLAS_MIN_ROWS - 1, program_loops.BLAS_MIN_ROWS, 32):
         fused_learn(model, opt, x, y, loss="mse", task="regression", batch_size=batch)
     assert used == [("program", 1, False)] * 2 + [("program", 1, True)] * 2
+    assert kernels.PROGRAM_BLAS_MIN_WIDTH == program_loops.BLAS_MIN_WIDTH
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
