@@ -75,7 +75,10 @@ class Op:
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    """A lowered model: its operations in order, and its parameters in ``model.parameters()`` order."""
+    """A lowered model: its operations in order, and its parameters in ``model.parameters()`` order.
+
+    Made by :func:`lower` through :meth:`of`, which also builds the arrays the compiled loop takes.
+    """
 
     ops: tuple[Op, ...]
     params: tuple[torch.Tensor, ...] = field(repr=False)
