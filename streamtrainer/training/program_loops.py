@@ -80,7 +80,8 @@ __all__ = ["BLAS_MIN_ROWS", "BLAS_MIN_WIDTH", "compile_variant", "make_program_l
 
 
 def work_size(n_features: int, widths: list[int], n_theta: int, batch: int) -> int:
-    """float32 scratch a program loop needs: ``widths`` are the ops' output widths."""
+    """float32 scratch a program loop needs: ``widths`` are the ops' output widths, ``batch`` the rows
+    of a group (at most the number of rows of the call)."""
     total = n_features + sum(widths)
     widest = max([n_features, *widths])
     return n_theta + batch * total + 2 * batch * widest + 2 * batch * len(widths)
@@ -258,15 +259,18 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:
         for t in range(n_ops):
             total += ops[t, 2]
             widest = max(widest, ops[t, 2])
+        # The scratch holds one group: ``batch`` rows, or all of them when there are fewer
+        # (work_size is called with the same number).
+        rows = batch if batch < n else n
         grad = work[0:n_theta]
         at = n_theta
-        acts = work[at : at + batch * total]
-        at += batch * total
-        buffer_a = work[at : at + batch * widest]
-        at += batch * widest
-        buffer_b = work[at : at + batch * widest]
-        at += batch * widest
-        aux = work[at : at + 2 * batch * n_ops]
+        acts = work[at : at + rows * total]
+        at += rows * total
+        buffer_a = work[at : at + rows * widest]
+        at += rows * widest
+        buffer_b = work[at : at + rows * widest]
+        at += rows * widest
+        aux = work[at : at + 2 * rows * n_ops]
         # The backward pass stops at the first op with parameters: no gradient of the input.
         first_param_op = n_ops
         for t in range(n_ops):
@@ -324,8 +328,8 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:
                             total_sq += diff * diff
                         rstd = np.float32(1.0 / math.sqrt(total_sq / n_in + ln_eps))
                         shift = -rstd * np.float32(mean)
-                        aux[2 * (t * batch + r)] = np.float32(mean)
-                        aux[2 * (t * batch + r) + 1] = rstd
+                        aux[2 * (t * rows + r)] = np.float32(mean)
+                        aux[2 * (t * rows + r) + 1] = rstd
                         # torch: (x * rstd + (-rstd * mean)) * gamma + beta
                         if wi >= 0 and bi >= 0:
                             for i in range(n_in):
@@ -409,8 +413,8 @@ def make_program_loop(opt: int, grouped: bool = False) -> Any:
                     for r in range(m):
                         xr = xs[r * n_in : (r + 1) * n_in]
                         gr = gs[r * n_in : (r + 1) * n_in]
-                        mean = aux[2 * (t * batch + r)]
-                        rstd = aux[2 * (t * batch + r) + 1]
+                        mean = aux[2 * (t * rows + r)]
+                        rstd = aux[2 * (t * rows + r) + 1]
                         ds = np.float32(0.0)
                         db = np.float32(0.0)
                         if wi >= 0:

@@ -246,6 +246,26 @@ def test_autograd_then_program_with_parameters_updated_in_place() -> None:
     _assert_same_state(model, opt, twin, twin_opt)
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_calls_with_fewer_rows_than_a_group(optimizer: str) -> None:
+    """The scratch is sized for the rows of the call: 5 rows with groups of 32, 3 with groups of 8."""
+    x, y = _data("multiclass", 40, seed=4)
+    model, opt, twin, twin_opt = _pair(KINDS["traced"], 3, optimizer)  # LayerNorm: per-row scratch too
+    calls = ((0, 5, 32), (5, 8, 8), (8, 8, 8), (8, 40, 4))
+    expected = [_autograd(model, opt, "ce", x[a:b], y[a:b], batch=g) for a, b, g in calls if b > a]
+    got = [
+        fused_learn(twin, twin_opt, x[a:b], y[a:b], loss="ce", task="multiclass", batch_size=g)
+        for a, b, g in calls
+        if b > a
+    ]
+    assert fused_learn(twin, twin_opt, x[:0], y[:0], loss="ce", task="multiclass", batch_size=8)[0].shape == (
+        0,
+    )
+    _assert_same_state(model, opt, twin, twin_opt)
+    for (losses, _), (expected_losses, _) in zip(got, expected, strict=True):
+        np.testing.assert_allclose(losses, expected_losses, **TOL)
+
+
 def test_the_mlp_as_a_user_module_takes_the_hand_written_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     kernels.warm_up((("mlp", "sgd"),))
     used: list[Any] = []
