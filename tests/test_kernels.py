@@ -263,8 +263,9 @@ def _float64_model() -> nn.Module:
 @pytest.mark.parametrize(
     ("make_model", "make_opt", "loss", "task"),
     [
-        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 1)), "sgd", "mse", "regression"),
-        (lambda: nn.Linear(D, 1, bias=False), "sgd", "mse", "regression"),
+        # Tanh and a Linear without bias are lowered to a program now (tests/training/test_program_kernels.py)
+        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Softplus(), nn.Linear(4, 1)), "sgd", "mse", "regression"),
+        (lambda: nn.Sequential(nn.Linear(D, 4), nn.Dropout(0.5)), "sgd", "mse", "regression"),
         (_float64_model, "sgd", "mse", "regression"),
         (_hooked_model, "sgd", "mse", "regression"),
         (lambda: nn.Linear(D, 1), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "mse", "regression"),

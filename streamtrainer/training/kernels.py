@@ -20,9 +20,20 @@ is correct, and a later autograd step continues as if every step had been
 taken by torch. The results agree with the autograd loop to float32 rounding
 (tests/test_kernels.py checks every model x optimizer against it).
 
-Anything the kernels do not reproduce exactly — a custom module, hooks, weight
-decay, momentum, AMSGrad, another dtype or device, several parameter groups —
-makes :func:`fused_supported` false, and the caller keeps the autograd path.
+Any other module is lowered (:mod:`streamtrainer.training.lowering`): a chain of
+known layers (any nesting of ``Sequential``, or a ``forward`` torch.fx traces to
+a chain) becomes a program, which the program loop
+(:mod:`streamtrainer.training.program_loops`) trains with the same discipline;
+one that lowers to exactly a built-in shape (a user's module wrapping
+``Linear -> ReLU -> Linear``) takes the hand-written loop. A program's
+parameters and optimizer state are gathered into flat arrays before a call and
+copied back by :meth:`FusedCall.result`.
+
+Anything the kernels do not reproduce exactly — a module that is not a chain of
+known layers, hooks, weight decay, momentum, AMSGrad, another dtype or device,
+several parameter groups — makes :func:`fused_supported` false
+(:func:`unsupported_reason` says why, in words for a log line), and the caller
+keeps the autograd path.
 
 Compiling takes seconds, so it happens in a background thread: :func:`prepare`
 (when a worker starts) imports numba and warms torch's optimizer machinery,
@@ -46,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.util import find_spec
@@ -59,7 +71,7 @@ import torch
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
-from streamtrainer.training import catalog
+from streamtrainer.training import catalog, lowering
 from streamtrainer.training.exceptions import CompiledPathRefusedError, TrainingError
 from streamtrainer.training.scaler import RunningStandardizer
 
@@ -73,6 +85,9 @@ OPTIMIZER_CODES: Final = {torch.optim.SGD: 0, torch.optim.Adam: 1, torch.optim.A
 _SGD, _ADAM, _ADAGRAD = 0, 1, 2
 _BUILTIN_KINDS: Final = {name: e.compiled_kind for name, e in catalog.MODELS.items() if e.compiled_kind}
 _EMPTY: Final = np.empty(0, dtype=np.float32)
+# program_loops.BLAS_MIN_WIDTH, which kernels_ready reads without importing numba (~0.5 s: it never
+# blocks); tests/training/test_program_kernels.py checks that the two agree.
+PROGRAM_BLAS_MIN_WIDTH: Final = 8
 
 
 class FusedUnsupportedError(CompiledPathRefusedError):
@@ -81,11 +96,12 @@ class FusedUnsupportedError(CompiledPathRefusedError):
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    kind: str  # "linear" | "mlp"
+    kind: str  # "linear" | "mlp" | "program"
     params: tuple[torch.Tensor, ...]
     opt: int
     loss: int
     n_features: int
+    program: lowering.Program | None = None  # kind "program": the lowered model
 
 
 # -- public API ---------------------------------------------------------------
@@ -111,16 +127,19 @@ def unsupported_reason(
 def plan_summary(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, loss: str, task: str
 ) -> tuple[str, str]:
-    """The kind of loop that trains this combination (``linear``, ``mlp``) and what it trains, in words.
+    """The kind of loop that trains this combination (``linear``, ``mlp``, ``program``) and what it
+    trains, in words (e.g. ``Linear(16->64) -> Tanh -> LayerNorm(64) -> Linear(64->1)``).
 
     Raises :class:`FusedUnsupportedError` when there is none (see :func:`unsupported_reason`).
     """
     plan = _plan(model, optimizer, loss, task)
     if isinstance(plan, str):
         raise FusedUnsupportedError(plan)
+    if plan.program is not None:
+        return plan.kind, plan.program.describe()
     shapes = [tuple(p.shape) for p in plan.params[::2]]  # the weights, (out, in) each
     layers = [f"Linear({n_in}->{n_out})" for n_out, n_in in shapes]
-    return plan.kind, " -> ReLU -> ".join(layers)
+    return plan.kind, " > ReLU > ".join(layers)
 
 
 def fused_learn(
@@ -156,7 +175,7 @@ class FusedCall:
     predictions.
     """
 
-    __slots__ = ("_args", "_loop", "_ran", "_step_slots", "_steps", "losses", "predictions")
+    __slots__ = ("_args", "_finish", "_loop", "_ran", "_step_slots", "_steps", "losses", "predictions")
 
     def __init__(
         self,
@@ -167,8 +186,10 @@ class FusedCall:
         predictions: F64,
         steps: F64,
         step_slots: list[tuple[int, torch.Tensor]],
+        finish: Callable[[], None] | None = None,
     ) -> None:
         self._loop, self._args = loop, args
+        self._finish = finish  # a program's loop: copies parameters and state back into the tensors
         self.losses, self.predictions = losses, predictions
         self._steps, self._step_slots = steps, step_slots
         self._ran = loop is None  # nothing to run (no rows)
@@ -180,6 +201,9 @@ class FusedCall:
 
     def result(self) -> tuple[F64, F64]:
         self.run()
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
         for index, tensor in self._step_slots:
             tensor.fill_(float(self._steps[index]))
         self._step_slots = []
@@ -217,6 +241,8 @@ def fused_call(
     predictions = np.empty(n, dtype=np.float64)
     if n == 0:
         return FusedCall(None, (), losses=losses, predictions=predictions, steps=np.zeros(0), step_slots=[])
+    if plan.program is not None:
+        return _program_call(plan, plan.program, optimizer, x, y, int(batch_size), losses, predictions)
 
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
@@ -268,6 +294,77 @@ def fused_call(
     step_slots = [(i, t) for i, t in enumerate(step_tensors, start=padding) if t is not None]
     return FusedCall(
         _train_loop(variant), args, losses=losses, predictions=predictions, steps=steps, step_slots=step_slots
+    )
+
+
+def _program_call(  # noqa: PLR0917 - fused_call's checked arguments, passed on
+    plan: _Plan,
+    program: lowering.Program,
+    optimizer: torch.optim.Optimizer,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    batch_size: int,
+    losses: F64,
+    predictions: F64,
+) -> FusedCall:
+    """:func:`fused_call` of a lowered program: parameters and optimizer state gathered into flat arrays.
+
+    The program loop takes them as one flat array each (any number of parameters, one compiled
+    signature); :meth:`FusedCall.result` copies them back into the tensors, so after it the model and
+    the optimizer hold what torch would. Both copies are O(#parameters) per call, not per record:
+    gathering and scattering the 16-64-1 MLP with Adam (1,153 parameters, three arrays) takes
+    ~25 us, what the loop spends on ~20 records (bench/program_kernels.py prints it).
+    """
+    group = optimizer.param_groups[0]
+    lr = float(group["lr"])
+    beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+    eps = float(group.get("eps", 0.0))
+    lr_decay = float(group.get("lr_decay", 0.0))
+    params, offsets = program.params, program.offsets
+    states = [_state_views(optimizer, p, plan.opt) for p in params]
+    views = [_flat_view(p) for p in params]
+    theta = np.concatenate(views)
+    first = [state[0] for state in states] if plan.opt != _SGD else []
+    second = [state[1] for state in states] if plan.opt == _ADAM else []
+    s1 = np.concatenate(first) if first else _EMPTY
+    s2 = np.concatenate(second) if second else _EMPTY
+    step_tensors = [state[2] for state in states]
+    steps = np.array([float(t) if t is not None else 0.0 for t in step_tensors], dtype=np.float64)
+    round_step = all(t is None or t.dtype == torch.float32 for t in step_tensors)
+
+    variants = _variants(plan)
+    variant = variants[0]
+    if len(variants) > 1 and batch_size >= _program_loops().BLAS_MIN_ROWS:
+        if _ready(variants[1]):
+            variant = variants[1]
+        else:
+            _schedule(variants[1])  # the row-by-row pass until it is compiled: the same updates
+    rows = min(batch_size, x.shape[0])
+    work = np.empty(
+        _program_loops().work_size(program.n_features, [op.n_out for op in program.ops], theta.size, rows),
+        dtype=np.float32,
+    )
+
+    def finish() -> None:
+        for low, high, view in zip(offsets[:-1], offsets[1:], views, strict=True):
+            view[:] = theta[low:high]
+        for source, targets in ((s1, first), (s2, second)):
+            for low, high, view in zip(offsets[:-1], offsets[1:], targets, strict=False):  # none for SGD
+                view[:] = source[low:high]
+
+    args = (
+        x, y, program.codes, program.constants, theta, offsets, s1, s2, steps, plan.loss,
+        lr, beta1, beta2, eps, lr_decay, round_step, batch_size, losses, predictions, work,
+    )  # fmt: skip
+    step_slots = [(i, t) for i, t in enumerate(step_tensors) if t is not None]
+    return FusedCall(
+        _train_loop(variant),
+        args,
+        losses=losses,
+        predictions=predictions,
+        steps=steps,
+        step_slots=step_slots,
+        finish=finish,
     )
 
 
@@ -373,8 +470,9 @@ def compile_state() -> str:
 def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> float:
     """Compile (or load from the cache) the loops of ``(model, optimizer)`` pairs now; blocks.
 
-    ``model`` is ``linear`` (any nn.Linear) or ``mlp``; ``optimizer`` is ``sgd``,
-    ``adam`` or ``adagrad``. Returns the seconds it took.
+    ``model`` is ``linear`` (any nn.Linear), ``mlp`` or ``program`` (the loop of
+    lowered modules); ``optimizer`` is ``sgd``, ``adam`` or ``adagrad``. Returns
+    the seconds it took.
     """
     started = time.perf_counter()
     codes = {"sgd": _SGD, "adam": _ADAM, "adagrad": _ADAGRAD}
@@ -390,8 +488,9 @@ def warm_up(variants: tuple[tuple[str, str], ...] = (("linear", "sgd"),)) -> flo
 
 # -- compilation ------------------------------------------------------------------
 
-# (optimizer code, has a hidden layer, grouped: a hidden layer's micro-batches by matrix products)
-Variant = tuple[int, bool, bool]
+# (optimizer code, has a hidden layer, grouped: a hidden layer's micro-batches by matrix products),
+# or ("program", optimizer code, grouped): the loop of lowered programs (program_loops)
+Variant = tuple[int, bool, bool] | tuple[str, int, bool]
 
 _lock = threading.Lock()
 # Held while an optimizer is constructed, here and in the learner: the first construction in a
@@ -481,6 +580,12 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
 
 
 def _variants(plan: _Plan) -> tuple[Variant, ...]:
+    if plan.program is not None:
+        # The grouped variant only helps a program with a Linear layer wide enough for BLAS.
+        ops = plan.program.ops
+        wide = any(op.code == lowering.LINEAR and op.n_out >= PROGRAM_BLAS_MIN_WIDTH for op in ops)
+        rows: Variant = ("program", plan.opt, False)
+        return (rows, ("program", plan.opt, True)) if wide else (rows,)
     return _variants_of(plan.opt, plan.kind)
 
 
@@ -492,6 +597,8 @@ def _variants_of(opt: int, kind: str) -> tuple[Variant, ...]:
     """
     if kind == "mlp":
         return (opt, True, False), (opt, True, True)
+    if kind == "program":
+        return ("program", opt, False), ("program", opt, True)
     return ((opt, False, False),)
 
 
@@ -499,8 +606,25 @@ def _train_loop(variant: Variant) -> Any:
     with _lock:
         dispatcher = _dispatchers.get(variant)
         if dispatcher is None:
-            dispatcher = _dispatchers[variant] = _loops().make_train_loop(*variant)
+            if variant[0] == "program":
+                dispatcher = _program_loops().make_program_loop(int(variant[1]), bool(variant[2]))
+            else:
+                dispatcher = _loops().make_train_loop(*variant)
+            _dispatchers[variant] = dispatcher
         return dispatcher
+
+
+def _compile_variant(variant: Variant) -> Any:
+    """Compile ``variant`` in this process (or load it from the cache); returns the dispatcher."""
+    if variant[0] == "program":
+        return _program_loops().compile_variant(int(variant[1]), bool(variant[2]))
+    return _loops().compile_variant(*variant)
+
+
+def _job(variant: Variant) -> str:
+    """``variant`` as a compiler child's job: ``opt:hidden:grouped`` or ``program:opt:grouped``."""
+    first, second, grouped = variant
+    return f"{first}:{int(second)}:{int(grouped)}"
 
 
 def _prepare_base(variants: tuple[Variant, ...] = (), processes: int = 1) -> None:
@@ -529,7 +653,7 @@ def _compile(variant: Variant) -> None:
     if dispatcher is None and variant not in _precompiled:
         _wait_for_compilers(_start_compilers((variant,), 1))
     if dispatcher is None:
-        dispatcher = _loops().compile_variant(*variant)  # loads what the child compiled
+        dispatcher = _compile_variant(variant)  # loads what the child compiled
         with _lock:
             _dispatchers.setdefault(variant, dispatcher)
     logger.debug("fused loop %s ready in %.2fs", variant, time.perf_counter() - started)
@@ -567,8 +691,12 @@ for name in ("streamtrainer", "streamtrainer.training"):
 from streamtrainer.training import fused_loops
 fused_loops.compile_standardizer()
 for job in filter(None, jobs.split(",")):
-    opt, hidden, grouped = job.split(":")
-    fused_loops.compile_variant(int(opt), hidden == "1", grouped == "1")
+    first, second, grouped = job.split(":")
+    if first == "program":
+        from streamtrainer.training import program_loops
+        program_loops.compile_variant(int(second), grouped == "1")
+    else:
+        fused_loops.compile_variant(int(first), second == "1", grouped == "1")
 """
 _precompiled: set[Variant] = set()
 
@@ -582,7 +710,7 @@ def _start_compilers(variants: tuple[Variant, ...], processes: int) -> list[subp
     shares = [variants[i::processes] for i in range(min(processes, len(variants)))]
     children = []
     for share in shares:
-        jobs = ",".join(f"{opt}:{int(hidden)}:{int(grouped)}" for opt, hidden, grouped in share)
+        jobs = ",".join(map(_job, share))
         try:
             children.append(
                 subprocess.Popen(
@@ -626,8 +754,8 @@ def _plan(model: nn.Module, optimizer: torch.optim.Optimizer, loss_name: str, ta
     layout = _layout(model)
     if isinstance(layout, str):
         return layout
-    kind, params = layout
-    n_outputs = params[-1].shape[0]
+    kind, params, program = layout
+    n_outputs = program.n_outputs if program is not None else params[-1].shape[0]
     if loss_name == "ce" and n_outputs < 2:
         return "cross-entropy needs at least 2 outputs"
     if loss_name != "ce" and n_outputs != 1:
@@ -644,10 +772,30 @@ def _plan(model: nn.Module, optimizer: torch.optim.Optimizer, loss_name: str, ta
         return opt
     if not _numba_installed():
         return "numba is not installed"
+    if program is not None:
+        return _Plan(kind, params, opt, LOSS_CODES[loss_name], program.n_features, program)
     return _Plan(kind, params, opt, LOSS_CODES[loss_name], params[0].shape[1])
 
 
-def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
+def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], lowering.Program | None] | str:
+    """The built-in shapes as they are; any other model lowered (:mod:`lowering`).
+
+    A lowered model that is exactly one of the built-in shapes (a user's module wrapping
+    ``Sequential(Linear, ReLU, Linear)``, say) takes the hand-written loop, the fastest.
+    """
+    builtin = _builtin_layout(model)
+    if builtin is not None:
+        return builtin
+    program = lowering.lowered(model)
+    if isinstance(program, str):
+        return f"no compiled loop for {program}"
+    shape = program.builtin()
+    if shape is not None:
+        return shape[0], shape[1], None
+    return "program", program.params, program
+
+
+def _builtin_layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], None] | str | None:
     if type(model) is nn.Linear:
         modules: list[nn.Module] = [model]
         kind = "linear"
@@ -661,7 +809,7 @@ def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
         modules = [model, model[0], model[1], model[2]]
         kind = "mlp"
     else:
-        return f"no fused kernel for {type(model).__name__} (only nn.Linear and Linear-ReLU-Linear)"
+        return None
     for module in modules:
         if (
             module._forward_hooks
@@ -672,13 +820,13 @@ def _layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...]] | str:
             return "the model has module hooks"
     linears = [m for m in modules if type(m) is nn.Linear]
     if any(m.bias is None for m in linears):
-        return "no fused kernel for a Linear without bias"
+        return None  # a program
     params: list[torch.Tensor] = []
     for m in linears:
         params += [m.weight, m.bias]
     if len(list(model.parameters())) != len(params):
         return "the model has parameters the kernel does not know"
-    return kind, tuple(params)
+    return kind, tuple(params), None
 
 
 def _optimizer_code(optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...]) -> int | str:
@@ -823,6 +971,14 @@ def _loops() -> ModuleType:
         logger.debug("imported numba and the fused loops in %.2fs", time.perf_counter() - started)
         _loops_module = fused_loops
     return _loops_module
+
+
+def _program_loops() -> ModuleType:
+    """The lowered programs' compiled loop (imports numba and the fused loops first)."""
+    _loops()
+    from streamtrainer.training import program_loops
+
+    return program_loops
 
 
 @cache

@@ -45,8 +45,8 @@ def _choice(module: nn.Module, optimizer: str = "adam", **kwargs: object) -> pat
     ("module", "path", "detail"),
     [
         (nn.Linear(4, 1), "kernel", "Linear(4->1)"),
-        (nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)), "kernel", "Linear(4->16) -> ReLU"),
-        (NestedMLP(4, 1), "kernel", "Linear(4->16) -> ReLU"),
+        (nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)), "kernel", "Linear(4->16) > ReLU"),
+        (NestedMLP(4, 1), "kernel", "Linear(4->16) > ReLU"),
         (nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 1)), "program", "Tanh"),
         (Residual(4, 1), "graph", "Residual"),
     ],
