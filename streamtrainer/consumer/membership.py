@@ -77,6 +77,7 @@ class Membership:
     # -- the consumer -----------------------------------------------------------
 
     def create_consumer(self) -> Consumer:
+        """The group's consumer: no auto-commit, no automatic offset store (offsets follow checkpoints)."""
         settings = self.settings
         config = client_config(
             settings,
@@ -101,6 +102,7 @@ class Membership:
         return self.consumer
 
     def close_consumer(self) -> None:
+        """Leave the group (idempotent)."""
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None
@@ -303,6 +305,7 @@ class Membership:
         self.served_group_at = time.monotonic()
 
     def resume_paused(self) -> None:
+        """Resume what ``serve_group`` paused, of the partitions still assigned."""
         consumer = self.consumer
         still_ours = [tp for tp in self.paused if (tp.topic, tp.partition) in self.assigned]
         if still_ours and consumer is not None:
@@ -351,6 +354,7 @@ class Membership:
         return True
 
     def refresh_lag(self) -> None:
+        """``consumer_lag`` per assigned partition, from the last fetch's watermarks."""
         consumer = self.consumer
         if consumer is None:
             return

@@ -53,7 +53,7 @@ from streamtrainer.consumer.membership import Membership, describe
 from streamtrainer.consumer.model_state import ModelState, fresh_state
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
 from streamtrainer.consumer.training_lane import TrainingLane
-from streamtrainer.exceptions import ConfigurationError, StreamtrainerError, TopicError
+from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
 from streamtrainer.records import BatchDecoder
 from streamtrainer.settings import WorkerSettings
@@ -244,22 +244,27 @@ class Worker:
 
     @property
     def learner(self) -> OnlineLearner | None:
+        """The model being trained (None until the schema is known)."""
         return self.state.learner
 
     @property
     def decoder(self) -> BatchDecoder:
+        """Decodes polled records to feature rows (its schema is the model's)."""
         return self.state.decoder
 
     @property
     def drift(self) -> LossDriftDetector | None:
+        """The drift detector on the prequential loss (None: --drift-detector none)."""
         return self.state.drift
 
     @property
     def offsets(self) -> OffsetTracker:
+        """The next offset to read per partition, as far as the model has learned."""
         return self.state.offsets
 
     @property
     def store(self) -> CheckpointStore:
+        """The checkpoint directory."""
         return self.durability.store
 
     @property
@@ -269,14 +274,17 @@ class Worker:
 
     @property
     def model_version(self) -> int:
+        """The version of the newest checkpoint of this model (0: none yet)."""
         return self.durability.model_version
 
     @property
     def dead_letters(self) -> DeadLetterQueue | None:
+        """Where records that cannot be trained on go (opened by ``run()``)."""
         return self.durability.dead_letters
 
     @property
     def records_consumed(self) -> int:
+        """Records polled in this run (trained, routed or invalid)."""
         return self.batches.records_consumed
 
     @records_consumed.setter
@@ -285,19 +293,17 @@ class Worker:
 
     @property
     def records_trained(self) -> int:
+        """Records trained on in this run."""
         return self.batches.records_trained
 
     @property
     def records_invalid(self) -> int:
+        """Records that could not be trained on in this run."""
         return self.batches.records_invalid
 
     @property
-    def _failure(self) -> StreamtrainerError | None:
-        """Why the worker stopped on its own (the error budget): no checkpoint may follow it."""
-        return self.batches.failure
-
-    @property
     def _in_flight(self) -> Polled | None:
+        """The polled batch whose update may still run (bench/worker_runs.py reads it)."""
         return self.batches.in_flight
 
     # -- lifecycle ------------------------------------------------------------
@@ -335,13 +341,14 @@ class Worker:
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
-                    if self._failure is not None:
+                    if batches.failure is not None:
                         break
                     if membership.reached_end(idle=not messages, busy=batches.in_flight is not None):
                         bounded = True
                         break
                     self._compact_if_due()
-                    self._checkpoint_if_due(now := time.monotonic())
+                    now = time.monotonic()
+                    self._checkpoint_if_due(now)
                     self._report(now, run_log)
                     if messages:
                         self._start_update(membership.still_ours(messages, mark))
@@ -351,11 +358,11 @@ class Worker:
             status = self.status()
             if run_log is not None:
                 run_log.write(orjson.dumps(status.as_json()) + b"\n")
-            if self._failure is not None:
+            if batches.failure is not None:
                 # Out of the group first: its partitions go to another member meanwhile.
-                self._close_consumer()
+                self.membership.close_consumer()
                 self._linger_for_scrapes()
-                raise self._failure
+                raise batches.failure
         return status
 
     def _start(self, stack: ExitStack) -> tuple[Consumer, BinaryIO | None]:
@@ -388,7 +395,7 @@ class Worker:
         stack.callback(setattr, self, "_finished", True)
         self.batches.lane = stack.enter_context(TrainingLane(background=settings.overlap))
         consumer = self.membership.create_consumer()
-        stack.callback(self._close_consumer)
+        stack.callback(self.membership.close_consumer)
         self.metrics.info.info(
             {
                 "topic": settings.topic,
@@ -423,14 +430,14 @@ class Worker:
     def _wind_down(self, *, clean: bool, bounded: bool) -> None:
         """The loop ended: on a clean end everything trained becomes durable, then committed."""
         self._running = False
-        if bounded and self._failure is None:
+        if bounded and self.batches.failure is None:
             self.batches.stop_if_all_invalid()
-        if clean and self._failure is None:
+        if clean and self.batches.failure is None:
             self._checkpoint_and_commit()
         else:
             # Stopped on an error or an exception (a batch may be half accounted for):
             # nothing past the last checkpoint is committed.
-            self._discard_update()
+            self.batches.discard()
 
     def _checkpoint_if_due(self, now: float) -> None:
         if self.durability.due(now):
@@ -544,9 +551,6 @@ class Worker:
             group=settings.group,
         )
 
-    def _close_consumer(self) -> None:
-        self.membership.close_consumer()
-
     @contextlib.contextmanager
     def _signals_stop_the_loop(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -624,10 +628,6 @@ class Worker:
     def _update_result(self, update: Future[float]) -> float:
         return update.result()
 
-    def _discard_update(self) -> None:
-        """Wait for the update in flight and forget its batch: the model goes back to a checkpoint next."""
-        self.batches.discard()
-
     def _restore(self, checkpoint: Checkpoint | None) -> None:
         """Adopt a checkpoint's model and positions (None: start from nothing)."""
         self.durability.restore(checkpoint)
@@ -635,7 +635,7 @@ class Worker:
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
         self._finish_update()  # the model and the offsets agree only between updates
-        if self._failure is None:
+        if self.batches.failure is None:
             self.durability.checkpoint_and_commit()
 
     def _refresh_lag(self) -> None:
@@ -676,7 +676,7 @@ class Worker:
 
     def _rollback(self, consumer: Consumer) -> None:
         """Back to the last checkpoint: its model, its positions, and every partition read again."""
-        self._discard_update()
+        self.batches.discard()
         self._restore(self.durability.latest_checkpoint())
         self.durability.forget_since_checkpoint()
         self._abort_compaction = True
