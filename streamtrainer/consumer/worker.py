@@ -152,8 +152,9 @@ class Worker:
 
     It coordinates three parts, each owning one concern: ``membership`` (the consumer and the
     partitions the group gave it), ``durability`` (checkpoint-then-commit, restore) and
-    ``batches`` (a polled batch from decoding to the end of its update); rollbacks, compaction
-    and stopping, which touch all three, are its own.
+    ``batching`` (a polled batch from decoding to the end of its update: batches.py); rollbacks,
+    compaction and stopping, which touch all three, are its own. (Not ``batches``: bench/worker_runs.py's
+    TimedWorker counts its batches under that name.)
     """
 
     def __init__(
@@ -201,7 +202,7 @@ class Worker:
             compactor=self.compactor,
             create_learner=self._create_learner,
         )
-        self.batches = Batches(
+        self.batching = Batches(
             settings,
             self.metrics,
             self.state,
@@ -285,26 +286,26 @@ class Worker:
     @property
     def records_consumed(self) -> int:
         """Records polled in this run (trained, routed or invalid)."""
-        return self.batches.records_consumed
+        return self.batching.records_consumed
 
     @records_consumed.setter
     def records_consumed(self, value: int) -> None:
-        self.batches.records_consumed = value
+        self.batching.records_consumed = value
 
     @property
     def records_trained(self) -> int:
         """Records trained on in this run."""
-        return self.batches.records_trained
+        return self.batching.records_trained
 
     @property
     def records_invalid(self) -> int:
         """Records that could not be trained on in this run."""
-        return self.batches.records_invalid
+        return self.batching.records_invalid
 
     @property
     def _in_flight(self) -> Polled | None:
         """The polled batch whose update may still run (bench/worker_runs.py reads it)."""
-        return self.batches.in_flight
+        return self.batching.in_flight
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -319,7 +320,7 @@ class Worker:
 
     def run(self) -> WorkerStatus:
         """Join the group and train on every record read until stopped (or a bound is reached)."""
-        settings, batches, membership = self.settings, self.batches, self.membership
+        settings, batching, membership = self.settings, self.batching, self.membership
         set_intra_op_threads(settings.torch_threads)
         with ExitStack() as stack:
             consumer, run_log = self._start(stack)
@@ -329,8 +330,8 @@ class Worker:
                     now = self._heartbeat = time.monotonic()
                     if settings.max_seconds is not None and now - self._started >= settings.max_seconds:
                         break
-                    budget = batches.poll_budget()
-                    if budget <= 0 and batches.in_flight is None:
+                    budget = batching.poll_budget()
+                    if budget <= 0 and batching.in_flight is None:
                         bounded = True  # --max-records reached
                         break
                     mark = membership.mark()  # a rollback or a rebalance may come during the poll
@@ -341,9 +342,9 @@ class Worker:
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
-                    if batches.failure is not None:
+                    if batching.failure is not None:
                         break
-                    if membership.reached_end(idle=not messages, busy=batches.in_flight is not None):
+                    if membership.reached_end(idle=not messages, busy=batching.in_flight is not None):
                         bounded = True
                         break
                     self._compact_if_due()
@@ -358,11 +359,11 @@ class Worker:
             status = self.status()
             if run_log is not None:
                 run_log.write(orjson.dumps(status.as_json()) + b"\n")
-            if batches.failure is not None:
+            if batching.failure is not None:
                 # Out of the group first: its partitions go to another member meanwhile.
                 self.membership.close_consumer()
                 self._linger_for_scrapes()
-                raise batches.failure
+                raise batching.failure
         return status
 
     def _start(self, stack: ExitStack) -> tuple[Consumer, BinaryIO | None]:
@@ -393,7 +394,7 @@ class Worker:
         self._heartbeat = time.monotonic()
         stack.enter_context(self.metrics_server)
         stack.callback(setattr, self, "_finished", True)
-        self.batches.lane = stack.enter_context(TrainingLane(background=settings.overlap))
+        self.batching.lane = stack.enter_context(TrainingLane(background=settings.overlap))
         consumer = self.membership.create_consumer()
         stack.callback(self.membership.close_consumer)
         self.metrics.info.info(
@@ -430,14 +431,14 @@ class Worker:
     def _wind_down(self, *, clean: bool, bounded: bool) -> None:
         """The loop ended: on a clean end everything trained becomes durable, then committed."""
         self._running = False
-        if bounded and self.batches.failure is None:
-            self.batches.stop_if_all_invalid()
-        if clean and self.batches.failure is None:
+        if bounded and self.batching.failure is None:
+            self.batching.stop_if_all_invalid()
+        if clean and self.batching.failure is None:
             self._checkpoint_and_commit()
         else:
             # Stopped on an error or an exception (a batch may be half accounted for):
             # nothing past the last checkpoint is committed.
-            self.batches.discard()
+            self.batching.discard()
 
     def _checkpoint_if_due(self, now: float) -> None:
         if self.durability.due(now):
@@ -619,11 +620,11 @@ class Worker:
 
     def _start_update(self, messages: list[Message]) -> None:
         """Decode a polled batch, route what cannot be trained on, start the update of the rest."""
-        self.batches.start(messages)
+        self.batching.start(messages)
 
     def _finish_update(self) -> None:
         """Wait for the update in flight, if any, and account for its batch."""
-        self.batches.finish()
+        self.batching.finish()
 
     def _update_result(self, update: Future[float]) -> float:
         return update.result()
@@ -635,7 +636,7 @@ class Worker:
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
         self._finish_update()  # the model and the offsets agree only between updates
-        if self.batches.failure is None:
+        if self.batching.failure is None:
             self.durability.checkpoint_and_commit()
 
     def _refresh_lag(self) -> None:
@@ -676,7 +677,7 @@ class Worker:
 
     def _rollback(self, consumer: Consumer) -> None:
         """Back to the last checkpoint: its model, its positions, and every partition read again."""
-        self.batches.discard()
+        self.batching.discard()
         self._restore(self.durability.latest_checkpoint())
         self.durability.forget_since_checkpoint()
         self._abort_compaction = True
