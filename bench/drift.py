@@ -6,8 +6,8 @@ defaults, then per poll of ``POLL`` records (fewer where the compaction
 trigger's count ends a poll, as the worker cuts them) ``learn_many``, the
 worker's :class:`~streamtrainer.consumer.compactor.Compactor` (its store,
 trigger and window; ``keep`` then ``due``/``run``) and the Page-Hinkley detector
-fed the batch's finite prequential losses, exactly as ``Worker._finish_update``
-and its loop do. Every compaction setting is the worker's default. Three
+fed the batch's finite prequential losses, exactly as the worker's ``Batches.finish``
+(consumer/batches.py) and its run loop do. Every compaction setting is the worker's default. Three
 configurations per stream:
 
 * ``drift+schedule``: the defaults (``--drift-detector page-hinkley``: a

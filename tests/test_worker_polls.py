@@ -21,13 +21,13 @@ def _worker(tmp_path: Path, **overrides: object) -> Worker:
 
 def test_the_poll_size_follows_the_speed_of_the_last_update(tmp_path: Path) -> None:
     worker = _worker(tmp_path, compaction=False, poll_batch=10_000)
-    assert worker._poll_budget() == 1000  # no speed known yet: a small first poll
-    worker._seconds_per_record = 0.2e-6  # the compiled loop: the configured most
-    assert worker._poll_budget() == 10_000
-    worker._seconds_per_record = 200e-6  # autograd: about 0.1 s of training a poll
-    assert worker._poll_budget() == 500
-    worker._seconds_per_record = 1.0  # very slow: never below the floor
-    assert worker._poll_budget() == 100
+    assert worker.batching.poll_budget() == 1000  # no speed known yet: a small first poll
+    worker.batching.seconds_per_record = 0.2e-6  # the compiled loop: the configured most
+    assert worker.batching.poll_budget() == 10_000
+    worker.batching.seconds_per_record = 200e-6  # autograd: about 0.1 s of training a poll
+    assert worker.batching.poll_budget() == 500
+    worker.batching.seconds_per_record = 1.0  # very slow: never below the floor
+    assert worker.batching.poll_budget() == 100
 
 
 def test_a_poll_stops_at_the_next_compaction_and_at_max_records(tmp_path: Path) -> None:
@@ -38,11 +38,11 @@ def test_a_poll_stops_at_the_next_compaction_and_at_max_records(tmp_path: Path) 
     )
     assert worker.compactor is not None
     with worker.compactor:
-        worker._seconds_per_record = 0.2e-6
-        assert worker._poll_budget() == 2000  # "every 2,000 records" stays every 2,000
+        worker.batching.seconds_per_record = 0.2e-6
+        assert worker.batching.poll_budget() == 2000  # "every 2,000 records" stays every 2,000
         worker.compactor.trigger.observe(1500)
-        assert worker._poll_budget() == 500
+        assert worker.batching.poll_budget() == 500
         worker.compactor.trigger.observe(500)
-        assert worker._poll_budget() == 10_000  # due now: the loop compacts before it polls again
+        assert worker.batching.poll_budget() == 10_000  # due now: the loop compacts before it polls again
         worker.records_consumed = 49_900  # --max-records counts records consumed, trained or not
-        assert worker._poll_budget() == 100
+        assert worker.batching.poll_budget() == 100

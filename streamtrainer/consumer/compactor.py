@@ -4,8 +4,8 @@ Online learning takes one small step per record; a compaction takes the last
 W records the worker consumed (already decoded, from the compaction store),
 optionally keeps only the last record per key, and trains E shuffled epochs of
 mini-batches into the same model. The worker stays in its consumer group
-meanwhile (see ``Worker._compact``: partitions paused, ``poll`` served between
-batches).
+meanwhile (see ``Worker._compact`` and ``Membership.serve_group``: partitions
+paused, ``poll`` served between batches).
 
 Whether it helped is measured, not assumed: the prequential loss (measured on
 each record *before* learning from it) of the next records after a compaction

@@ -49,7 +49,7 @@ def _count(registry: CollectorRegistry, name: str, labels: dict[str, str] | None
 def test_an_abrupt_drift_is_detected_and_compacted(
     bootstrap: str, topic_factory: Callable[..., str], group_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="streamtrainer.consumer.worker"):
+    with caplog.at_level(logging.INFO, logger="streamtrainer.consumer"):
         registry, metadata = _run(bootstrap, topic_factory, group_id, "abrupt")
     detections = _count(registry, "streamtrainer_drift_detections_total")
     assert detections >= 1

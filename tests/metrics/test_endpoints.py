@@ -203,7 +203,7 @@ def test_readiness_says_why_a_worker_is_not_ready(tmp_path) -> None:
     worker._running = True
     worker._started = time.monotonic()
     assert worker.readiness() == (False, "no partitions assigned")
-    worker._assigned = {("t", 0)}
+    worker.membership.assigned.add(("t", 0))
     assert worker.readiness() == (True, "ready: 1 partition(s) assigned")
     worker._heartbeat = time.monotonic() - 45
     ready, why = worker.readiness()
