@@ -432,71 +432,186 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def trace_key(step: _Step, *, n_features: int, n_steps: int, batch_size: int) -> tuple[str, Any]:
-    """The cache key of a block and the traced single step it hashes (``make_fx``, ~0.2 s).
+class TracedStep:
+    """One step traced into an aten graph (``make_fx``), its cache key, and what a compiler child needs.
 
     The key covers what the compiled package bakes in: the aten graph of one step
-    (everything the module's code does, its constants included), the inputs'
-    shapes and dtypes, S, B, the optimizer's hyper-parameters, and the versions of
-    torch, Python and the machine. Raises :class:`GraphUnsupportedError` if the step
-    draws random numbers or mutates a buffer.
+    (everything the module's code does), the values of the constants it holds
+    (``torch.tensor(2.0)`` in a ``forward``), the inputs' shapes and dtypes, S, B,
+    the optimizer's hyper-parameters, and the versions of torch and Python.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
 
-    inputs = step.example_inputs(batch_size, n_features)
-    buffers_before = [b.detach().clone() for b in step.model.buffers()]
-    graph = make_fx(step.block(1, batch_size))(*inputs)
-    for before, after in zip(buffers_before, step.model.buffers(), strict=True):
-        if not torch.equal(before, after):
-            with torch.no_grad():
-                for b, value in zip(step.model.buffers(), buffers_before, strict=True):
-                    b.copy_(value)
-            raise GraphUnsupportedError("the model's forward mutates a buffer")
-    for node in graph.graph.nodes:
-        if node.op == "call_function" and any(word in str(node.target) for word in _RANDOM_OPS):
-            raise GraphUnsupportedError(f"the model's forward draws random numbers ({node.target})")
-    digest = hashlib.sha256()
-    digest.update(graph.code.encode())
-    description = {
-        "shapes": [[list(t.shape), str(t.dtype)] for t in inputs],
-        "n_steps": n_steps,
-        "batch_size": batch_size,
-        "hyper": step.hyper(),
-        "torch": torch.__version__,
-        "python": sys.version_info[:2],
-        "machine": platform.machine(),
-    }
-    digest.update(json.dumps(description, sort_keys=True).encode())
-    return digest.hexdigest(), graph
+    def __init__(self, step: _Step, *, n_features: int, n_steps: int, batch_size: int) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.graph import _custom_builtins
+
+        inputs = step.example_inputs(batch_size, n_features)
+        buffers_before = [b.detach().clone() for b in step.model.buffers()]
+        graph = make_fx(step.block(1, batch_size))(*inputs)
+        for before, after in zip(buffers_before, step.model.buffers(), strict=True):
+            if not torch.equal(before, after):
+                with torch.no_grad():
+                    for b, value in zip(step.model.buffers(), buffers_before, strict=True):
+                        b.copy_(value)
+                raise GraphUnsupportedError("the model's forward mutates a buffer")
+        constants: dict[str, torch.Tensor] = {}
+        for node in graph.graph.nodes:
+            if node.op == "call_function" and any(word in str(node.target) for word in _RANDOM_OPS):
+                raise GraphUnsupportedError(f"the model's forward draws random numbers ({node.target})")
+            if node.op == "get_attr":
+                value = getattr(graph, node.target)
+                if not isinstance(value, torch.Tensor):
+                    raise GraphUnsupportedError(f"the traced step holds a {type(value).__name__} constant")
+                constants[node.target] = value.detach().contiguous()
+            elif node.op == "call_module":
+                raise GraphUnsupportedError("the traced step calls a module")
+        code = graph.graph.python_code("self")
+        unknown = set(code.globals) - set(_custom_builtins)
+        if unknown:
+            raise GraphUnsupportedError(f"the traced step needs the globals {sorted(unknown)}")
+        self.source: str = code.src
+        self.constants = constants
+        self.shapes = [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in inputs]
+        self.n_steps, self.batch_size = n_steps, batch_size
+        self.n_params, self.n_buffers, self.n_states = step.n_params, len(step.buffer_names), step.n_states()
+        digest = hashlib.sha256()
+        digest.update(self.source.encode())
+        for name in sorted(constants):
+            value = constants[name]
+            digest.update(f"{name} {list(value.shape)} {value.dtype}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        description = {
+            "shapes": self.shapes,
+            "n_steps": n_steps,
+            "batch_size": batch_size,
+            "hyper": step.hyper(),
+            "torch": torch.__version__,
+            "python": list(sys.version_info[:2]),
+            "machine": platform.machine(),
+        }
+        digest.update(json.dumps(description, sort_keys=True).encode())
+        self.key = digest.hexdigest()
+
+    def write(self, folder: Path, package: Path) -> None:
+        """What the compiler child reads: the step's source, its constants (safetensors), the layout."""
+        from safetensors.torch import save_file
+
+        (folder / "step.py").write_text(self.source)
+        save_file(self.constants, str(folder / "constants.safetensors"))
+        meta = {
+            "shapes": self.shapes,
+            "n_steps": self.n_steps,
+            "batch_size": self.batch_size,
+            "n_params": self.n_params,
+            "n_buffers": self.n_buffers,
+            "n_states": self.n_states,
+            "package": str(package),
+        }
+        (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def compile_block(step: _Step, *, n_features: int, n_steps: int, batch_size: int, path: Path) -> None:
-    """Trace, export and compile a block of ``n_steps`` steps into the package ``path``, atomically.
+# The compiler child: rebuilds the traced step from its aten source and constants (no pickle, no
+# need to know how to build the user's module), unrolls it over S steps, traces that (make_fx),
+# exports it and compiles it with AOTInductor into a temporary package it renames into place: a
+# child killed midway leaves no torn package under the real name.
+#
+# Why a child, not a thread: (1) safety: make_fx and torch.export rewrite process-global state
+# (torch.fx.traceback.current_meta) that torch's own optimizer wrappers touch on every
+# zero_grad/step: a compile thread made the training thread's zero_grad raise KeyError: 'custom'
+# (torch 2.13, seen here). (2) speed: a compile holding the GIL slows the autograd loop that
+# trains meanwhile. The child runs niced (+10) with one Inductor compile thread so that it takes
+# one core at most, at low priority. It dies with its parent (PR_SET_PDEATHSIG).
+_CHILD_CODE = """
+import ctypes, json, os, sys
+folder, parent = sys.argv[1], int(sys.argv[2])
+try:
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+except (AttributeError, OSError):
+    pass  # not Linux
+if os.getppid() != parent:
+    sys.exit(1)
+os.nice(10)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.graph import _custom_builtins
+from safetensors.torch import load_file
+meta = json.load(open(os.path.join(folder, "meta.json")))
+constants = load_file(os.path.join(folder, "constants.safetensors"))
+namespace = {name: builtin.obj for name, builtin in _custom_builtins.items()}
+exec(compile(open(os.path.join(folder, "step.py")).read(), "graph_step", "exec"), namespace)
+forward = namespace["forward"]
+class Holder:
+    pass
+holder = Holder()
+for name, value in constants.items():
+    setattr(holder, name, value)
+S, B = meta["n_steps"], meta["batch_size"]
+P, NB, NS = meta["n_params"], meta["n_buffers"], meta["n_states"]
+head = P + NB + NS + 1
+def block(*args):
+    carried, (x, y, w, lr) = list(args[:head]), args[head:]
+    losses, predictions = [], []
+    for g in range(S):
+        rows = slice(g * B, (g + 1) * B)
+        out = forward(holder, *carried, x[rows], y[rows], w[rows], lr)
+        carried = [*out[:P], *carried[P:P + NB], *out[P:P + NS + 1]]
+        losses.append(out[-2])
+        predictions.append(out[-1])
+    return (*carried[:P], *carried[P + NB:], torch.cat(losses), torch.cat(predictions))
+inputs = []
+for i, (shape, dtype) in enumerate(meta["shapes"]):
+    if i >= head and i < head + 3:
+        shape = [shape[0] * S, *shape[1:]]
+    inputs.append(torch.ones(shape, dtype=getattr(torch, dtype)))
+inputs = tuple(inputs)
+graph = make_fx(block)(*inputs)
+class Wrapper(nn.Module):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+    def forward(self, *args):
+        return self.graph(*args)
+exported = torch.export.export(Wrapper(graph), inputs, strict=False)
+package = meta["package"]
+temporary = os.path.join(os.path.dirname(package), "." + os.path.basename(package) + f".{os.getpid()}.tmp.pt2")
+try:
+    torch._inductor.aoti_compile_and_package(exported, package_path=temporary)
+    os.replace(temporary, package)
+finally:
+    if os.path.exists(temporary):
+        os.unlink(temporary)
+"""
+_CHILD_TIMEOUT_S = 900
 
-    The package is written to a temporary name beside ``path`` and renamed: a
-    process killed midway leaves no torn package under the real name.
+
+def compile_package(traced: TracedStep, package: Path) -> None:
+    """Compile ``traced``'s block of S steps into ``package`` in a child process; blocks until done.
+
+    Raises :class:`GraphUnsupportedError` with the child's last error lines if it fails.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
+    import tempfile
 
-    inputs = step.example_inputs(n_steps * batch_size, n_features)
-    graph = make_fx(step.block(n_steps, batch_size))(*inputs)
-
-    class _Wrapper(nn.Module):
-        def __init__(self, graph: nn.Module) -> None:
-            super().__init__()
-            self.graph = graph
-
-        def forward(self, *args: torch.Tensor) -> Any:
-            return self.graph(*args)
-
-    exported = torch.export.export(_Wrapper(graph), inputs, strict=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.pt2")
-    try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    package.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="graph-step-") as folder:
+        traced.write(Path(folder), package)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, folder, str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _, stderr = child.communicate(timeout=_CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise GraphUnsupportedError(f"the compiler process took over {_CHILD_TIMEOUT_S}s") from None
+    if child.returncode != 0 or not package.is_file():
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        errors = [line for line in lines if "Error" in line] or lines
+        raise GraphUnsupportedError(f"the compiler process failed: {' | '.join(errors[-2:])[-400:]}")
 
 
 def default_cache_dir() -> Path:
@@ -756,63 +871,76 @@ def _init_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, kind: str) ->
 
 
 class _Job:
-    """The compile (or cache load) of one batch size's block, on a daemon thread."""
+    """The compile (or cache load) of one batch size's block.
+
+    Started on the caller's thread by the first :meth:`GraphPath.ready`: the one-step
+    trace that gives the key (0.1-0.3 s, once per batch size; on this thread because
+    make_fx rewrites global state the training thread's optimizer touches), then a
+    daemon thread that loads the cached package or has a child process compile it
+    first (:func:`compile_package`) and loads it then.
+    """
 
     def __init__(self, path: GraphPath, batch_size: int) -> None:
         self.path, self.batch_size = path, batch_size
         self.done = threading.Event()
         self.runner: Callable[..., Sequence[torch.Tensor]] | None = None
         self.error: str | None = None
+        self.started = time.perf_counter()
 
     def start(self) -> None:
-        # A daemon thread: a worker stopped during a compile exits at once (the package is written
-        # under a temporary name and renamed, so nothing torn stays behind).
-        threading.Thread(target=self._run, name=f"graph-step-{self.batch_size}", daemon=True).start()
+        path, batch_size = self.path, self.batch_size
+        try:
+            if path.n_features is None:
+                raise GraphUnsupportedError("the number of features is not known yet (pass n_features)")
+            n_steps = path.steps_per_call(batch_size)
+            traced = TracedStep(
+                path._step, n_features=path.n_features, n_steps=n_steps, batch_size=batch_size
+            )
+        except Exception as error:  # noqa: BLE001 - any failure leaves training on autograd
+            self._fail(error)
+            return
+        package = path.cache_dir / f"{traced.key}.pt2"
+        warm = package.is_file()
+        logger.info(
+            "graph step: %s %s, S=%d B=%d (key %s)",
+            "loading the cached package of" if warm else "compiling (cold, in the background)",
+            type(path.model).__name__,
+            n_steps,
+            batch_size,
+            traced.key[:12],
+        )
+        # A daemon thread: a worker stopped during a compile exits at once; its compiler child dies
+        # with it, and the package is renamed into place only once complete.
+        threading.Thread(
+            target=self._run, args=(traced, package, warm), name=f"graph-step-{batch_size}", daemon=True
+        ).start()
 
     def state(self) -> str:
         if not self.done.is_set():
             return "compiling"
         return "ready" if self.runner is not None else "failed"
 
-    def _run(self) -> None:
-        path, batch_size = self.path, self.batch_size
-        started = time.perf_counter()
+    def _run(self, traced: TracedStep, package: Path, warm: bool) -> None:
         try:
-            if path.n_features is None:
-                raise GraphUnsupportedError("the number of features is not known yet (pass n_features)")
-            n_steps = path.steps_per_call(batch_size)
-            key, _ = trace_key(path._step, n_features=path.n_features, n_steps=n_steps, batch_size=batch_size)
-            package = path.cache_dir / f"{key}.pt2"
-            warm = package.is_file()
-            logger.info(
-                "graph step: %s %s S=%d B=%d (key %s)",
-                "loading" if warm else "compiling",
-                type(path.model).__name__,
-                n_steps,
-                batch_size,
-                key[:12],
-            )
             if not warm:
-                compile_block(
-                    path._step,
-                    n_features=path.n_features,
-                    n_steps=n_steps,
-                    batch_size=batch_size,
-                    path=package,
-                )
+                compile_package(traced, package)
             runner = torch._inductor.aoti_load_package(str(package))
-            path.compiles[batch_size] = "warm" if warm else "cold"
+            self.path.compiles[self.batch_size] = "warm" if warm else "cold"
             self.runner = runner
             logger.info(
                 "graph step ready for B=%d in %.1fs (%s)",
-                batch_size,
-                time.perf_counter() - started,
+                self.batch_size,
+                time.perf_counter() - self.started,
                 "from the cache" if warm else "compiled",
             )
         except Exception as error:  # noqa: BLE001 - any failure leaves training on autograd
-            self.error = f"{type(error).__name__}: {error}"[:500]
-            logger.warning(
-                "graph step for B=%d failed; training stays on autograd: %s", batch_size, self.error
-            )
+            self._fail(error)
         finally:
             self.done.set()
+
+    def _fail(self, error: Exception) -> None:
+        self.error = f"{type(error).__name__}: {error}"[:500]
+        logger.warning(
+            "graph step for B=%d failed; training stays on autograd: %s", self.batch_size, self.error
+        )
+        self.done.set()
