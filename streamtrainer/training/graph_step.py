@@ -41,7 +41,6 @@ optimizer's hyper-parameters and the torch version) and loads it in ~2 s.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -173,7 +172,7 @@ def _output_problem(model: nn.Module, loss: str, n_features: int) -> str | None:
     return None
 
 
-def _optimizer_problem(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> str | None:
+def _optimizer_problem(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> str | None:
     kind = _optimizer_kind(optimizer)
     if kind is None:
         return f"no graph step for the optimizer {type(optimizer).__name__}"
@@ -334,6 +333,7 @@ class _Step:
         buffers: list[torch.Tensor],
         states: list[torch.Tensor],
         steps: torch.Tensor,
+        *,
         x: torch.Tensor,
         y: torch.Tensor,
         w: torch.Tensor,
@@ -382,10 +382,7 @@ class _Step:
                 new_states.append(total)
         new_params = [torch.where(active, new, old) for new, old in zip(new_params, params, strict=True)]
         new_states = [torch.where(active, new, old) for new, old in zip(new_states, states, strict=True)]
-        if self.kind == "sgd":
-            new_steps = steps
-        else:
-            new_steps = torch.where(active, new_steps, steps)
+        new_steps = steps if self.kind == "sgd" else torch.where(active, new_steps, steps)
         return new_params, new_states, new_steps, losses, predictions
 
     def block(self, n_steps: int, batch_size: int) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -402,7 +399,7 @@ class _Step:
             for g in range(n_steps):
                 rows = slice(g * batch_size, (g + 1) * batch_size)
                 params, states, steps, loss, prediction = self.group_step(
-                    params, buffers, states, steps, x[rows], y[rows], w[rows], lr
+                    params, buffers, states, steps, x=x[rows], y=y[rows], w=w[rows], lr=lr
                 )
                 losses.append(loss)
                 predictions.append(prediction)
@@ -488,6 +485,7 @@ class TracedStep:
             "torch": torch.__version__,
             "python": list(sys.version_info[:2]),
             "machine": platform.machine(),
+            "recipe": _RECIPE,
         }
         digest.update(json.dumps(description, sort_keys=True).encode())
         self.key = digest.hexdigest()
@@ -511,9 +509,9 @@ class TracedStep:
 
 
 # The compiler child: rebuilds the traced step from its aten source and constants (no pickle, no
-# need to know how to build the user's module), unrolls it over S steps, traces that (make_fx),
-# exports it and compiles it with AOTInductor into a temporary package it renames into place: a
-# child killed midway leaves no torn package under the real name.
+# need to know how to build the user's module), unrolls it over S steps in a module holding its
+# constants as buffers, exports that (non-strict) and compiles it with AOTInductor into a temporary
+# package it renames into place: a child killed midway leaves no torn package under the real name.
 #
 # Why a child, not a thread: (1) safety: make_fx and torch.export rewrite process-global state
 # (torch.fx.traceback.current_meta) that torch's own optimizer wrappers touch on every
@@ -533,8 +531,9 @@ if os.getppid() != parent:
 os.nice(10)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch
+import torch._inductor.config
 from torch import nn
-from torch.fx.experimental.proxy_tensor import make_fx
+torch._inductor.config.cpp.threads = 1  # see _RECIPE
 from torch.fx.graph import _custom_builtins
 from safetensors.torch import load_file
 meta = json.load(open(os.path.join(folder, "meta.json")))
@@ -542,40 +541,34 @@ constants = load_file(os.path.join(folder, "constants.safetensors"))
 namespace = {name: builtin.obj for name, builtin in _custom_builtins.items()}
 exec(compile(open(os.path.join(folder, "step.py")).read(), "graph_step", "exec"), namespace)
 forward = namespace["forward"]
-class Holder:
-    pass
-holder = Holder()
-for name, value in constants.items():
-    setattr(holder, name, value)
 S, B = meta["n_steps"], meta["batch_size"]
 P, NB, NS = meta["n_params"], meta["n_buffers"], meta["n_states"]
 head = P + NB + NS + 1
-def block(*args):
-    carried, (x, y, w, lr) = list(args[:head]), args[head:]
-    losses, predictions = [], []
-    for g in range(S):
-        rows = slice(g * B, (g + 1) * B)
-        out = forward(holder, *carried, x[rows], y[rows], w[rows], lr)
-        carried = [*out[:P], *carried[P:P + NB], *out[P:P + NS + 1]]
-        losses.append(out[-2])
-        predictions.append(out[-1])
-    return (*carried[:P], *carried[P + NB:], torch.cat(losses), torch.cat(predictions))
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name, value in constants.items():
+            self.register_buffer(name, value)  # the step's source reads them as self.<name>
+    def forward(self, *args):
+        carried, (x, y, w, lr) = list(args[:head]), args[head:]
+        losses, predictions = [], []
+        for g in range(S):
+            rows = slice(g * B, (g + 1) * B)
+            out = forward(self, *carried, x[rows], y[rows], w[rows], lr)
+            carried = [*out[:P], *carried[P:P + NB], *out[P:P + NS + 1]]
+            losses.append(out[-2])
+            predictions.append(out[-1])
+        return (*carried[:P], *carried[P + NB:], torch.cat(losses), torch.cat(predictions))
 inputs = []
 for i, (shape, dtype) in enumerate(meta["shapes"]):
     if i >= head and i < head + 3:
         shape = [shape[0] * S, *shape[1:]]
     inputs.append(torch.ones(shape, dtype=getattr(torch, dtype)))
 inputs = tuple(inputs)
-graph = make_fx(block)(*inputs)
-class Wrapper(nn.Module):
-    def __init__(self, graph):
-        super().__init__()
-        self.graph = graph
-    def forward(self, *args):
-        return self.graph(*args)
-exported = torch.export.export(Wrapper(graph), inputs, strict=False)
+exported = torch.export.export(Block(), inputs, strict=False)
 package = meta["package"]
-temporary = os.path.join(os.path.dirname(package), "." + os.path.basename(package) + f".{os.getpid()}.tmp.pt2")
+name = "." + os.path.basename(package) + f".{os.getpid()}.tmp.pt2"
+temporary = os.path.join(os.path.dirname(package), name)
 try:
     torch._inductor.aoti_compile_and_package(exported, package_path=temporary)
     os.replace(temporary, package)
@@ -584,6 +577,10 @@ finally:
         os.unlink(temporary)
 """
 _CHILD_TIMEOUT_S = 900
+# How the child compiles, part of the key. Kernels compiled single-threaded (cpp.threads=1): the
+# tensors are tiny, and OpenMP regions cost more than they save: on a loaded 2-core machine a
+# 16-step call took 67 ms with 2 OpenMP threads against 0.85 ms with 1 (torch 2.13).
+_RECIPE = "aoti-cpp-threads-1"
 
 
 def compile_package(traced: TracedStep, package: Path) -> None:
@@ -728,7 +725,7 @@ class GraphPath:
         return self._job(batch_size).state() == "ready"
 
     def wait(self, batch_size: int, timeout_s: float | None = None) -> bool:
-        """Schedule (if need be) and wait for ``batch_size``'s compile; False: not ready in time, or failed."""
+        """Schedule (if need be) and wait for ``batch_size``'s compile; False: not ready in time or failed."""
         job = self._job(batch_size)
         job.done.wait(timeout_s)
         return job.state() == "ready"
@@ -774,8 +771,8 @@ class GraphPath:
             or (self.n_features is not None and x_tensor.shape[1] != self.n_features)
         ):
             raise GraphUnsupportedError(
-                f"expected features (n, {self.n_features or 'd'}) and labels (n,), got {tuple(x_tensor.shape)} "
-                f"and {tuple(y_tensor.shape)}"
+                f"expected features (n, {self.n_features or 'd'}) and labels (n,), "
+                f"got {tuple(x_tensor.shape)} and {tuple(y_tensor.shape)}"
             )
         if self.n_features is None:
             self.n_features = int(x_tensor.shape[1])
