@@ -158,8 +158,10 @@ def graph_supported(
 
 def _output_problem(model: nn.Module, loss: str, n_features: int) -> str | None:
     try:
+        # On copies of the buffers: a forward that updates one must not count this check.
+        copies = {name: b.detach().clone() for name, b in model.named_buffers()}
         with torch.no_grad():
-            out = model(torch.zeros(1, n_features))
+            out = torch.func.functional_call(model, copies, (torch.zeros(1, n_features),))
     except Exception as error:  # noqa: BLE001 - any failure of the user's forward is a reason
         return f"the model's forward fails on (1, {n_features}): {error!r}"
     if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
@@ -443,14 +445,13 @@ class TracedStep:
         from torch.fx.graph import _custom_builtins
 
         inputs = step.example_inputs(batch_size, n_features)
-        buffers_before = [b.detach().clone() for b in step.model.buffers()]
-        graph = make_fx(step.block(1, batch_size))(*inputs)
-        for before, after in zip(buffers_before, step.model.buffers(), strict=True):
-            if not torch.equal(before, after):
-                with torch.no_grad():
-                    for b, value in zip(step.model.buffers(), buffers_before, strict=True):
-                        b.copy_(value)
-                raise GraphUnsupportedError("the model's forward mutates a buffer")
+        before = [t.clone() for t in inputs]
+        graph = make_fx(step.block(1, batch_size))(*inputs)  # runs the step for real, on copies
+        # In place on a buffer (a forward counting its calls, a running mean) or on the rows: the
+        # compiled package could not carry it. functional_call swapped in the copies: the module's
+        # own buffers are untouched.
+        if not all(torch.equal(a, b) for a, b in zip(before, inputs, strict=True)):
+            raise GraphUnsupportedError("the model's forward mutates a buffer or its input in place")
         constants: dict[str, torch.Tensor] = {}
         for node in graph.graph.nodes:
             if node.op == "call_function" and any(word in str(node.target) for word in _RANDOM_OPS):

@@ -432,4 +432,4 @@ def test_what_only_the_trace_shows_fails_the_compile_with_a_reason(
     assert words in (path.failure(1) or "")
     assert not list(tmp_path.iterdir())  # no compile started
     if isinstance(model, _CountingForward):
-        assert float(model.seen) == 0.0  # the trace's update was undone
+        assert float(model.seen) == 0.0  # the trace ran on copies
