@@ -77,7 +77,15 @@ def graph_rate(path: graph_step.GraphPath, x: np.ndarray, y: np.ndarray, batch: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="gated block only, S=16 and B=32")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both paths (default 1: on a busy 2-core machine two OpenMP threads made a "
+        "16-step call of either path 30-60x slower, 35-67 ms instead of ~1 ms)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     n = 8192

@@ -724,7 +724,12 @@ class GraphPath:
         return self._steps_per_call or block_steps(batch_size)
 
     def ready(self, batch_size: int) -> bool:
-        """Whether :meth:`call` runs compiled for ``batch_size``; schedules the compile. Never blocks."""
+        """Whether :meth:`call` runs compiled for ``batch_size``; schedules the compile. Never waits for it.
+
+        The first call for a batch size traces one step on this thread (0.1-0.3 s: the
+        cache key; make_fx is not safe beside a training thread) and starts a
+        background thread that loads the cached package or has a child compile it.
+        """
         return self._job(batch_size).state() == "ready"
 
     def wait(self, batch_size: int, timeout_s: float | None = None) -> bool:
