@@ -15,7 +15,9 @@ Why AOTInductor, measured on a 2-core CPU (torch 2.13, gated block d=16 h=64,
 Adam): the naive autograd loop learns 1.7-1.9k records/s; a block of S=16
 steps through the package 46-50k/s (26x); plain ``torch.compile(fullgraph=True)``
 of the same block only 24k/s (dynamo's guards and re-traces per call) and
-7.9 s to start even warm, where a cached package loads in ~2 s.
+7.9 s to start even warm, where a cached package loads in ~2 s. On the same
+machine shared with other work (load 4-5 on 2 cores; ``python -m
+bench.graph_step``): strict 11-36x the naive loop (S=8/16), see the bench.
 
 Exactness: the update formulas mirror torch.optim's single-tensor CPU code op
 for op (``lerp``, ``mul``/``addcmul``, bias corrections in float64 as torch
@@ -31,16 +33,26 @@ real record) or 0 (padding); a step whose rows are all padding changes nothing
 compiled package, also a final short group of a micro-batch (its mean is over
 its real rows, as torch's), and there is no slow eager tail.
 
-Compiling takes 10-45 s cold (S, B and the module's size), so it runs in the
-background (:meth:`GraphPath.ready` schedules it, never blocks) while the
-caller keeps its autograd path; a restarted process finds the package in the
-cache (``key`` = sha256 of one traced step's aten graph, the shapes, S, B, the
-optimizer's hyper-parameters and the torch version) and loads it in ~2 s.
+Compiling takes 20-150 s cold (S, B, the module's size, how busy the machine is:
+2 cores shared with other work), so it runs in a child process (see
+``_CHILD_CODE``) while the caller keeps its autograd path; a restarted process
+finds the package in the cache (``key`` = sha256 of one traced step's aten
+graph and constants, the shapes, S, B, the optimizer's hyper-parameters and the
+torch version) and is ready 4-5 s after it started (importing torch 1.3-1.7 s,
+the tracing and packaging tools 1.2-1.5 s, see :func:`prepare`; one traced
+step 0.2 s; the first package load 1.3-1.5 s).
+
+Threads: the package's own kernels are compiled single-threaded, but its matrix
+products call aten, which uses torch's intra-op pool. On a busy 2-core machine
+two threads made a 16-step call 30-60x slower (35-67 ms instead of ~1 ms, the
+OpenMP barrier waiting on descheduled threads), micro-batch B=32 58k records/s
+instead of 465k; run the worker with ``torch.set_num_threads(1)`` there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -519,10 +531,11 @@ class TracedStep:
 # zero_grad/step: a compile thread made the training thread's zero_grad raise KeyError: 'custom'
 # (torch 2.13, seen here). (2) speed: a compile holding the GIL slows the autograd loop that
 # trains meanwhile. The child compiles with one Inductor compile thread, so it takes one core. It is
-# not niced: on a loaded 2-core machine a child at nice 10 took 482 s for a cold S=16 compile while
-# the autograd loop trained at 1.2k records/s instead of 2.0k; not niced, ~90 s at 0.6k/s. The
-# compiled path learns 20x+ faster, so finishing the compile sooner is worth far more records than
-# the slower autograd meanwhile costs. It dies with its parent (PR_SET_PDEATHSIG).
+# not niced. Measured on a 2-core machine shared with other work (load 3-5), bench.graph_step: while
+# a cold compile runs (40-150 s) the autograd loop trains at 0.4-0.7k records/s instead of 1.1-2.3k;
+# with the child at nice 10 the loop kept 1.2k of 2.0k/s but the compile took 482 s. The compiled
+# path learns 20x+ faster, so finishing the compile sooner is worth far more records than the
+# slower autograd meanwhile costs. The child dies with its parent (PR_SET_PDEATHSIG).
 _CHILD_CODE = """
 import ctypes, json, os, sys
 folder, parent = sys.argv[1], int(sys.argv[2])
@@ -614,6 +627,31 @@ def compile_package(traced: TracedStep, package: Path) -> None:
         raise GraphUnsupportedError(f"the compiler process failed: {' | '.join(errors[-2:])[-400:]}")
 
 
+_prepared: threading.Thread | None = None
+
+
+def prepare() -> None:
+    """Import what tracing and loading a package need, in a background thread; returns at once.
+
+    Call it when a worker starts, before training (the imports would otherwise
+    race nothing, but they hold the GIL): of a restarted worker's ~4-5 s from
+    process start to a loaded package (2 cores, busy), ~1.3 s are these imports
+    (``make_fx``, ``torch._inductor.package``), which then overlap the group join.
+    Idempotent.
+    """
+    global _prepared  # noqa: PLW0603 - one preparation per process
+    if _prepared is None:
+        _prepared = threading.Thread(target=_import_tools, name="graph-step-prepare", daemon=True)
+        _prepared.start()
+
+
+def _import_tools() -> None:
+    started = time.perf_counter()
+    importlib.import_module("torch.fx.experimental.proxy_tensor")
+    importlib.import_module("torch._inductor.package")
+    logger.debug("graph step tools imported in %.2fs", time.perf_counter() - started)
+
+
 def default_cache_dir() -> Path:
     """``<the kernels' cache root>/graphs``: beside numba's cache (``--cache-dir``, ``NUMBA_CACHE_DIR``'s
     parent, else ``$XDG_CACHE_HOME/streamtrainer`` or ``~/.cache/streamtrainer``)."""
@@ -686,7 +724,7 @@ class GraphPath:
     :meth:`ready` (never blocks) schedules the compile of a batch size's block in
     the background the first time and says whether it is ready; :meth:`call`
     prepares a run. Compiled packages are cached in ``cache_dir`` (default
-    :func:`default_cache_dir`); a restarted process loads its package in ~2 s.
+    :func:`default_cache_dir`); a restarted process loads its package in ~3 s.
     Build it when :func:`graph_supported` is None; it is not checked again per call
     beyond the input shapes (``call`` raises :class:`GraphUnsupportedError`).
     ``steps_per_call`` overrides :func:`block_steps` (tests use small blocks).
