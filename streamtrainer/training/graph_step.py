@@ -824,6 +824,8 @@ class GraphPath:
             self.n_features = int(x_tensor.shape[1])
         n_steps = self.steps_per_call(batch_size)
         block_rows = n_steps * batch_size
+        if n == 0:  # no step: nothing moves, no optimizer state is created (as torch)
+            return GraphCall(self, self._step.block(n_steps, batch_size), [], 0, block_rows)
         blocks: Callable[..., Sequence[torch.Tensor]]
         job = self._jobs.get(batch_size)
         if job is not None and job.state() == "ready" and job.runner is not None:

@@ -433,3 +433,28 @@ def test_what_only_the_trace_shows_fails_the_compile_with_a_reason(
     assert not list(tmp_path.iterdir())  # no compile started
     if isinstance(model, _CountingForward):
         assert float(model.seen) == 0.0  # the trace ran on copies
+
+
+def test_wrong_shapes_are_refused_before_anything_moves_and_empty_calls_change_nothing() -> None:
+    model, opt, twin, twin_opt = _pair("gated", "adam")
+    path = GraphPath(model, opt, loss="mse", task="regression", n_features=D, cache_dir=Path("unused"))
+    x, y = _data("regression", 5)
+    with pytest.raises(GraphUnsupportedError, match="expected features"):
+        path.call(x[:, :4], y, 1)
+    with pytest.raises(GraphUnsupportedError, match="expected features"):
+        path.call(x, y[:4], 1)
+    losses, predictions = path.call(x[:0], y[:0], 1).result()
+    assert losses.shape == predictions.shape == (0,)
+    assert not opt.state  # no step: no state, as torch
+    _assert_same(model, opt, twin, twin_opt)
+    assert path.state(1) == "idle"
+
+
+def test_unknown_feature_count_fails_the_compile_with_a_reason(tmp_path: Path) -> None:
+    model = Gated()
+    path = GraphPath(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loss="mse", task="regression", cache_dir=tmp_path
+    )
+    assert path.ready(1) is False
+    assert path.state(1) == "failed"
+    assert "number of features" in (path.failure(1) or "")
