@@ -276,11 +276,8 @@ class _Step:
         self.param_names = [name for name, _ in model.named_parameters()]
         self.buffer_names = [name for name, _ in model.named_buffers()]
         self.n_params = len(self.param_names)
-        group = optimizer.param_groups[0]
-        betas = group.get("betas", (0.9, 0.999))
-        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.eps = float(group.get("eps", 0.0))
-        self.lr_decay = float(group.get("lr_decay", 0.0))
+        self.group_hyper = _group_hyper(optimizer)
+        self.beta1, self.beta2, self.eps, self.lr_decay = self.group_hyper
         # torch counts steps in a float32 tensor (the default dtype): past 2**24 the count stops
         # growing, and so must ours to stay identical.
         self.round_step = _scalar_dtype() == torch.float32
@@ -436,6 +433,13 @@ class _Step:
             torch.ones(rows),
             torch.tensor(0.01, dtype=torch.float64),
         )
+
+
+def _group_hyper(optimizer: torch.optim.Optimizer) -> tuple[float, float, float, float]:
+    """(beta1, beta2, eps, lr_decay) of the optimizer's group, as the package bakes them in."""
+    group = optimizer.param_groups[0]
+    betas = group.get("betas", (0.9, 0.999))
+    return float(betas[0]), float(betas[1]), float(group.get("eps", 0.0)), float(group.get("lr_decay", 0.0))
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -725,8 +729,9 @@ class GraphPath:
     the background the first time and says whether it is ready; :meth:`call`
     prepares a run. Compiled packages are cached in ``cache_dir`` (default
     :func:`default_cache_dir`); a restarted process loads its package in ~3 s.
-    Build it when :func:`graph_supported` is None; it is not checked again per call
-    beyond the input shapes (``call`` raises :class:`GraphUnsupportedError`).
+    Build it when :func:`graph_supported` is None. ``call`` checks the shapes and
+    that the optimizer still fits (~20 us) and raises :class:`GraphUnsupportedError`,
+    nothing moved, if not (a changed beta: build a new path).
     ``steps_per_call`` overrides :func:`block_steps` (tests use small blocks).
     """
 
@@ -808,6 +813,13 @@ class GraphPath:
         """
         if batch_size < 1:
             raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
+        # A checkpoint restore or a user may have changed the optimizer since: the package bakes in
+        # its hyper-parameters and the parameters it updates (~20 us to check).
+        problem = _optimizer_problem(self.optimizer, self._params)
+        if problem is None and _group_hyper(self.optimizer) != self._step.group_hyper:
+            problem = "the optimizer's hyper-parameters changed since the step was built"
+        if problem is not None:
+            raise GraphUnsupportedError(problem)
         x_tensor = torch.from_numpy(np.require(x, dtype=np.float32, requirements=["C"]))
         y_tensor = torch.from_numpy(np.require(y, dtype=np.float32, requirements=["C"]))
         n = x_tensor.shape[0]

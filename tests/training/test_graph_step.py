@@ -458,3 +458,17 @@ def test_unknown_feature_count_fails_the_compile_with_a_reason(tmp_path: Path) -
     assert path.ready(1) is False
     assert path.state(1) == "failed"
     assert "number of features" in (path.failure(1) or "")
+
+
+def test_a_changed_optimizer_is_refused_at_call() -> None:
+    model, opt, _, _ = _pair("gated", "adam")
+    path = GraphPath(model, opt, loss="mse", task="regression", n_features=D, cache_dir=Path("unused"))
+    x, y = _data("regression", 3)
+    opt.param_groups[0]["betas"] = (0.8, 0.999)  # baked into the package
+    with pytest.raises(GraphUnsupportedError, match="hyper-parameters changed"):
+        path.call(x, y, 1)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(GraphUnsupportedError, match="AMSGrad"):
+        path.call(x, y, 1)
+    assert not opt.state
