@@ -73,7 +73,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.nn.modules import module as torch_module
 from torch.optim import optimizer as torch_optimizer
 
-from streamtrainer.training.exceptions import TrainingError
+from streamtrainer.training.exceptions import CompiledPathRefusedError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ _RANDOM_OPS: Final = ("bernoulli", "dropout", "rand", "normal", "uniform", "mult
 STATES: Final = ("idle", "compiling", "ready", "failed")
 
 
-class GraphUnsupportedError(TrainingError):
+class GraphUnsupportedError(CompiledPathRefusedError):
     """The model/optimizer/loss combination cannot take the graph path; keep the autograd path."""
 
 
