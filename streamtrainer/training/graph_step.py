@@ -913,6 +913,25 @@ class GraphPath:
                 state["step"].fill_(float(counts[i]))
 
 
+def _flat_runner(package: Any) -> Callable[..., Sequence[torch.Tensor]]:
+    """Call a loaded package with its flat tensors directly.
+
+    Its own ``__call__`` parses its input and output tree specs and flattens the arguments
+    on every call: 20% of a strict learner's time (gated block, 16 steps a call, ~85 of
+    ~430 us a call, cProfile). Every input and output here is a flat tuple of tensors, so the
+    loader's ``boxed_run`` takes them as they are (it consumes the list it is given).
+    """
+    loader = getattr(package, "loader", None)
+    boxed_run = getattr(loader, "boxed_run", None)
+    if boxed_run is None:  # another torch's package object: its own call
+        return package  # type: ignore[no-any-return]
+
+    def run(*tensors: torch.Tensor) -> Sequence[torch.Tensor]:
+        return boxed_run(list(tensors))  # type: ignore[no-any-return]
+
+    return run
+
+
 def _init_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, kind: str) -> None:
     """``optimizer.state[p]`` as torch creates it for a CPU parameter (not fused, not capturable)."""
     state = optimizer.state[p]
@@ -981,7 +1000,7 @@ class _Job:
         try:
             if not warm:
                 compile_package(traced, package)
-            runner = torch._inductor.aoti_load_package(str(package))
+            runner = _flat_runner(torch._inductor.aoti_load_package(str(package)))
             self.path.compiles[self.batch_size] = "warm" if warm else "cold"
             self.runner = runner
             logger.info(
