@@ -373,8 +373,6 @@ class Worker:
         stack.enter_context(self.durability.store)
         checkpoint = self.durability.load_at_start()
         stack.enter_context(self._signals_stop_the_loop())
-        if settings.fused and settings.device == "cpu":
-            prepare_training(settings.model, settings.optimizer)  # compiles in the background meanwhile
         try:
             self._restore(checkpoint)
         except TrainingError as error:
@@ -384,6 +382,11 @@ class Worker:
         if self.learner is None and settings.init_from is not None:
             self.durability.initialise_from(settings.init_from)
         self._check_topic()
+        if settings.fused and settings.device == "cpu":
+            # Once the broker and the topic are known to be there: a worker that stops at once on a
+            # usage error must not exit in the middle of torch's imports on another thread (at exit
+            # those fail, and their error line followed the one that mattered).
+            prepare_training(settings.model, settings.optimizer)  # compiles while the group is joined
         if checkpoint is None and self.learner is None:
             logger.info("no checkpoint in %s: starting a new model", settings.checkpoint_dir)
         dead_letters = self.durability.dead_letters = self._open_dead_letters()

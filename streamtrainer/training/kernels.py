@@ -575,7 +575,8 @@ def _ready(variant: Variant) -> bool:
 
 def _log_failure(future: concurrent.futures.Future[None]) -> None:
     error = future.exception()
-    if error is not None:
+    if error is not None and threading.main_thread().is_alive() and not sys.is_finalizing():
+        # (After the main thread has ended, an import cut short by the exit fails for that reason.)
         # Not fatal: kernels_ready stays false and the learner keeps its autograd path.
         logger.error("preparing the fused loops failed; training stays on autograd: %r", error)
 
