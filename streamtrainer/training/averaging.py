@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,18 +53,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from streamtrainer.training.scaler import RunningStandardizer, TargetStandardizer
+
 logger = logging.getLogger(__name__)
 
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
 
 
-class RunningStatistics(Protocol):
-    """Count, mean and sum of squared deviations (the standardizers' running statistics)."""
-
-    count: int
-    mean: npt.NDArray[np.float64] | float
-    m2: npt.NDArray[np.float64] | float
+# Count, mean and sum of squared deviations: the standardizers' running statistics.
+RunningStatistics = RunningStandardizer | TargetStandardizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +153,7 @@ class ModelAverager:
 
     def _tensors(self) -> list[torch.Tensor]:
         """Parameters, then each parameter's optimizer state tensors (by name): a fixed layout."""
-        params = [p for p in self.model.parameters()]
+        params: list[torch.Tensor] = list(self.model.parameters())
         tensors = list(params)
         optimizer = self.optimizer
         if optimizer is not None:
@@ -206,10 +204,7 @@ class ModelAverager:
         start_moments = self._start_moments
         if start_moments is None or start_moments.shape != moments.shape:
             start_moments = moments.copy()
-        if self.reduction == "mean":
-            contribution = mine * weight
-        else:
-            contribution = mine - start
+        contribution = mine * weight if self.reduction == "mean" else mine - start
         buffer = np.concatenate([[weight], extra, moments - start_moments, contribution])
         reduced = torch.from_numpy(buffer)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
@@ -220,11 +215,9 @@ class ModelAverager:
         merged_moments = start_moments + result[offset : offset + len(moments)]
         offset += len(moments)
         body = result[offset:]
-        if self.reduction == "mean":
-            averaged = body / total if total > 0 else mine
-        else:
-            averaged = start + body
-        distance = float(np.linalg.norm(mine[: self._parameter_count()] - averaged[: self._parameter_count()]))
+        averaged = start + body if self.reduction == "sum" else (body / total if total > 0 else mine)
+        n = self._parameter_count()
+        distance = float(np.linalg.norm(mine[:n] - averaged[:n]))
         self._write(tensors, averaged)
         position = 0
         for stats in self.statistics:

@@ -1,0 +1,141 @@
+"""``worker --distributed`` end to end: torchrun, 2 ranks, a 4-partition topic, the audit model.
+
+The audit model's weights are the sum of the records applied (tests/test_crash_recovery.py). The
+ranks' models are combined by ``--average-reduction sum`` (the round's start plus every rank's
+update), under which the group's model is, exactly, the sum of every record every rank applied:
+so the final durable model equals the sum of the produced records only if each was applied
+exactly once across the ranks. (Under the default weighted mean the audit model's weights would
+be a weighted mean of sums: no exactness check; the mean is checked in
+tests/consumer/test_distributed_training.py.) A second launch after more records are produced
+resumes from rank 0's checkpoint, broadcast to both ranks, and again applies each record once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from tests.helpers import produce
+from tests.processes import STARTED, kill_survivors, latest_state
+from tests.test_crash_recovery import _audit_samples, _per_partition_truth
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    yield
+    kill_survivors()
+
+
+def _launch(bootstrap: str, topic: str, group: str, checkpoints: Path, log: Path) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "streamtrainer",
+        "worker",
+        "--distributed",
+        "--average-reduction",
+        "sum",
+        "--average-interval-s",
+        "0.3",
+        "--collective-timeout-s",
+        "60",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--checkpoint-every-records",
+        "3000",
+        "--checkpoint-interval-s",
+        "0.5",
+        "--metrics-port",
+        "-1",
+        "--model",
+        "audit",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1",
+        "--no-standardize",
+        "--no-compaction",
+        "--poll-batch",
+        "500",
+        "--stop-at-end",
+        "--log-level",
+        "debug",
+    ]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    STARTED.append(process)
+    return process.wait(timeout=240)
+
+
+def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in offsets}
+
+
+def _check(
+    checkpoints: Path, topic: str, truth: dict[int, np.ndarray], counts: dict[int, int], log: Path
+) -> None:
+    state = latest_state(checkpoints)
+    assert state is not None, log.read_text()[-3000:]
+    metadata, weight = state
+    expected = sum(truth.values())
+    # Every record applied exactly once across the two ranks: w is the sum of all of them.
+    assert weight.tolist() == expected.tolist(), (weight, expected, log.read_text()[-3000:])
+    assert metadata["records_applied"] == sum(counts.values())
+    assert metadata["positions"] == {f"{topic}:{p}": counts[p] for p in range(PARTITIONS)}
+    assert metadata["applied"] == {f"{topic}:{p}": counts[p] for p in range(PARTITIONS)}
+
+
+def test_two_ranks_train_one_model_applying_every_record_once(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    topic = topic_factory(partitions=PARTITIONS)
+    n = 12_000
+    samples, _ = _audit_samples(n, seed=5)
+    produce(bootstrap, topic, samples, codec="binary")
+    truth = _per_partition_truth(bootstrap, topic, PARTITIONS, n)
+    counts = {p: int(truth[p][0]) for p in range(PARTITIONS)}  # feature 0 is 1: a count
+    assert all(counts.values())
+    checkpoints, log = tmp_path / "ckpt", tmp_path / "torchrun.log"
+
+    assert _launch(bootstrap, topic, group_id, checkpoints, log) == 0, log.read_text()[-5000:]
+    _check(checkpoints, topic, truth, counts, log)
+    text = log.read_text()
+    assert "rank 0 of 2: partitions" in text and "rank 1 of 2: partitions" in text
+    assert "round " in text  # the ranks averaged (debug log of each round)
+    # The group's committed offsets follow the checkpoint (rank 0 commits every partition).
+    assert _committed(bootstrap, topic, group_id) == counts
+
+    # More records; a second launch resumes from the checkpoint (read by rank 0, broadcast).
+    more, _ = _audit_samples(6_000, seed=6)
+    produce(bootstrap, topic, more, codec="binary")
+    truth = _per_partition_truth(bootstrap, topic, PARTITIONS, n + 6_000)
+    counts = {p: int(truth[p][0]) for p in range(PARTITIONS)}
+    assert _launch(bootstrap, topic, group_id, checkpoints, log) == 0, log.read_text()[-5000:]
+    _check(checkpoints, topic, truth, counts, log)
+    assert "resumed from checkpoint" in log.read_text()[len(text) :]
+    assert _committed(bootstrap, topic, group_id) == counts
