@@ -17,6 +17,23 @@ def make_dropout_model(*, n_features: int, n_outputs: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_features, 8), nn.Dropout(0.5), nn.Linear(8, n_outputs))
 
 
+class _Gated(nn.Module):
+    """A gated block with a skip connection: not a chain of layers, so the compiled step graph."""
+
+    def __init__(self, n_features: int, n_outputs: int) -> None:
+        super().__init__()
+        self.value = nn.Linear(n_features, 8)
+        self.gate = nn.Linear(n_features, 8)
+        self.out = nn.Linear(8, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.value(x)) * torch.sigmoid(self.gate(x))) + x[:, :1]
+
+
+def make_gated_model(*, n_features: int, n_outputs: int) -> nn.Module:
+    return _Gated(n_features, n_outputs)
+
+
 class _SlowInBatches(nn.Module):
     """A linear model whose mini-batch forward passes take a while: a compaction far longer than
     max.poll.interval.ms, without making the online (one record per step) path slow."""

@@ -244,6 +244,7 @@ class OnlineLearner:
             task=config.task,
             enabled=config.fused,
             clip_grad_norm=config.clip_grad_norm,
+            n_features=n_features,
         )
         logger.info("training path for %s: %s", config.model, self.path.describe())
 

@@ -118,6 +118,7 @@ def choose(
     task: str,
     enabled: bool = True,
     clip_grad_norm: float | None = None,
+    n_features: int | None = None,
 ) -> PathChoice:
     """The fastest path that reproduces the autograd step for this model, optimizer and loss.
 
@@ -144,8 +145,9 @@ def choose(
     # Imported here: torch's compiler stack, for the models that need it only.
     from streamtrainer.training import graph_step
 
-    graph_reason = graph_step.graph_supported(model, optimizer, loss=loss, task=task)
+    graph_reason = graph_step.graph_supported(model, optimizer, loss=loss, task=task, n_features=n_features)
     if graph_reason is None:
-        compiled = graph_step.GraphPath(model, optimizer, loss=loss, task=task)
+        graph_step.prepare()  # its tracing tools' imports (~1.3 s) start now, in the background
+        compiled = graph_step.GraphPath(model, optimizer, loss=loss, task=task, n_features=n_features)
         return PathChoice("graph", type(model).__name__, reason, compiled)
     return PathChoice("autograd", "", f"{reason}; {graph_reason}", None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -85,3 +88,35 @@ def test_the_learner_logs_its_path_once_when_it_is_made(caplog: pytest.LogCaptur
     assert lines == [f"training path for tests.custom_model:make_model: {learner.path.describe()}"]
     assert learner.path.path == "program"
     assert "compiled layer program" in lines[0] and "Tanh" in lines[0]
+
+
+def test_a_learner_trains_any_module_through_the_compiled_graph_as_autograd_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Path 2 end to end in the learner: compiled in the background, then the same steps as autograd."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: AOTInductor cannot compile the step graph")
+    config = LearnerConfig(
+        model="tests.custom_model:make_gated_model", task="regression", optimizer="adam", lr=0.01
+    )
+    compiled = OnlineLearner(config, 6)
+    plain = OnlineLearner(dataclasses.replace(config, fused=False), 6)
+    assert compiled.path.path == "graph" and plain.path.path == "autograd"
+    assert compiled.settle_path(timeout_s=600)
+    calls: list[int] = []
+    graph = compiled.path.compiled
+    assert graph is not None
+    original = graph.call
+    monkeypatch.setattr(graph, "call", lambda x, y, b: calls.append(x.shape[0]) or original(x, y, b))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(203, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6) + 0.1 * rng.normal(size=203)).astype(np.float32)
+    for start in range(0, 203, 101):
+        a = compiled.learn_many(x[start : start + 101], y[start : start + 101])
+        b = plain.learn_many(x[start : start + 101], y[start : start + 101])
+        np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.predictions, b.predictions, rtol=1e-5, atol=1e-5)
+    assert calls == [101, 101, 1]
+    for p, q in zip(compiled.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert compiled.updates == plain.updates == 203

@@ -178,10 +178,24 @@ def _assert_same_state(
     return worst
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("task", TASKS, ids=lambda task: task[1])
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("kind", list(KINDS))
+def _parity_cases() -> list[Any]:
+    """Every layer kind x optimizer x strict/micro-batch, each with one of the losses in turn (so every
+    kind meets every loss across its six cases); the full loss matrix for three kinds whose backward
+    passes differ most. 168 cases (~40 s on 2 cores), where the whole product was 480 (~110 s)."""
+    full = {"tanh", "layernorm", "gelu"}
+    cases = []
+    for i, kind in enumerate(KINDS):
+        for j, optimizer in enumerate(OPTIMIZERS):
+            for b, batch in enumerate((1, 8)):
+                tasks = TASKS if kind in full else [TASKS[(i + 2 * j + b) % len(TASKS)]]
+                cases += [
+                    pytest.param(kind, optimizer, task, batch, id=f"{kind}-{optimizer}-{task[1]}-{batch}")
+                    for task in tasks
+                ]
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "optimizer", "task", "batch"), _parity_cases())
 def test_program_equals_autograd(kind: str, optimizer: str, task: tuple[str, str, int], batch: int) -> None:
     name, loss, k = task
     n = 200 if batch == 1 else 205  # 205: a partial last micro-batch
