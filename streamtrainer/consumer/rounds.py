@@ -234,7 +234,7 @@ class Rounds:
             if position is not None:
                 header[_HEADER + partition] = position + 1  # 0: not known
             header[_HEADER + partitions + partition] = durability.applied.get((topic, partition), 0)
-        reduced = torch.from_numpy(header)
+        reduced = torch.from_numpy(header.copy())  # (all_reduce writes into it; header stays ours)
         dist.all_reduce(reduced)
         group = reduced.numpy()
         weight = float(header[_TRAINED])

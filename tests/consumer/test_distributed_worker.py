@@ -12,6 +12,7 @@ resumes from rank 0's checkpoint, broadcast to both ranks, and again applies eac
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,6 +97,19 @@ def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in offsets}
 
 
+def _check_rounds(text: str) -> None:
+    """Each round's group figure is the sum of what the two ranks trained in it (their debug lines)."""
+    rounds: dict[int, list[tuple[int, int]]] = {}
+    for number, group, here in re.findall(r"round (\d+): (\d+) records of the group \((\d+) here\)", text):
+        rounds.setdefault(int(number), []).append((int(group), int(here)))
+    assert len(rounds) >= 3, text[-3000:]  # the ranks averaged, more than once
+    for number, lines in rounds.items():
+        assert len(lines) == 2, (number, lines)
+        (group_0, here_0), (group_1, here_1) = lines
+        assert group_0 == group_1 == here_0 + here_1, (number, lines)
+    assert any(here for lines in rounds.values() for _, here in lines)
+
+
 def _check(
     checkpoints: Path, topic: str, truth: dict[int, np.ndarray], counts: dict[int, int], log: Path
 ) -> None:
@@ -126,7 +140,7 @@ def test_two_ranks_train_one_model_applying_every_record_once(
     _check(checkpoints, topic, truth, counts, log)
     text = log.read_text()
     assert "rank 0 of 2: partitions" in text and "rank 1 of 2: partitions" in text
-    assert "round " in text  # the ranks averaged (debug log of each round)
+    _check_rounds(text)
     # The group's committed offsets follow the checkpoint (rank 0 commits every partition).
     assert _committed(bootstrap, topic, group_id) == counts
 
