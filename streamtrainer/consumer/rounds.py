@@ -36,10 +36,11 @@ checkpointed by rank 0 and its positions committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from streamtrainer.consumer.durability import Durability
+from streamtrainer.consumer.exceptions import CollectiveError
 from streamtrainer.consumer.model_state import ModelState, new_decoder
 from streamtrainer.consumer.rank_membership import RankMembership
 from streamtrainer.exceptions import ConfigurationError
@@ -72,6 +74,20 @@ _IDLE_POLL_S = 0.2
 # Header slots before the per-partition ones.
 _TIME, _TRAINED, _READ, _DONE, _STOP, _HAS_MODEL, _N_FEATURES = range(7)
 _HEADER = 7
+
+
+@contextlib.contextmanager
+def collective(what: str, rank: int, timeout_s: float) -> Iterator[None]:
+    """A failed collective (gloo's timeout, a rank gone) as one line and exit 1: torchrun restarts."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed.DistBackendError is a RuntimeError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CollectiveError(
+            f"rank {rank}: {what} failed: another rank did not come within --collective-timeout-s "
+            f"{timeout_s:g} s, or left ({first[:300]}); exiting so that torchrun restarts the group "
+            "from the last checkpoint"
+        ) from None
 
 
 def launch_environment() -> tuple[int, int, int]:
@@ -111,6 +127,9 @@ class Rounds:
         self._last_time = 0.0
         self._trained_at_last = 0
         self._read_at_last = 0
+        # Seconds in rounds (the all-reduces and the wait for the other ranks), and since the start round.
+        self.seconds = 0.0
+        self._began = 0.0
         metrics.world_size.labels(str(rank)).set(world_size)
 
     # -- the process group and the start -----------------------------------------------
@@ -118,16 +137,32 @@ class Rounds:
     def connect(self) -> None:
         """Join the process group (waits for every rank, at most --collective-timeout-s)."""
         if not dist.is_initialized():
-            dist.init_process_group(
-                "gloo",
-                rank=self.rank,
-                world_size=self.world_size,
-                timeout=timedelta(seconds=self.settings.collective_timeout_s),
-            )
-        logger.info("rank %d of %d joined the process group", self.rank, self.world_size)
+            with self._collective("joining the process group"):
+                dist.init_process_group(
+                    "gloo",
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    timeout=timedelta(seconds=self.settings.collective_timeout_s),
+                )
+        pid = os.getpid()
+        logger.info("rank %d of %d (pid %d) joined the process group", self.rank, self.world_size, pid)
+
+    def _collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return collective(what, self.rank, self.settings.collective_timeout_s)
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (after a summary line: rounds, and their share of the run)."""
+        if self.count:
+            elapsed = time.perf_counter() - self._began
+            logger.info(
+                "rank %d: %d averaging round(s), %.2f ms each on average, %.2f%% of the %.1f s since "
+                "the start",
+                self.rank,
+                self.count,
+                1e3 * self.seconds / self.count,
+                100 * self.seconds / elapsed if elapsed > 0 else 0.0,
+                elapsed,
+            )
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -144,13 +179,15 @@ class Rounds:
                 meta = orjson.dumps({"metadata": checkpoint.metadata, "path": str(checkpoint.path)})
                 payload = len(data).to_bytes(8, "little") + data + meta
         size = torch.tensor([len(payload), version], dtype=torch.int64)
-        dist.broadcast(size, src=0)
+        with self._collective("sharing the checkpoint to start from"):
+            dist.broadcast(size, src=0)
         if int(size[0]) == 0:
             return None
         buffer = torch.zeros(int(size[0]), dtype=torch.uint8)
         if self.rank == 0:
             buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        dist.broadcast(buffer, src=0)
+        with self._collective("sharing the checkpoint to start from"):
+            dist.broadcast(buffer, src=0)
         raw = buffer.numpy().tobytes()
         length = int.from_bytes(raw[:8], "little")
         tensors = load_tensors(raw[8 : 8 + length])
@@ -173,8 +210,10 @@ class Rounds:
     def begin(self, trained: int, read: int) -> None:
         """The start round: every rank is up and the clocks agree on when the first round comes."""
         self._trained_at_last, self._read_at_last = trained, read
+        self._began = time.perf_counter()
         header = torch.tensor([time.time()], dtype=torch.float64)
-        dist.all_reduce(header)
+        with self._collective("the start round"):
+            dist.all_reduce(header)
         self._last_time = float(header[0]) / self.world_size
         self.next_at = self._last_time + min(_FIRST_INTERVAL_S, self.settings.average_interval_s)
 
@@ -235,7 +274,8 @@ class Rounds:
                 header[_HEADER + partition] = position + 1  # 0: not known
             header[_HEADER + partitions + partition] = durability.applied.get((topic, partition), 0)
         reduced = torch.from_numpy(header.copy())  # (all_reduce writes into it; header stays ours)
-        dist.all_reduce(reduced)
+        with self._collective(f"averaging round {self.count + 1}"):
+            dist.all_reduce(reduced)
         group = reduced.numpy()
         weight = float(header[_TRAINED])
         self._trained_at_last, self._read_at_last = trained, read
@@ -251,7 +291,8 @@ class Rounds:
             if self._averager is None or self._learner is not learner:
                 self.adopt(learner)
             assert self._averager is not None
-            result = self._averager.average(weight)
+            with self._collective(f"averaging round {self.count + 1}"):
+                result = self._averager.average(weight)
             self.metrics.parameter_distance.labels(str(self.rank)).set(result.distance)
         # Every partition's position and applied count, as its owner has them.
         owned = {partition for _, partition in membership.assigned}
@@ -279,6 +320,7 @@ class Rounds:
         self.ended = round(group[_DONE]) == self.world_size or group[_STOP] > 0
         self.count += 1
         seconds = time.perf_counter() - started
+        self.seconds += seconds
         self.metrics.averaging_rounds.labels(str(self.rank)).inc()
         self.metrics.averaging_duration.labels(str(self.rank)).observe(seconds)
         logger.debug(

@@ -12,9 +12,13 @@ resumes from rank 0's checkpoint, broadcast to both ranks, and again applies eac
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from tests.helpers import produce
-from tests.processes import STARTED, kill_survivors, latest_state
+from tests.processes import latest_state, wait_until
 from tests.test_crash_recovery import _audit_samples, _per_partition_truth
 
 pytestmark = pytest.mark.integration
@@ -31,14 +35,23 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 
 
+# torchrun and its ranks, each launch in a process group of its own: killed together after a test.
+_LAUNCHED: list[subprocess.Popen[bytes]] = []
+
+
 @pytest.fixture(autouse=True)
 def _no_worker_outlives_its_test() -> Iterator[None]:
     yield
-    kill_survivors()
+    while _LAUNCHED:
+        process = _LAUNCHED.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGCONT)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
-def _launch(bootstrap: str, topic: str, group: str, checkpoints: Path, log: Path) -> int:
-    command = [
+def _command(bootstrap: str, topic: str, group: str, checkpoints: Path, *extra: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -52,8 +65,6 @@ def _launch(bootstrap: str, topic: str, group: str, checkpoints: Path, log: Path
         "sum",
         "--average-interval-s",
         "0.3",
-        "--collective-timeout-s",
-        "60",
         "--bootstrap-servers",
         bootstrap,
         "--topic",
@@ -78,14 +89,22 @@ def _launch(bootstrap: str, topic: str, group: str, checkpoints: Path, log: Path
         "--no-compaction",
         "--poll-batch",
         "500",
-        "--stop-at-end",
         "--log-level",
         "debug",
+        *extra,
     ]
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    STARTED.append(process)
-    return process.wait(timeout=240)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _LAUNCHED.append(process)
+    return process
+
+
+def _launch(bootstrap: str, topic: str, group: str, checkpoints: Path, log: Path) -> int:
+    command = _command(bootstrap, topic, group, checkpoints, "--stop-at-end", "--collective-timeout-s", "60")
+    return _start(command, log).wait(timeout=240)
 
 
 def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
@@ -153,3 +172,33 @@ def test_two_ranks_train_one_model_applying_every_record_once(
     _check(checkpoints, topic, truth, counts, log)
     assert "resumed from checkpoint" in log.read_text()[len(text) :]
     assert _committed(bootstrap, topic, group_id) == counts
+
+
+def test_a_stopped_rank_makes_the_other_exit_on_the_collective_timeout_not_hang(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    topic = topic_factory(partitions=PARTITIONS)
+    samples, _ = _audit_samples(2_000, seed=8)
+    produce(bootstrap, topic, samples, codec="binary")
+    log, timeout_s = tmp_path / "torchrun.log", 5.0
+    # No --stop-at-end: the ranks keep averaging (idle, every --average-interval-s) until stopped.
+    checkpoints = tmp_path / "ckpt"
+    command = _command(bootstrap, topic, group_id, checkpoints, "--collective-timeout-s", str(timeout_s))
+    process = _start(command, log)
+    assert wait_until(lambda: "round 3:" in log.read_text(), timeout=120), log.read_text()[-3000:]
+    (pid,) = [int(p) for p in re.findall(r"rank 1 of 2 \(pid (\d+)\) joined", log.read_text())]
+    os.kill(pid, signal.SIGSTOP)  # rank 1 stops taking part (as a hung rank would)
+    stopped = time.monotonic()
+    try:
+        pattern = "rank 0: averaging round"
+        assert wait_until(lambda: pattern in log.read_text(), timeout=timeout_s + 60), log.read_text()[-3000:]
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Rank 0 gave up after about the collective timeout (a margin for a busy machine), with the
+    # one-line error that names it; torchrun then ends the launch with a failure (a restart, with
+    # --max-restarts): never a silent stall.
+    assert took <= timeout_s + 30, took
+    text = log.read_text()
+    assert "did not come within --collective-timeout-s 5 s" in text, text[-3000:]
+    assert process.wait(timeout=120) != 0
