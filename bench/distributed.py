@@ -4,9 +4,9 @@
    d=16, 64-hidden MLP with Adagrad (parameters and accumulator: 2 x 1,153 floats + 2 steps):
    the median and p90 of a few hundred rounds, per rank.
 2. ``worker``: the embedded broker, a 4-partition topic of N regression records (d=16), and
-   ``torchrun --nproc-per-node=R -m streamtrainer worker --distributed`` (mlp, hidden 64,
-   --stop-at-end) for R = 1 and 2: each rank's records/s (its final line) and its rounds' share
-   of its run (its summary line).
+   ``torchrun --nproc-per-node=R -m streamtrainer worker --distributed`` (mlp, hidden 64, or
+   linear: --model; --stop-at-end) for R = 1 and 2: each rank's records/s (its final line) and
+   its rounds' share of its run (its summary line).
 
 Usage: python -m bench.distributed [rounds|worker|all] [--records N]
 """
@@ -91,7 +91,7 @@ def _produce(bootstrap: str, topic: str, n: int) -> None:
     assert producer.flush(120) == 0
 
 
-def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path) -> str:
+def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path, model: str = "mlp") -> str:
     command = [
         sys.executable,
         "-m",
@@ -109,11 +109,11 @@ def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path) -> str:
         "--group",
         f"bench-{uuid.uuid4().hex[:8]}",
         "--checkpoint-dir",
-        str(directory / f"ckpt-{ranks}"),
+        str(directory / f"ckpt-{model}-{ranks}"),
         "--metrics-port",
         "-1",
         "--model",
-        "mlp",
+        model,
         "--task",
         "regression",
         "--hidden",
@@ -126,32 +126,37 @@ def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path) -> str:
     return result.stdout + result.stderr
 
 
-def bench_worker(n: int) -> None:
+def bench_worker(n: int, model: str) -> None:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
         topic = f"bench-distributed-{uuid.uuid4().hex[:8]}"
-        ensure_topic(AdminClient({"bootstrap.servers": bootstrap}), topic, partitions=PARTITIONS, timeout_s=30)
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        ensure_topic(admin, topic, partitions=PARTITIONS, timeout_s=30)
         _produce(bootstrap, topic, n)
         for ranks in (1, 2):
-            text = _worker_run(bootstrap, topic, ranks, Path(tmp))
+            text = _worker_run(bootstrap, topic, ranks, Path(tmp), model)
             rates = re.findall(r"trained (\d+) record\(s\) .*? in ([\d.]+)s, ([\d,]+) records/s", text)
-            shares = re.findall(r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of", text)
+            shares = re.findall(
+                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of", text
+            )
+            row = f"{model}, {ranks} rank(s)"
             for trained, seconds, rate in rates:
-                print(f"{ranks} rank(s): a rank trained {trained} records in {seconds} s: {rate} records/s")
+                print(f"{row}: a rank trained {trained} records in {seconds} s: {rate} records/s")
             for rank, count, ms, share in shares:
-                print(f"{ranks} rank(s): rank {rank}: {count} rounds, {ms} ms each, {share}% of its run")
+                print(f"{row}: rank {rank}: {count} rounds, {ms} ms each, {share}% of its run")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", nargs="?", default="all", choices=["rounds", "worker", "all"])
     parser.add_argument("--records", type=int, default=400_000)
+    parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.what in ("rounds", "all"):
         bench_rounds()
     if args.what in ("worker", "all"):
-        bench_worker(args.records)
+        bench_worker(args.records, args.model)
 
 
 if __name__ == "__main__":
