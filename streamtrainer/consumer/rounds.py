@@ -51,6 +51,9 @@ import torch.distributed as dist
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+# (torch.distributed re-exports these without declaring them: mypy sees them here only)
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+
 from streamtrainer.consumer.durability import Durability
 from streamtrainer.consumer.exceptions import CollectiveError
 from streamtrainer.consumer.model_state import ModelState, new_decoder
@@ -88,6 +91,25 @@ def collective(what: str, rank: int, timeout_s: float) -> Iterator[None]:
             f"{timeout_s:g} s, or left ({first[:300]}); exiting so that torchrun restarts the group "
             "from the last checkpoint"
         ) from None
+
+
+def _launch_store(rank: int, world_size: int, timeout: timedelta) -> Store:
+    """torchrun's store, under a prefix of its own for each restart of the ranks.
+
+    torchrun restarts the ranks on the same store (its agent's), where the last life's ranks left
+    their gloo addresses under the same keys: a new rank could read a dead one's and wait in
+    ``connectFullMesh`` past any timeout (seen: over a minute, with a 30 s timeout, after a
+    ``kill -9``). The restart count makes each life's keys its own. (On several nodes the agents'
+    restart counts can differ after an elastic membership change: not covered yet.)
+    """
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = TCPStore(
+        host, port, world_size=world_size, is_master=not agent_store and rank == 0, timeout=timeout
+    )
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return PrefixStore(f"streamtrainer/{run}/{restart}/{world_size}/", store)
 
 
 def launch_environment() -> tuple[int, int, int]:
@@ -137,12 +159,14 @@ class Rounds:
     def connect(self) -> None:
         """Join the process group (waits for every rank, at most --collective-timeout-s)."""
         if not dist.is_initialized():
+            timeout = timedelta(seconds=self.settings.collective_timeout_s)
             with self._collective("joining the process group"):
                 dist.init_process_group(
                     "gloo",
+                    store=_launch_store(self.rank, self.world_size, timeout),
                     rank=self.rank,
                     world_size=self.world_size,
-                    timeout=timedelta(seconds=self.settings.collective_timeout_s),
+                    timeout=timeout,
                 )
         pid = os.getpid()
         logger.info("rank %d of %d (pid %d) joined the process group", self.rank, self.world_size, pid)

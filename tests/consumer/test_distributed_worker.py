@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -202,3 +203,63 @@ def test_a_stopped_rank_makes_the_other_exit_on_the_collective_timeout_not_hang(
     text = log.read_text()
     assert "did not come within --collective-timeout-s 5 s" in text, text[-3000:]
     assert process.wait(timeout=120) != 0
+
+
+def _lives(text: str) -> list[dict[int, int]]:
+    """Each life of the group: its ranks' pids, from their join lines, in order."""
+    lives: list[dict[int, int]] = []
+    for rank, pid in re.findall(r"rank (\d+) of 2 \(pid (\d+)\) joined", text):
+        if not lives or int(rank) in lives[-1]:
+            lives.append({})
+        lives[-1][int(rank)] = int(pid)
+    return lives
+
+
+def _averaging(log: Path, life: int) -> bool:
+    """Life number ``life`` (from 1) has both ranks up and has averaged twice since."""
+    text = log.read_text()
+    lives = _lives(text)
+    if len(lives) < life or len(lives[life - 1]) < 2:
+        return False
+    joined = text.rfind(f"(pid {lives[life - 1][0]}) joined")
+    return "round 2:" in text[joined:]
+
+
+def test_kill_minus_9_of_random_ranks_applies_every_record_exactly_once(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    """10 ``kill -9`` of a random rank while 2 ranks train: every record durably applied once."""
+    topic = topic_factory(partitions=PARTITIONS)
+    n, kills = 30_000, 10
+    samples, _ = _audit_samples(n, seed=9)
+    produce(bootstrap, topic, samples, codec="binary")
+    truth = _per_partition_truth(bootstrap, topic, PARTITIONS, n)
+    counts = {p: int(truth[p][0]) for p in range(PARTITIONS)}
+    checkpoints, log = tmp_path / "ckpt", tmp_path / "torchrun.log"
+    extra = ("--stop-at-end", "--collective-timeout-s", "30")
+    command = _command(bootstrap, topic, group_id, checkpoints, *extra)
+    # torchrun restarts every rank when one dies (the others exit on their failed round first).
+    command.insert(command.index("--standalone") + 1, f"--max-restarts={kills + 5}")
+    command[command.index("--poll-batch") + 1] = "200"  # slow enough to outlive the kills
+    process = _start(command, log)
+    rng = random.Random(18)
+    killed = 0
+
+    def ended() -> bool:
+        """The launch finished (the run got to the end before every kill)."""
+        return process.poll() is not None
+
+    for life in range(1, kills + 1):
+        assert wait_until(lambda life=life: _averaging(log, life) or ended(), 120), log.read_text()[-3000:]
+        if ended():
+            break
+        time.sleep(rng.uniform(0.0, 1.0))
+        pids = _lives(log.read_text())[life - 1]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[rng.choice(sorted(pids))], signal.SIGKILL)
+            killed += 1
+    assert process.wait(timeout=300) == 0, log.read_text()[-5000:]
+    assert killed >= 5, killed  # the run outlived most of the kills
+    assert "joining the process group failed" not in log.read_text()  # each life joined at once
+    _check(checkpoints, topic, truth, counts, log)
+    assert _committed(bootstrap, topic, group_id) == counts
