@@ -263,3 +263,42 @@ def test_kill_minus_9_of_random_ranks_applies_every_record_exactly_once(
     assert "joining the process group failed" not in log.read_text()  # each life joined at once
     _check(checkpoints, topic, truth, counts, log)
     assert _committed(bootstrap, topic, group_id) == counts
+
+
+def test_a_resize_2_1_2_between_launches_applies_every_record_once(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    """2 ranks, stopped; 1 rank, stopped; 2 ranks to the end: every record applied exactly once.
+
+    Each launch restores rank 0's last checkpoint and reassigns the partitions by its world size
+    (p mod 2, then all to rank 0, then p mod 2 again). A SIGTERM to one rank (the last one) ends
+    every rank at the next round, after which rank 0 checkpoints that round's model and all exit 0.
+    """
+    topic = topic_factory(partitions=PARTITIONS)
+    n = 24_000
+    samples, _ = _audit_samples(n, seed=12)
+    produce(bootstrap, topic, samples, codec="binary")
+    truth = _per_partition_truth(bootstrap, topic, PARTITIONS, n)
+    counts = {p: int(truth[p][0]) for p in range(PARTITIONS)}
+    checkpoints, log = tmp_path / "ckpt", tmp_path / "torchrun.log"
+    applied: list[int] = []
+    for ranks in (2, 1):
+        command = _command(bootstrap, topic, group_id, checkpoints, "--collective-timeout-s", "30")
+        command[command.index("--nproc-per-node=2")] = f"--nproc-per-node={ranks}"
+        command[command.index("--poll-batch") + 1] = "200"
+        before = len(log.read_text()) if log.exists() else 0
+        process = _start(command, log)
+        assert wait_until(lambda before=before: log.read_text()[before:].count("round ") >= 6, 120), (
+            log.read_text()[-3000:]
+        )
+        (pids,) = _lives(log.read_text()[before:].replace(f"of {ranks} (pid", "of 2 (pid"))
+        os.kill(pids[ranks - 1], signal.SIGTERM)  # one rank asked to stop: the group ends
+        assert process.wait(timeout=120) == 0, log.read_text()[-5000:]
+        state = latest_state(checkpoints)
+        assert state is not None
+        applied.append(int(state[0]["records_applied"]))  # type: ignore[call-overload]
+        assert f"rank 0 of {ranks}" in log.read_text()[before:]
+    assert 0 < applied[0] < applied[1] < n, applied  # each launch made durable progress, none finished
+    assert _launch(bootstrap, topic, group_id, checkpoints, log) == 0, log.read_text()[-5000:]
+    _check(checkpoints, topic, truth, counts, log)
+    assert _committed(bootstrap, topic, group_id) == counts
