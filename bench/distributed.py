@@ -91,17 +91,17 @@ def _produce(bootstrap: str, topic: str, n: int) -> None:
     assert producer.flush(120) == 0
 
 
-def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path, model: str = "mlp") -> str:
+def _worker_run(
+    bootstrap: str, topic: str, ranks: int, directory: Path, model: str = "mlp", *extra: str
+) -> str:
+    """A launch of ``ranks`` ranks (0: one plain worker, not --distributed); its output."""
+    launch = ["torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "streamtrainer"]
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        "-m",
-        "streamtrainer",
+        *(launch if ranks else ["streamtrainer"]),
         "worker",
-        "--distributed",
+        *(["--distributed"] if ranks else ["--no-compaction"]),
         "--bootstrap-servers",
         bootstrap,
         "--topic",
@@ -119,6 +119,7 @@ def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path, model: 
         "--hidden",
         str(HIDDEN),
         "--stop-at-end",
+        *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
@@ -126,20 +127,30 @@ def _worker_run(bootstrap: str, topic: str, ranks: int, directory: Path, model: 
     return result.stdout + result.stderr
 
 
-def bench_worker(n: int, model: str) -> None:
+def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | None) -> None:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
         topic = f"bench-distributed-{uuid.uuid4().hex[:8]}"
         admin = AdminClient({"bootstrap.servers": bootstrap})
         ensure_topic(admin, topic, partitions=PARTITIONS, timeout_s=30)
         _produce(bootstrap, topic, n)
-        for ranks in (1, 2):
-            text = _worker_run(bootstrap, topic, ranks, Path(tmp), model)
+        for ranks in ranks_list:
+            extra = ["--average-every-records", str(every)] if every and ranks else []
+            text = _worker_run(bootstrap, topic, ranks, Path(tmp), model, *extra)
             rates = re.findall(r"trained (\d+) record\(s\) .*? in ([\d.]+)s, ([\d,]+) records/s", text)
+            # The whole stream's prequential loss: each rank's, weighted by the records it scored.
+            losses = [
+                (int(n), float(loss))
+                for n, loss in re.findall(r"trained (\d+) record.*? loss ([-\d.e]+) \(", text)
+            ]
+            total = sum(n for n, _ in losses)
+            whole = sum(n * loss for n, loss in losses) / total if total else float("nan")
             shares = re.findall(
                 r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of", text
             )
-            row = f"{model}, {ranks} rank(s)"
+            row = f"{model}, {ranks} rank(s)" if ranks else f"{model}, one plain worker"
+            row += f", every {every} records" if every and ranks else ""
+            print(f"{row}: whole-stream prequential loss {whole:.5f} over {total} records")
             for trained, seconds, rate in rates:
                 print(f"{row}: a rank trained {trained} records in {seconds} s: {rate} records/s")
             for rank, count, ms, share in shares:
@@ -151,12 +162,14 @@ def main() -> None:
     parser.add_argument("what", nargs="?", default="all", choices=["rounds", "worker", "all"])
     parser.add_argument("--records", type=int, default=400_000)
     parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
+    parser.add_argument("--ranks", default="0,1,2", help="launches: 0 is one plain worker")
+    parser.add_argument("--every", type=int, default=None, help="--average-every-records")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.what in ("rounds", "all"):
         bench_rounds()
     if args.what in ("worker", "all"):
-        bench_worker(args.records, args.model)
+        bench_worker(args.records, args.model, tuple(int(r) for r in args.ranks.split(",")), args.every)
 
 
 if __name__ == "__main__":
