@@ -60,6 +60,13 @@ MODELS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The naive loop of each module family: the MLP, and the module path 2 trains.
+NAIVE: tuple[tuple[str, str], ...] = (
+    ("naive autograd loop, MLP", "bench.user_modules:sequential_mlp"),
+    ("naive autograd loop, gated block", "bench.user_modules:gated"),
+)
+
+
 @dataclass
 class Row:
     section: str
@@ -109,7 +116,7 @@ def in_memory(
 ) -> None:
     features, labels = dataset("regression", D, max(n.values()))
     for batch in (1, MICRO):
-        entries = [Row("in memory", "naive autograd loop", "bench.user_modules:sequential_mlp", batch)]
+        entries = [Row("in memory", label, model, batch) for label, model in NAIVE]
         entries += [Row("in memory", label, model, batch) for label, model, _ in MODELS]
         for rep in range(reps):
             for row in entries:
@@ -198,13 +205,15 @@ def start_times(models: list[tuple[str, str]], log: Callable[[str], None]) -> li
 
 
 def print_table(rows: list[Row], starts: list[dict[str, Any]]) -> None:
-    print("\n| section | model | path | B | records/s (median) | x built-in | x naive |")
+    print("\n| section | model | path | B | records/s (median) | x built-in | x naive (same module) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         base = next(
             (r for r in rows if r.section == row.section and r.batch == row.batch and r.model == "mlp"), None
         )
-        naive = next((r for r in rows if r.section == "in memory" and r.name.startswith("naive")), None)
+        family = "gated" if "gated" in row.model else "sequential_mlp"
+        model = f"bench.user_modules:{family}"
+        naive = next((r for r in rows if r.name.startswith("naive") and r.model == model), None)
         vs_base = f"{row.median / base.median:.2f}" if base is not None else "-"
         vs_naive = f"{row.median / naive.median:.1f}" if naive is not None and row.batch == 1 else "-"
         cells = (row.section, row.name, row.path, row.batch, f"{row.median:,.0f}", vs_base, vs_naive)

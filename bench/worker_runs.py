@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from bench.workloads import HIDDEN, Timing, lr_for
 from streamtrainer.consumer.worker import Worker, WorkerStatus
 from streamtrainer.settings import WorkerSettings
-from streamtrainer.training import OnlineLearner
+from streamtrainer.training import OnlineLearner, catalog
 from streamtrainer.training.checkpoint import Checkpoint
 
 T = TypeVar("T")
@@ -273,6 +273,8 @@ def worker_settings(
         "topic": topic,
         "group": f"bench-{uuid.uuid4().hex[:10]}",
         "model": model,
+        # An mlp or a factory needs --task: the bench's streams of those are regressions.
+        "task": catalog.implied_task(model) or "regression",
         "hidden": HIDDEN,
         "lr": lr_for(d),
         "update_batch": update_batch,

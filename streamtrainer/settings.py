@@ -375,9 +375,9 @@ class ModelSettings(_Settings):
     )
     cache_dir: Path | None = Field(
         default=None,
-        description="Cache of the compiled training loops (numba), in <cache-dir>/numba; never in the "
-        "installed package (default: NUMBA_CACHE_DIR if set, else $XDG_CACHE_HOME/streamtrainer or "
-        "~/.cache/streamtrainer).",
+        description="Cache of the compiled training loops (numba, in <cache-dir>/numba) and of a custom "
+        "module's compiled step graphs (<cache-dir>/graphs); never in the installed package (default: "
+        "NUMBA_CACHE_DIR's parent if set, else $XDG_CACHE_HOME/streamtrainer or ~/.cache/streamtrainer).",
     )
 
     @model_validator(mode="after")

@@ -69,9 +69,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.optim import optimizer as torch_optimizer
 
-from streamtrainer.training import catalog, lowering
+from streamtrainer.training import catalog, lowering, optimizers
 from streamtrainer.training.exceptions import CompiledPathRefusedError, TrainingError
 from streamtrainer.training.scaler import RunningStandardizer
 
@@ -832,63 +831,10 @@ def _builtin_layout(model: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], No
 
 
 def _optimizer_code(optimizer: torch.optim.Optimizer, params: tuple[torch.Tensor, ...]) -> int | str:
-    code = OPTIMIZER_CODES.get(type(optimizer))
-    if code is None:
-        return f"no fused kernel for the optimizer {type(optimizer).__name__}"
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-        return "the optimizer has step hooks"
-    global_hooks = (
-        getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
-        getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
-    )
-    if any(global_hooks):
-        return "global optimizer hooks are registered"
-    if len(optimizer.param_groups) != 1:
-        return "the optimizer has several parameter groups"
-    group = optimizer.param_groups[0]
-    members = group["params"]
-    if len(members) != len(params) or {id(p) for p in members} != {id(p) for p in params}:
-        return "the optimizer does not hold exactly the model's parameters"
-    if (
-        group.get("weight_decay", 0) != 0
-        or group.get("maximize", False)
-        or group.get("differentiable", False)
-    ):
-        return "weight decay, maximize and differentiable have no fused kernel"
-    if group.get("fused", False) or group.get("capturable", False):
-        return "fused or capturable torch optimizers have no fused kernel"
-    if code == _SGD and (group.get("momentum", 0) != 0 or group.get("nesterov", False)):
-        return "SGD with momentum has no fused kernel"
-    if code == _ADAM and (group.get("amsgrad", False) or group.get("decoupled_weight_decay", False)):
-        return "AMSGrad and decoupled weight decay have no fused kernel"
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        reason = _state_problem(state, p, code)
-        if reason is not None:
-            return reason
-    return code
-
-
-def _state_problem(state: dict[str, Any], p: torch.Tensor, code: int) -> str | None:
-    names = {_ADAM: ("exp_avg", "exp_avg_sq"), _ADAGRAD: ("sum",)}.get(code, ())
-    if code == _SGD:
-        return "SGD has unexpected per-parameter state" if state.get("momentum_buffer") is not None else None
-    step = state.get("step")
-    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.device.type != "cpu":
-        return "the optimizer's step count is not a CPU tensor"
-    for name in names:
-        value = state.get(name)
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.shape != p.shape
-            or value.dtype != torch.float32
-            or value.device.type != "cpu"
-            or not value.is_contiguous()
-        ):
-            return f"optimizer state {name!r} is not a contiguous float32 CPU tensor like its parameter"
-    return None
+    reason = optimizers.optimizer_problem(optimizer, params, contiguous_state=True)
+    if reason is not None:
+        return reason
+    return OPTIMIZER_CODES[type(optimizer)]
 
 
 # -- glue ---------------------------------------------------------------------

@@ -67,6 +67,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -74,7 +75,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
-from streamtrainer.training import catalog, guards, kernels, paths
+from streamtrainer.training import catalog, guards, kernels, optimizers, paths
 from streamtrainer.training.exceptions import CompiledPathRefusedError, ModelSpecError, TrainingError
 from streamtrainer.training.models import build_model, n_outputs_for
 from streamtrainer.training.scaler import RunningStandardizer, TargetStandardizer
@@ -1275,11 +1276,11 @@ def prepare_training(model: str, optimizer: str) -> None:
 def make_optimizer(name: str, parameters: object, lr: float) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``parameters`` (see ``kernels.OPTIMIZER_IMPORT_LOCK`` for the lock)."""
     params = list(parameters)  # type: ignore[call-overload]
-    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
+    kinds: dict[str, Any] = {kind: cls for cls, kind in optimizers.KINDS.items()}
     if name not in kinds:
-        raise ModelSpecError(f"unknown optimizer {name!r} (sgd, adam, adagrad)")
+        raise ModelSpecError(f"unknown optimizer {name!r} ({', '.join(catalog.OPTIMIZERS)})")
     with kernels.OPTIMIZER_IMPORT_LOCK:
-        return kinds[name](params, lr=lr)
+        return kinds[name](params, lr=lr)  # type: ignore[no-any-return]
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -13,11 +13,19 @@ import torch
 from torch import nn
 
 from streamtrainer import settings
-from streamtrainer.training import catalog, kernels
-from streamtrainer.training.learner import LearnerConfig, OnlineLearner
+from streamtrainer.training import catalog, kernels, optimizers
+from streamtrainer.training.learner import LearnerConfig, OnlineLearner, make_optimizer
 from streamtrainer.training.models import build_model
 
 PACKAGE = Path(__file__).resolve().parents[2] / "streamtrainer"
+
+
+def test_the_optimizers_the_learner_makes_are_the_catalogs() -> None:
+    assert tuple(optimizers.KINDS.values()) == catalog.OPTIMIZERS
+    for name in catalog.OPTIMIZERS:
+        assert (
+            optimizers.optimizer_kind(make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.1)) == name
+        )
 
 
 def test_the_settings_choices_are_the_catalogs() -> None:
