@@ -140,6 +140,7 @@ _SECTION_ORDER = (
     "Synthetic source",
     "Run",
     "Checkpoints",
+    "Distributed",
     "Compaction and drift",
     "Guards",
     "Dead letters and errors",
@@ -161,6 +162,8 @@ _FIELD_SECTIONS: dict[str, str] = {
     "assignment_strategy": "Kafka",
     "group_instance_id": "Kafka",
     "poll_batch": "Kafka",
+    "distributed": "Distributed",
+    "collective_timeout_s": "Distributed",
     "fused": "Model",
     "update_batch": "Model",
     "overlap": "Model",
@@ -187,6 +190,7 @@ _PREFIX_SECTIONS = (
     ("compaction", "Compaction and drift"),
     ("drift_", "Compaction and drift"),
     ("dlq_", "Dead letters and errors"),
+    ("average_", "Distributed"),
 )
 # The synthetic generator's flags of `produce`.
 _SYNTHETIC = frozenset(

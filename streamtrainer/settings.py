@@ -682,10 +682,46 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         "compaction (polls end there, so a restarted worker compacts where an uninterrupted one would).",
     )
 
+    distributed: bool = Field(
+        default=False,
+        description="One model across the ranks of a torchrun launch (torch.distributed, gloo): partition "
+        "p is trained by rank p mod WORLD_SIZE and the ranks average their models every few records "
+        "(--average-every-records, --average-interval-s); rank 0 checkpoints and commits. Launch: "
+        "torchrun --nproc-per-node=N -m streamtrainer worker --distributed ...",
+    )
+    # ~0.5 ms per round for a d=16 MLP on 2 gloo ranks (design notes, "Scale-out"), and a few ms of
+    # ranks reaching the round at different moments: every 100,000 records of the group (~0.1-0.3 s
+    # at this machine's rates) keeps the overhead near 2% (docs/semantics.md, "One model").
+    average_every_records: int = Field(
+        default=100_000,
+        ge=1,
+        description="--distributed: average about every N records the group trains (paced by the last "
+        "round's rate, so every rank agrees when without talking).",
+    )
+    average_interval_s: float = Field(
+        default=5.0, gt=0, description="--distributed: average at least this often (seconds)."
+    )
+    average_reduction: Literal["mean", "sum"] = Field(
+        default="mean",
+        description="--distributed: mean (the ranks' models weighted by the records each trained) or "
+        "sum (the round's start plus every rank's update: exact for models whose updates add up, "
+        "such as counts).",
+    )
+    collective_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="--distributed: a rank that does not reach a round (or the start) within this many "
+        "seconds fails the others, and torchrun restarts the group from the last checkpoint.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _compaction_defaults_of_the_model(cls, data: Any) -> Any:
         """A model with a hidden layer compacts more often and longer, unless told otherwise."""
+        if isinstance(data, dict) and data.get("distributed") and data.get("compaction") is None:
+            # Not yet with --distributed (a rank's epochs over its own records would stall the
+            # rounds and train the group's model on one rank's share): off unless asked for.
+            data["compaction"] = False
         if isinstance(data, dict) and catalog.is_nonlinear(str(data.get("model", "linear"))):
             for name, value in NONLINEAR_COMPACTION.items():
                 if data.get(name) is None and name not in data:
@@ -698,6 +734,8 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
             # The audit model's weights are the sum of the records applied once each; batch epochs
             # would apply them again and hide exactly what it is there to show.
             raise ValueError("the audit model counts each record exactly once: use --no-compaction")
+        if self.distributed and self.compaction:
+            raise ValueError("compaction is not supported with --distributed yet: use --no-compaction")
         if self.compaction and self.compaction_device is not None:
             _check_device("--compaction-device", self.compaction_device)
         retained = self.compaction_memory_records + (self.compaction_retain_records or 0)

@@ -16,6 +16,7 @@ WORKER_SECTIONS = [
     "Model",
     "Run",
     "Checkpoints",
+    "Distributed",
     "Compaction and drift",
     "Guards",
     "Dead letters and errors",
@@ -48,6 +49,13 @@ def test_worker_help_is_in_sections(worker_help: str) -> None:
         "Model": ["--model", "--task", "--loss", "--optimizer", "--lr", "--device", "--update-batch"],
         "Run": ["--max-records", "--max-seconds", "--stop-at-end"],
         "Checkpoints": ["--checkpoint-dir", "--checkpoint-every-records", "--fresh", "--init-from"],
+        "Distributed": [
+            "--distributed",
+            "--average-every-records",
+            "--average-interval-s",
+            "--average-reduction",
+            "--collective-timeout-s",
+        ],
         "Compaction and drift": ["--compaction-epochs", "--compaction-batch-size", "--drift-detector"],
         "Guards": ["--spike-factor", "--lr-backoff", "--clip-grad-norm"],
         "Dead letters and errors": [

@@ -59,6 +59,9 @@ EXEMPT: dict[str, str] = {
     r"^make test\b": "the whole suite, this test included",
     r"^make bench(-quality)?\b": "minutes long; tests/bench covers the benchmark code",
     r"^docker compose\b": "needs Docker; tests/test_deploy_compose.py checks the compose file",
+    r"^torchrun --nproc-per-node=2 -m streamtrainer worker --distributed": (
+        "a torchrun launch of 2 ranks; tests/consumer/test_distributed_worker.py runs one"
+    ),
     r"^kill -USR1 <": "a placeholder pid of a running worker; tests/test_compaction_trigger.py sends USR1",
     r"^curl -X POST http://127\.0\.0\.1:9464/compact": (
         "a running worker with --admin-endpoints; tests/metrics/test_endpoints.py posts /compact"

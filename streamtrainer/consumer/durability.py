@@ -375,11 +375,11 @@ class Durability:
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
 
     def commit(self) -> None:
-        """Commit the checkpointed positions of the partitions this worker owns."""
+        """Commit the checkpointed positions of the partitions this worker commits (``committable``)."""
         consumer = self.membership.consumer
         if consumer is None:
             return
-        pending = self.state.offsets.pending(sorted(self.membership.assigned))
+        pending = self.state.offsets.pending(self.membership.committable())
         if not pending:
             return
         try:

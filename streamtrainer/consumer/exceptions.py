@@ -11,3 +11,7 @@ class ConsumerError(StreamtrainerError):
 
 class DeadLetterError(ConsumerError):
     """The dead-letter topic cannot be read or written as asked."""
+
+
+class CollectiveError(ConsumerError):
+    """--distributed: a collective with the other ranks failed (one did not come in time, or left)."""

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -146,11 +146,7 @@ class Membership:
         if decoder.n_features is None:
             self._settle_schema([(tp.partition, tp.offset) for tp in partitions if tp.offset != OFFSET_END])
         self.changes += 1
-        # Offsets set on these partitions only take effect if we assign them ourselves.
-        if self.settings.assignment_strategy == "cooperative-sticky":
-            consumer.incremental_assign(partitions)
-        else:
-            consumer.assign(partitions)
+        self.hand_over(consumer, partitions)
         self.assigned.update(keys)
         for topic, partition in keys:
             self.metrics.records_consumed.labels(topic, str(partition))
@@ -161,6 +157,29 @@ class Membership:
             resumed = {tp.partition: tp.offset for tp in partitions if tp.offset >= 0}
             self.compactor.refill(resumed, self.state.decoder, self.state.learner)
         logger.info("assigned %s", ", ".join(starts))
+
+    def hand_over(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Give the consumer these partitions at their start offsets."""
+        # Offsets set on these partitions only take effect if we assign them ourselves.
+        if self.settings.assignment_strategy == "cooperative-sticky":
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+
+    def join(
+        self,
+        consumer: Consumer,
+        on_assign: Callable[[Consumer, list[TopicPartition]], None],
+        on_revoke: Callable[[Consumer, list[TopicPartition]], None],
+        on_lost: Callable[[Consumer, list[TopicPartition]], None],
+    ) -> None:
+        """Join the group: it assigns partitions (the callbacks run inside later polls)."""
+        consumer.subscribe([self.settings.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        logger.info("joining group %s on topic %s", self.settings.group, self.settings.topic)
+
+    def committable(self) -> list[Partition]:
+        """The partitions whose checkpointed positions this worker commits: those it owns."""
+        return sorted(self.assigned)
 
     def _settle_schema(self, starts: list[tuple[int, int]]) -> None:
         """No schema yet (no checkpoint, no --n-features): take it from the first record in

@@ -52,6 +52,8 @@ from streamtrainer.consumer.error_budget import ErrorBudget
 from streamtrainer.consumer.membership import Membership, describe
 from streamtrainer.consumer.model_state import ModelState, fresh_state
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.rank_membership import RankMembership
+from streamtrainer.consumer.rounds import Rounds, launch_environment
 from streamtrainer.consumer.training_lane import TrainingLane
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
@@ -168,10 +170,16 @@ class Worker:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
         self.compactor = Compactor(settings, self.metrics) if settings.compaction else None
+        # --distributed: this process is one rank of a torchrun launch (rounds.py); each rank of a
+        # host serves /metrics on the port plus its local rank.
+        launch = launch_environment() if settings.distributed else None
+        port = settings.metrics_port
+        if launch is not None and port > 0:
+            port += launch[2]
         self.metrics_server = MetricsServer(
             self.registry,
             host=settings.metrics_host,
-            port=settings.metrics_port,
+            port=port,
             # Admin endpoints only when asked for (--admin-endpoints): they have no authentication.
             actions={"/compact": self._compact_on_request}
             if settings.admin_endpoints and self.compactor is not None
@@ -191,7 +199,15 @@ class Worker:
         )
         # The learner, schema, drift detector and positions: what a restore replaces.
         self.state: ModelState = fresh_state(settings)
-        self.membership = Membership(settings, self.metrics, self.state, self.compactor)
+        self.rounds: Rounds | None = None
+        if launch is None:
+            self.membership = Membership(settings, self.metrics, self.state, self.compactor)
+        else:
+            rank, world_size, _ = launch
+            self.rounds = Rounds(settings, self.metrics, self.state, rank=rank, world_size=world_size)
+            self.membership = RankMembership(
+                settings, self.metrics, self.state, self.compactor, rank=rank, world_size=world_size
+            )
         self.durability = Durability(
             settings,
             self.metrics,
@@ -338,7 +354,7 @@ class Worker:
                     messages: list[Message] = []
                     if budget > 0:
                         # With --overlap the previous batch trains in the background meanwhile.
-                        messages = membership.take_held(budget) or consumer.consume(budget, timeout=0.2)
+                        messages = membership.take_held(budget) or self._poll(consumer, budget)
                     # Its bookkeeping, then everything that needs the model and the offsets to agree,
                     # then this batch's update starts (with --overlap: runs while the next is polled).
                     self._finish_update()
@@ -351,8 +367,9 @@ class Worker:
                     now = time.monotonic()
                     self._checkpoint_if_due(now)
                     self._report(now, run_log)
-                    if messages:
+                    if messages and not (self.rounds is not None and self.rounds.ended):
                         self._start_update(membership.still_ours(messages, mark))
+                self._finish_rounds()
                 clean = True
             finally:
                 self._wind_down(clean=clean, bounded=bounded)
@@ -370,8 +387,15 @@ class Worker:
         """Everything ``run()`` needs, entered into ``stack``: the model restored, the group joined."""
         settings = self.settings
         # Before connecting: a checkpoint of another topic, group or schema is a usage error.
-        stack.enter_context(self.durability.store)
-        checkpoint = self.durability.load_at_start()
+        rounds = self.rounds
+        if rounds is None or rounds.rank == 0:
+            stack.enter_context(self.durability.store)  # --distributed: rank 0 alone writes checkpoints
+        if rounds is None:
+            checkpoint = self.durability.load_at_start()
+        else:
+            rounds.connect()
+            stack.callback(rounds.close)
+            checkpoint = rounds.share_checkpoint(self.durability.load_at_start)
         stack.enter_context(self._signals_stop_the_loop())
         try:
             self._restore(checkpoint)
@@ -381,6 +405,8 @@ class Worker:
             ) from None
         if self.learner is None and settings.init_from is not None:
             self.durability.initialise_from(settings.init_from)
+        if rounds is not None and self.learner is not None:
+            rounds.adopt(self.learner)  # the restored model is where the first round starts from
         self._check_topic()
         if settings.fused and settings.device == "cpu":
             # Once the broker and the topic are known to be there: a worker that stops at once on a
@@ -415,13 +441,9 @@ class Worker:
             self.metrics.error_budget_limit.set(limit)
             self.metrics.error_budget_ratio.set(0.0)
         run_log = stack.enter_context(self._run_log())
-        consumer.subscribe(
-            [settings.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-        logger.info("joining group %s on topic %s", settings.group, settings.topic)
+        self.membership.join(consumer, self._on_assign, self._on_revoke, self._on_lost)
+        if rounds is not None:
+            rounds.begin(self.records_trained, self.records_consumed)
         # Torch, numba and the client make a few hundred thousand long-lived objects: frozen, the
         # garbage collector stops rescanning them on every full pass (~1.5 us per record otherwise).
         gc.freeze()
@@ -444,8 +466,52 @@ class Worker:
             self.batching.discard()
 
     def _checkpoint_if_due(self, now: float) -> None:
+        if self.rounds is not None:
+            # --distributed: checkpoints only right after a round (rank 0's model is the group's then).
+            if self.rounds.due():
+                self._round()
+            return
         if self.durability.due(now):
             self._checkpoint_and_commit()
+
+    # -- --distributed: averaging rounds (rounds.py) ----------------------------------
+
+    def _poll(self, consumer: Consumer, budget: int) -> list[Message]:
+        """Up to ``budget`` records; --distributed: no more than can be trained before the next round."""
+        if self.rounds is None:
+            return consumer.consume(budget, timeout=0.2)
+        take, timeout = self.rounds.poll_limits(budget, self.batching.seconds_per_record)
+        return consumer.consume(take, timeout=timeout) if take > 0 else []
+
+    def _round(self, *, done: bool = False) -> None:
+        """An averaging round; then rank 0 checkpoints if one is due (or the group ended: _wind_down)."""
+        rounds, membership = self.rounds, self.membership
+        assert rounds is not None and isinstance(membership, RankMembership)
+        self._finish_update()  # the model and the offsets agree only between updates
+        rounds.run(
+            membership=membership,
+            durability=self.durability,
+            trained=self.records_trained,
+            read=self.records_consumed,
+            done=done,
+            stop=self._stop_requested.is_set(),
+            create_learner=self._create_learner,
+        )
+        if rounds.ended:
+            self._running = False  # every rank finished, or one was asked to stop
+        elif rounds.rank == 0 and self.durability.due(time.monotonic()):
+            self.durability.checkpoint_and_commit()
+
+    def _finish_rounds(self) -> None:
+        """This rank's loop ended: it keeps coming to the rounds, with no records, until the group ends."""
+        rounds = self.rounds
+        if rounds is None or rounds.ended or self.batching.failure is not None:
+            return
+        self._finish_update()
+        while not rounds.ended:
+            rounds.wait(self._stop_requested.is_set)
+            self._heartbeat = time.monotonic()
+            self._round(done=True)
 
     def _report(self, now: float, run_log: BinaryIO | None) -> None:
         """Lag and gauges every few seconds, progress twice a second, the run log once a second."""
@@ -610,6 +676,8 @@ class Worker:
         s = self.settings
         config = learner_config(s)
         learner = OnlineLearner(config, n_features)
+        if self.rounds is not None:
+            self.rounds.adopt(learner)  # before it trains: the first round's start (--average-reduction sum)
         logger.info(
             "model %s (%s, %d features, loss %s, %s lr=%g)",
             s.model,
@@ -639,6 +707,8 @@ class Worker:
     def _checkpoint_and_commit(self) -> None:
         """Make everything applied so far durable, then tell Kafka (never the other way round)."""
         self._finish_update()  # the model and the offsets agree only between updates
+        if self.rounds is not None and self.rounds.rank != 0:
+            return  # --distributed: rank 0 checkpoints the group's model, after a round
         if self.batching.failure is None:
             self.durability.checkpoint_and_commit()
 
@@ -680,6 +750,13 @@ class Worker:
 
     def _rollback(self, consumer: Consumer) -> None:
         """Back to the last checkpoint: its model, its positions, and every partition read again."""
+        if self.rounds is not None:
+            # One rank cannot go back alone (the others' models hold records past the checkpoint):
+            # the group restarts (torchrun) and every rank resumes from the last checkpoint.
+            raise TrainingError(
+                "--distributed: a rollback to the last checkpoint needs the whole group: exiting so that "
+                "torchrun restarts the ranks from it"
+            )
         self.batching.discard()
         self._restore(self.durability.latest_checkpoint())
         self.durability.forget_since_checkpoint()

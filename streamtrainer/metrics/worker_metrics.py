@@ -158,6 +158,32 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=registry,
         )
+        # --distributed (consumer/rounds.py): one series per rank, labelled by its torchrun RANK.
+        self.world_size = Gauge(
+            "streamtrainer_world_size",
+            "Ranks training the one model (--distributed; the torchrun WORLD_SIZE).",
+            ["rank"],
+            registry=registry,
+        )
+        self.averaging_rounds = Counter(
+            "streamtrainer_averaging_rounds",
+            "Averaging rounds this rank took part in (--distributed).",
+            ["rank"],
+            registry=registry,
+        )
+        self.averaging_duration = Histogram(
+            "streamtrainer_averaging_duration_seconds",
+            "Time of an averaging round on this rank: its all-reduces, including waiting for the others.",
+            ["rank"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5),
+            registry=registry,
+        )
+        self.parameter_distance = Gauge(
+            "streamtrainer_parameter_distance",
+            "L2 distance of this rank's parameters from the averaged ones, before the last round.",
+            ["rank"],
+            registry=registry,
+        )
         self.last_checkpoint_timestamp = LazyGauge(
             "streamtrainer_last_checkpoint_timestamp_seconds",
             "Unix time of the last durable checkpoint.",

@@ -1,0 +1,176 @@
+"""``worker --distributed``: the cost of an averaging round, and records/s per rank at 1 and 2 ranks.
+
+1. ``rounds``: ModelAverager.average on 2 gloo ranks (torch.multiprocessing, loopback) for a
+   d=16, 64-hidden MLP with Adagrad (parameters and accumulator: 2 x 1,153 floats + 2 steps):
+   the median and p90 of a few hundred rounds, per rank.
+2. ``worker``: the embedded broker, a 4-partition topic of N regression records (d=16), and
+   ``torchrun --nproc-per-node=R -m streamtrainer worker --distributed`` (mlp, hidden 64, or
+   linear: --model; --stop-at-end) for R = 1 and 2: each rank's records/s (its final line) and
+   its rounds' share of its run (its summary line).
+
+Usage: python -m bench.distributed [rounds|worker|all] [--records N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+from torch import nn
+
+from streamtrainer.broker import EmbeddedBroker
+from streamtrainer.connection import ensure_topic
+from streamtrainer.records import CODEC_HEADER, Sample, encode_binary
+from streamtrainer.training.averaging import ModelAverager
+
+D, HIDDEN, PARTITIONS = 16, 64, 4
+
+
+def _rounds_rank(rank: int, port: int, rounds: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    model = nn.Sequential(nn.Linear(D, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    averager = ModelAverager(model, optimizer)
+    times = []
+    for _ in range(rounds):
+        dist.barrier()  # the ranks arrive together: the round itself, not the wait for the other
+        started = time.perf_counter()
+        averager.average(100.0)
+        times.append(time.perf_counter() - started)
+    Path(out, f"rank{rank}.txt").write_text(" ".join(f"{t:.9f}" for t in times))
+    dist.destroy_process_group()
+
+
+def bench_rounds(rounds: int = 500) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rounds_rank, args=(port, rounds, out), nprocs=2, join=True)
+        for rank in (0, 1):
+            times = np.array([float(t) for t in Path(out, f"rank{rank}.txt").read_text().split()])[20:]
+            print(
+                f"averaging round, 2 ranks, d={D} MLP {HIDDEN} hidden + Adagrad state, rank {rank}: "
+                f"median {1e6 * np.median(times):.0f} us, p90 {1e6 * np.percentile(times, 90):.0f} us"
+            )
+
+
+def _produce(bootstrap: str, topic: str, n: int) -> None:
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(n, D)).astype(np.float32)
+    labels = (features @ rng.normal(size=D) + 0.1 * rng.normal(size=n)).astype(np.float32)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000})
+    for i in range(n):
+        value = encode_binary(Sample(features[i], float(labels[i])))
+        while True:
+            try:
+                producer.produce(
+                    topic, value=value, partition=i % PARTITIONS, headers=[(CODEC_HEADER, b"binary")]
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(120) == 0
+
+
+def _worker_run(
+    bootstrap: str, topic: str, ranks: int, directory: Path, model: str = "mlp", *extra: str
+) -> str:
+    """A launch of ``ranks`` ranks (0: one plain worker, not --distributed); its output."""
+    launch = ["torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "streamtrainer"]
+    command = [
+        sys.executable,
+        "-m",
+        *(launch if ranks else ["streamtrainer"]),
+        "worker",
+        *(["--distributed"] if ranks else ["--no-compaction"]),
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--group",
+        f"bench-{uuid.uuid4().hex[:8]}",
+        "--checkpoint-dir",
+        str(directory / f"ckpt-{model}-{ranks}"),
+        "--metrics-port",
+        "-1",
+        "--model",
+        model,
+        "--task",
+        "regression",
+        "--hidden",
+        str(HIDDEN),
+        "--stop-at-end",
+        *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    return result.stdout + result.stderr
+
+
+def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | None) -> None:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        bootstrap = broker.bootstrap_servers
+        topic = f"bench-distributed-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        ensure_topic(admin, topic, partitions=PARTITIONS, timeout_s=30)
+        _produce(bootstrap, topic, n)
+        for ranks in ranks_list:
+            extra = ["--average-every-records", str(every)] if every and ranks else []
+            text = _worker_run(bootstrap, topic, ranks, Path(tmp), model, *extra)
+            rates = re.findall(r"trained (\d+) record\(s\) .*? in ([\d.]+)s, ([\d,]+) records/s", text)
+            # The whole stream's prequential loss: each rank's, weighted by the records it scored.
+            losses = [
+                (int(n), float(loss))
+                for n, loss in re.findall(r"trained (\d+) record.*? loss ([-\d.e]+) \(", text)
+            ]
+            total = sum(n for n, _ in losses)
+            whole = sum(n * loss for n, loss in losses) / total if total else float("nan")
+            shares = re.findall(
+                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of", text
+            )
+            row = f"{model}, {ranks} rank(s)" if ranks else f"{model}, one plain worker"
+            row += f", every {every} records" if every and ranks else ""
+            print(f"{row}: whole-stream prequential loss {whole:.5f} over {total} records")
+            for trained, seconds, rate in rates:
+                print(f"{row}: a rank trained {trained} records in {seconds} s: {rate} records/s")
+            for rank, count, ms, share in shares:
+                print(f"{row}: rank {rank}: {count} rounds, {ms} ms each, {share}% of its run")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="?", default="all", choices=["rounds", "worker", "all"])
+    parser.add_argument("--records", type=int, default=400_000)
+    parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
+    parser.add_argument("--ranks", default="0,1,2", help="launches: 0 is one plain worker")
+    parser.add_argument("--every", type=int, default=None, help="--average-every-records")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.what in ("rounds", "all"):
+        bench_rounds()
+    if args.what in ("worker", "all"):
+        bench_worker(args.records, args.model, tuple(int(r) for r in args.ranks.split(",")), args.every)
+
+
+if __name__ == "__main__":
+    main()
