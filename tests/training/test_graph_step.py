@@ -17,6 +17,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from streamtrainer.training import graph_step
 from streamtrainer.training.graph_step import GraphPath, GraphUnsupportedError, TracedStep, graph_supported
+from tests.training import reference
 
 D = 6
 TOL = 1e-5
@@ -81,14 +82,7 @@ def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _data(task: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype(np.float32)
-    z = x @ rng.normal(size=D)
-    if task == "regression":
-        return x, (z + 0.1 * rng.normal(size=n)).astype(np.float32)
-    if task == "binary":
-        return x, (z > 0).astype(np.float32)
-    return x, np.digitize(z, np.quantile(z, [1 / 3, 2 / 3])).astype(np.float32)
+    return reference.stream(task, n, D, seed)
 
 
 def _autograd(  # noqa: PLR0917 - the loop's inputs, as the learner has them
@@ -101,26 +95,7 @@ def _autograd(  # noqa: PLR0917 - the loop's inputs, as the learner has them
     batch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The naive loop, as OnlineLearner._learn runs it: per-record losses and predictions."""
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    losses, predictions = [], []
-    for start in range(0, len(x), batch):
-        out = model(xs[start : start + batch])
-        target = ys[start : start + batch]
-        if loss == "ce":
-            per_record = F.cross_entropy(out, target.long(), reduction="none")
-            prediction = out.detach().argmax(dim=-1).double()
-        elif loss == "mse":
-            per_record = F.mse_loss(out.reshape(-1), target, reduction="none")
-            prediction = out.detach().reshape(-1).double()
-        else:
-            per_record = F.binary_cross_entropy_with_logits(out.reshape(-1), target, reduction="none")
-            prediction = (out.detach().reshape(-1) > 0).double()
-        optimizer.zero_grad(set_to_none=True)
-        per_record.mean().backward()
-        optimizer.step()
-        losses.append(per_record.detach().double())
-        predictions.append(prediction)
-    return torch.cat(losses).numpy(), torch.cat(predictions).numpy()
+    return reference.autograd_loop(model, optimizer, loss, x, y, batch=batch)
 
 
 def _pair(

@@ -15,6 +15,7 @@ from torch.nn import functional as F  # noqa: N812
 from streamtrainer.training import kernels, lowering, program_loops
 from streamtrainer.training.kernels import FusedUnsupportedError, fused_learn, fused_supported
 from streamtrainer.training.learner import make_optimizer
+from tests.training import reference
 
 D = 6
 H = 12  # >= program_loops.BLAS_MIN_WIDTH: micro-batches take the hidden layers through BLAS
@@ -97,48 +98,10 @@ def _compiled() -> None:
 
 
 def _data(task: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype(np.float32)
-    z = x @ rng.normal(size=D)
-    if task == "regression":
-        return x, (z + 0.1 * rng.normal(size=n)).astype(np.float32)
-    if task == "binary":
-        return x, (z > 0).astype(np.float32)
-    return x, np.digitize(z, np.quantile(z, [1 / 3, 2 / 3])).astype(np.float32)
+    return reference.stream(task, n, D, seed)
 
 
-def _per_record_loss(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if loss == "ce":
-        return F.cross_entropy(out, y.long(), reduction="none")
-    scores = out.reshape(-1)
-    if loss == "mse":
-        return F.mse_loss(scores, y, reduction="none")
-    if loss == "l1":
-        return F.l1_loss(scores, y, reduction="none")
-    return F.binary_cross_entropy_with_logits(scores, y, reduction="none")
-
-
-def _autograd(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss: str, x: np.ndarray, y: np.ndarray, *, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The naive loop (as OnlineLearner._learn runs it): per-record losses and predictions."""
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    losses, predictions = [], []
-    for start in range(0, len(x), batch):
-        out = model(xs[start : start + batch])
-        per_record = _per_record_loss(loss, out, ys[start : start + batch])
-        optimizer.zero_grad(set_to_none=True)
-        per_record.mean().backward()
-        optimizer.step()
-        losses.append(per_record.detach().double().numpy())
-        out = out.detach()
-        if loss == "ce":
-            predictions.append(out.argmax(dim=-1).double().numpy())
-        elif loss == "bce":
-            predictions.append((out.reshape(-1) > 0).double().numpy())
-        else:
-            predictions.append(out.reshape(-1).double().numpy())
-    return np.concatenate(losses), np.concatenate(predictions)
+_autograd = reference.autograd_loop
 
 
 def _pair(
