@@ -74,19 +74,7 @@ def _pair(
     )
 
 
-def _assert_same_state(
-    a: nn.Module, opt_a: torch.optim.Optimizer, b: nn.Module, opt_b: torch.optim.Optimizer
-) -> None:
-    for p, q in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
-    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert state_a.keys() == state_b.keys()
-    for index, entries in state_a.items():
-        assert entries.keys() == state_b[index].keys()
-        for key, value in entries.items():
-            other = state_b[index][key]
-            assert value.dtype == other.dtype and value.shape == other.shape, key
-            torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-5)
+_assert_same_state = reference.assert_same_state
 
 
 # 1: strict. Below BLAS_MIN_ROWS a group's rows go through the row-by-row pass; from it on,

@@ -70,7 +70,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from streamtrainer.training import catalog, lowering, optimizers
+from streamtrainer.training import catalog, lowering, optimizers, program_ops
 from streamtrainer.training.exceptions import CompiledPathRefusedError, TrainingError
 from streamtrainer.training.scaler import RunningStandardizer
 
@@ -585,7 +585,7 @@ def _variants(plan: _Plan) -> tuple[Variant, ...]:
     if plan.program is not None:
         # The grouped variant only helps a program with a Linear layer wide enough for BLAS.
         ops = plan.program.ops
-        wide = any(op.code == lowering.LINEAR and op.n_out >= PROGRAM_BLAS_MIN_WIDTH for op in ops)
+        wide = any(op.code == program_ops.LINEAR and op.n_out >= PROGRAM_BLAS_MIN_WIDTH for op in ops)
         rows: Variant = ("program", plan.opt, False)
         return (rows, ("program", plan.opt, True)) if wide else (rows,)
     return _variants_of(plan.opt, plan.kind)

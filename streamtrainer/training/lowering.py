@@ -33,17 +33,18 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-# Operation codes (program_loops reads the same numbers; it cannot import torch).
-LINEAR: Final = 0
-RELU: Final = 1
-LEAKY_RELU: Final = 2
-TANH: Final = 3
-SIGMOID: Final = 4
-GELU: Final = 5
-GELU_TANH: Final = 6
-SILU: Final = 7
-ELU: Final = 8
-LAYER_NORM: Final = 9
+from streamtrainer.training.program_ops import (
+    ELU,
+    GELU,
+    GELU_TANH,
+    LAYER_NORM,
+    LEAKY_RELU,
+    LINEAR,
+    RELU,
+    SIGMOID,
+    SILU,
+    TANH,
+)
 
 _NAMES: Final = {
     LINEAR: "Linear",

@@ -53,18 +53,17 @@ from streamtrainer.training.fused_loops import (
     _loss_and_slope,
     _scalar_loss,
 )
-
-# The codes of lowering.py (which imports torch, so it cannot be imported here).
-LINEAR: Final = 0
-RELU: Final = 1
-LEAKY_RELU: Final = 2
-TANH: Final = 3
-SIGMOID: Final = 4
-GELU: Final = 5
-GELU_TANH: Final = 6
-SILU: Final = 7
-ELU: Final = 8
-LAYER_NORM: Final = 9
+from streamtrainer.training.program_ops import (
+    GELU,
+    GELU_TANH,
+    LAYER_NORM,
+    LEAKY_RELU,
+    LINEAR,
+    RELU,
+    SIGMOID,
+    SILU,
+    TANH,
+)
 
 # A Linear layer with fewer outputs (an output layer) stays on loops in the grouped variant: a
 # BLAS call costs more than a dot product per row there.

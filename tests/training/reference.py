@@ -53,3 +53,28 @@ def autograd_loop(
         else:
             predictions.append(out.reshape(-1).double().numpy())
     return np.concatenate(losses), np.concatenate(predictions)
+
+
+def assert_same_state(
+    a: nn.Module,
+    opt_a: torch.optim.Optimizer,
+    b: nn.Module,
+    opt_b: torch.optim.Optimizer,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> float:
+    """Parameters and optimizer state equal within the tolerances; the largest parameter difference."""
+    worst = 0.0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+        worst = max(worst, float((p - q).detach().abs().max()))
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for index, entries in state_a.items():
+        assert list(entries) == list(state_b[index])
+        for key, value in entries.items():
+            other = state_b[index][key]
+            assert value.dtype == other.dtype and value.shape == other.shape, key
+            torch.testing.assert_close(value, other, rtol=rtol, atol=atol)
+    return worst
