@@ -8,7 +8,15 @@
    linear: --model; --stop-at-end) for R = 1 and 2: each rank's records/s (its final line) and
    its rounds' share of its run (its summary line).
 
-Usage: python -m bench.distributed [rounds|worker|all] [--records N]
+3. ``quality``: the whole-stream prequential loss of N ranks' averaged model against one learner
+   that saw every record, in memory (the worker's learner and ModelAverager on N gloo ranks, no
+   Kafka): a stationary and a drifting d=16 regression stream, 4 partitions (partition i mod 4,
+   partition p to rank p mod N), the worker's defaults (--average-warmup-records rounds after
+   every step, then the first clock round ~20,000 records in, doubling up to
+   --average-every-records). Rounds come at the group's record counts where the worker's come at
+   its clock: the same thing when the ranks train at one rate.
+
+Usage: python -m bench.distributed [rounds|worker|quality|all] [--records N]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +44,10 @@ from torch import nn
 
 from streamtrainer.broker import EmbeddedBroker
 from streamtrainer.connection import ensure_topic
+from streamtrainer.consumer.worker import learner_config
 from streamtrainer.records import CODEC_HEADER, Sample, encode_binary
+from streamtrainer.settings import WorkerSettings
+from streamtrainer.training import OnlineLearner
 from streamtrainer.training.averaging import ModelAverager
 
 D, HIDDEN, PARTITIONS = 16, 64, 4
@@ -157,9 +169,101 @@ def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | N
                 print(f"{row}: rank {rank}: {count} rounds, {ms} ms each, {share}% of its run")
 
 
+def _stream(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """d=16 regression: ``stationary`` (one linear target), or ``drifting`` (an abrupt change of
+    target a third of the way in, then a gradual one back over the last third)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    w1, w2 = rng.normal(size=D), rng.normal(size=D)
+    if kind == "stationary":
+        y = x @ w1
+    else:
+        t = np.arange(n) / n
+        a = np.where(t < 1 / 3, 0.0, np.where(t < 2 / 3, 1.0, 1.0 - (t - 2 / 3) * 3))
+        y = (1 - a) * (x @ w1) + a * (x @ w2)
+    return x, (y + 0.1 * rng.normal(size=n)).astype(np.float32)
+
+
+def _quality_learner(model: str, settings_overrides: dict[str, Any]) -> tuple[WorkerSettings, OnlineLearner]:
+    settings = WorkerSettings(
+        topic="bench", model=model, task="regression", hidden=HIDDEN, distributed=True, **settings_overrides
+    )
+    return settings, OnlineLearner(learner_config(settings), D)
+
+
+def _round_bounds(n: int, world: int, warmup: int, every: int) -> list[int]:
+    """The group's record counts at which rounds come (see the module doc)."""
+    bounds, done = [], 0
+    while done < min(warmup, n):
+        done = min(n, done + world)
+        bounds.append(done)
+    step = 20_000
+    while done < n:
+        done = min(n, done + min(step, every))
+        bounds.append(done)
+        step *= 2
+    return bounds
+
+
+def _quality_rank(rank: int, job: tuple[int, int, int, str, str, int, str]) -> None:
+    world, port, n, kind, model, warmup, out = job
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    x, y = _stream(n, kind)
+    settings, learner = _quality_learner(model, {"average_warmup_records": warmup})
+    mine = np.nonzero((np.arange(n) % PARTITIONS) % world == rank)[0]
+    statistics = [s for s in (learner.scaler, learner.target_scaler) if s is not None]
+    averager = ModelAverager(learner.model, learner.optimizer, statistics=statistics)
+    losses, previous = [], 0
+    for bound in _round_bounds(n, world, warmup, settings.average_every_records):
+        rows = mine[(mine >= previous) & (mine < bound)]
+        for i in range(0, len(rows), 500):
+            losses.append(learner.learn_many(x[rows[i : i + 500]], y[rows[i : i + 500]]).losses)
+        averager.average(float(len(rows)))
+        previous = bound
+    scored = np.concatenate(losses) if losses else np.zeros(0)
+    Path(out, f"rank{rank}.txt").write_text(f"{np.nansum(scored)} {np.sum(~np.isnan(scored))}")
+    dist.destroy_process_group()
+
+
+def bench_quality(n: int, model: str, ranks_list: tuple[int, ...]) -> None:
+    for kind in ("stationary", "drifting"):
+        x, y = _stream(n, kind)
+        _, learner = _quality_learner(model, {})
+        scored = np.concatenate(
+            [learner.learn_many(x[i : i + 500], y[i : i + 500]).losses for i in range(0, n, 500)]
+        )
+        alone = float(np.nanmean(scored))
+        print(f"quality, {kind}, {model}, {n} records: one learner, every record: {alone:.5f}")
+        for world in (r for r in ranks_list if r > 0):
+            for warmup in (2_000, 0):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = int(s.getsockname()[1])
+                with tempfile.TemporaryDirectory() as out:
+                    mp.spawn(
+                        _quality_rank,
+                        args=((world, port, n, kind, model, warmup, out),),
+                        nprocs=world,
+                        join=True,
+                    )
+                    parts = [Path(out, f"rank{r}.txt").read_text().split() for r in range(world)]
+                total = sum(float(a) for a, _ in parts) / sum(float(b) for _, b in parts)
+                print(
+                    f"quality, {kind}, {model}, {n} records: {world} rank(s), warm-up {warmup}: "
+                    f"{total:.5f} ({100 * (total / alone - 1):+.1f}%)"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="?", default="all", choices=["rounds", "worker", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["rounds", "worker", "quality", "all"])
     parser.add_argument("--records", type=int, default=400_000)
     parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
     parser.add_argument("--ranks", default="0,1,2", help="launches: 0 is one plain worker")
@@ -168,6 +272,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.what in ("rounds", "all"):
         bench_rounds()
+    if args.what in ("quality", "all"):
+        quality_ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks != "0,1,2" else (2, 3)
+        bench_quality(args.records, args.model, quality_ranks)
     if args.what in ("worker", "all"):
         bench_worker(args.records, args.model, tuple(int(r) for r in args.ranks.split(",")), args.every)
 

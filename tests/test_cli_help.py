@@ -53,6 +53,7 @@ def test_worker_help_is_in_sections(worker_help: str) -> None:
             "--distributed",
             "--average-every-records",
             "--average-interval-s",
+            "--average-warmup-records",
             "--average-reduction",
             "--collective-timeout-s",
         ],

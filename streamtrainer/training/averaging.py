@@ -58,6 +58,11 @@ from streamtrainer.training.scaler import RunningStandardizer, TargetStandardize
 logger = logging.getLogger(__name__)
 
 Reduction = Literal["mean", "sum"]
+
+# Optimizer state that accumulates over the steps taken (Adagrad's sum of squared gradients, the
+# step counts): under ``mean`` the round adds every rank's increments to it, as one process taking
+# every rank's steps would have it (see the module doc for why).
+_ACCUMULATED_STATE = frozenset({"sum", "step"})
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
 
 
@@ -153,19 +158,23 @@ class ModelAverager:
 
     def _tensors(self) -> list[torch.Tensor]:
         """Parameters, then each parameter's optimizer state tensors (by name): a fixed layout."""
+        return [tensor for tensor, _ in self._layout()]
+
+    def _layout(self) -> list[tuple[torch.Tensor, bool]]:
+        """Each tensor a round reduces, and whether it accumulates (summed: see the module doc)."""
         params: list[torch.Tensor] = list(self.model.parameters())
-        tensors = list(params)
+        layout = [(p, False) for p in params]
         optimizer = self.optimizer
         if optimizer is not None:
             for p in params:
                 _ensure_optimizer_state(optimizer, p)
                 state = optimizer.state[p]
-                tensors.extend(
-                    value
-                    for _, value in sorted(state.items())
+                layout.extend(
+                    (value, name in _ACCUMULATED_STATE)
+                    for name, value in sorted(state.items())
                     if isinstance(value, torch.Tensor) and value.is_floating_point()
                 )
-        return tensors
+        return layout
 
     def _flat(self, tensors: list[torch.Tensor]) -> npt.NDArray[np.float64]:
         if not tensors:
@@ -192,7 +201,8 @@ class ModelAverager:
         """
         started = time.perf_counter()
         extra = np.zeros(0) if sums is None else np.asarray(sums, dtype=np.float64).reshape(-1)
-        tensors = self._tensors()
+        layout = self._layout()
+        tensors = [tensor for tensor, _ in layout]
         mine = self._flat(tensors)
         start = self._start
         if start is None or start.shape != mine.shape:
@@ -204,7 +214,11 @@ class ModelAverager:
         start_moments = self._start_moments
         if start_moments is None or start_moments.shape != moments.shape:
             start_moments = moments.copy()
-        contribution = mine * weight if self.reduction == "mean" else mine - start
+        if self.reduction == "mean":
+            accumulated = self._accumulated_mask(layout)
+            contribution = np.where(accumulated, mine - start, mine * weight)
+        else:
+            contribution = mine - start
         buffer = np.concatenate([[weight], extra, moments - start_moments, contribution])
         reduced = torch.from_numpy(buffer)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
@@ -215,7 +229,10 @@ class ModelAverager:
         merged_moments = start_moments + result[offset : offset + len(moments)]
         offset += len(moments)
         body = result[offset:]
-        averaged = start + body if self.reduction == "sum" else (body / total if total > 0 else mine)
+        if self.reduction == "sum":
+            averaged = start + body
+        else:
+            averaged = np.where(accumulated, start + body, body / total if total > 0 else mine)
         n = self._parameter_count()
         distance = float(np.linalg.norm(mine[:n] - averaged[:n]))
         self._write(tensors, averaged)
@@ -244,6 +261,12 @@ class ModelAverager:
             _set_moments(stats, values[position : position + size])
             position += size
         self.mark()
+
+    @staticmethod
+    def _accumulated_mask(layout: list[tuple[torch.Tensor, bool]]) -> npt.NDArray[np.bool_]:
+        if not layout:
+            return np.zeros(0, dtype=bool)
+        return np.concatenate([np.full(tensor.numel(), summed) for tensor, summed in layout])
 
     def _parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -3,6 +3,7 @@
 - Equivalence: with plain SGD and a round after every step, 2 ranks taking one record each equal
   one process taking mini-batches of the 2 records with the averaged gradient (allclose 1e-6).
 - A rank with no data (weight 0) does not change the others' model, and leaves with it.
+- ``mean`` adds up Adagrad's accumulated squares and the step counts (one process's state).
 - ``sum``: the audit model's weights are the sum of every rank's records, exactly.
 - The standardizers' statistics merge to those of every rank's records.
 - No deadlock: a rank that stops coming makes the other's round raise within the collective
@@ -195,3 +196,48 @@ def test_a_rank_that_stops_coming_makes_the_others_round_raise_within_the_timeou
     assert report["outcome"].startswith("raised"), report
     # The collective timeout, not a hang: raised after about the timeout (a margin for a busy machine).
     assert timeout_s * 0.5 <= report["seconds"] <= timeout_s + 20, report
+
+
+def _adagrad_rank(rank: int, port: int, out: str) -> None:
+    """Both ranks train Adagrad on their own records (3 and 7 steps), then one mean round."""
+    _init(rank, port)
+    model = _mlp()
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    averager = ModelAverager(model, optimizer)
+    x, y = _data()
+    steps = 3 + 4 * rank
+    for t in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x[t, rank : rank + 1]), y[t, rank : rank + 1]).backward()
+        optimizer.step()
+    first = next(iter(model.parameters()))
+    saved = {
+        "before.weight": first.detach().clone(),
+        "before.sum": optimizer.state[first]["sum"].clone(),
+        "before.step": optimizer.state[first]["step"].reshape(1).clone(),
+    }
+    averager.average(float(steps))
+    saved.update(
+        {
+            "after.weight": first.detach().clone(),
+            "after.sum": optimizer.state[first]["sum"].clone(),
+            "after.step": optimizer.state[first]["step"].reshape(1).clone(),
+        }
+    )
+    save_file(saved, f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_mean_averages_parameters_and_adds_up_adagrads_accumulated_squares(tmp_path: Path) -> None:
+    """Parameters: the weighted mean; Adagrad's sum and step: what one process taking both ranks'
+    steps holds (the sum of the increments), so its step sizes are not those of half the data."""
+    mp.spawn(_adagrad_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1))
+    weight = (3 * r0["before.weight"].double() + 7 * r1["before.weight"].double()) / 10
+    accumulated = r0["before.sum"].double() + r1["before.sum"].double()  # both started at 0
+    for r in (r0, r1):
+        assert torch.allclose(r["after.weight"].double(), weight, atol=1e-7, rtol=0)
+        assert torch.allclose(r["after.sum"].double(), accumulated, atol=1e-6, rtol=1e-6)  # float32
+        assert float(r["after.step"][0]) == 10.0
+    # (the mean of the two accumulators would be half as large: the check tells them apart)
+    assert not torch.allclose(accumulated / 2, accumulated, atol=1e-4)

@@ -130,6 +130,21 @@ def _check_rounds(text: str) -> None:
     assert any(here for lines in rounds.values() for _, here in lines)
 
 
+def _check_warmup(text: str, warmup: int = 2_000) -> None:
+    """A new model: a round after every record of each rank until the group has trained ``warmup``."""
+    rounds: dict[int, list[tuple[int, int]]] = {}
+    for number, group, here in re.findall(r"round (\d+): (\d+) records of the group \((\d+) here\)", text):
+        rounds.setdefault(int(number), []).append((int(group), int(here)))
+    trained, warm = 0, 0
+    for number in sorted(rounds):
+        if trained >= warmup:
+            break
+        assert all(here <= 1 for _, here in rounds[number]), (number, rounds[number])
+        trained += rounds[number][0][0]
+        warm += 1
+    assert trained >= warmup and warm >= warmup // 2, (trained, warm)
+
+
 def _check(
     checkpoints: Path, topic: str, truth: dict[int, np.ndarray], counts: dict[int, int], log: Path
 ) -> None:
@@ -161,6 +176,7 @@ def test_two_ranks_train_one_model_applying_every_record_once(
     text = log.read_text()
     assert "rank 0 of 2: partitions" in text and "rank 1 of 2: partitions" in text
     _check_rounds(text)
+    _check_warmup(text)
     # The group's committed offsets follow the checkpoint (rank 0 commits every partition).
     assert _committed(bootstrap, topic, group_id) == counts
 
@@ -171,7 +187,10 @@ def test_two_ranks_train_one_model_applying_every_record_once(
     counts = {p: int(truth[p][0]) for p in range(PARTITIONS)}
     assert _launch(bootstrap, topic, group_id, checkpoints, log) == 0, log.read_text()[-5000:]
     _check(checkpoints, topic, truth, counts, log)
-    assert "resumed from checkpoint" in log.read_text()[len(text) :]
+    second = log.read_text()[len(text) :]
+    assert "resumed from checkpoint" in second
+    # A restored model does not warm up again: its rounds are the clock's (0.3 s apart at most).
+    assert len(set(re.findall(r"round (\d+): ", second))) < 200, second[-3000:]
     assert _committed(bootstrap, topic, group_id) == counts
 
 
