@@ -24,12 +24,13 @@ These rounds are paced by records, not the clock: each rank polls at most one st
 and comes to the next round; a rank with none comes at once (at most _IDLE_POLL_S when the whole
 group had none). About 1,000 rounds of ~2 ms at 2 ranks: ~2 s once per model.
 
-**A round** (``run``) is two all-reduces: a header of a few floats per partition (the agreed time,
+**A round** (``run``) is one all-reduce of a header of a few floats per partition (the agreed time,
 records trained and read, whether each rank wants to stop, which ranks have a model and of how
 many features, and every partition's position and applied count, each contributed by the rank
-that owns it), then the model itself (training/averaging.py). A rank without a model yet (no
-record seen) creates one of the agreed number of features before the second; when no rank has a
-model the second is skipped (every rank knows it from the header).
+that owns it) together with the model itself (training/averaging.py), once every rank has a model.
+Before that it is two: the header first, then, when some rank has a model, the model; a rank
+without one yet (no record seen) creates one of the agreed number of features before the second.
+(Two collectives a round cost ~6 ms at 2 busy ranks here, the warm-up's ~1,000 rounds 6 s.)
 
 **Checkpoints** are taken by rank 0 only, right after a round (its model is then the group's and
 the header gave it every partition's position): it holds the averaged model, optimizer and
@@ -54,6 +55,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import torch
 import torch.distributed as dist
@@ -166,6 +168,10 @@ class Rounds:
         # whether the group trained anything in the last round (a warm-up poll waits only then).
         self.warmup_left = 0
         self._group_busy = False
+        # Every rank had a model at the last round (they keep it): the header then rides in the
+        # model's all-reduce, one collective a round instead of two (see ``run``).
+        self._every_rank_has_model = False
+        self._n_features = 0
         # Seconds in rounds (the all-reduces and the wait for the other ranks), and since the start round.
         self.seconds = 0.0
         self._began = 0.0
@@ -223,8 +229,10 @@ class Rounds:
         with self._collective("sharing the checkpoint to start from"):
             dist.broadcast(size, src=0)
         if int(size[0]) == 0:
-            # A new model: warm up (every rank knows, from the same broadcast).
-            self.warmup_left = self.settings.average_warmup_records
+            # A new model: warm up (every rank knows, from the same broadcast); one rank has no one
+            # to average with (measured: 2,000 rounds, 23% of a 1.5M-record run, for nothing).
+            if self.world_size > 1:
+                self.warmup_left = self.settings.average_warmup_records
             return None
         buffer = torch.zeros(int(size[0]), dtype=torch.uint8)
         if self.rank == 0:
@@ -285,6 +293,18 @@ class Rounds:
 
     # -- a round --------------------------------------------------------------------------
 
+    def _average(
+        self, learner: OnlineLearner, weight: float, header: npt.NDArray[np.float64] | None
+    ) -> npt.NDArray[np.float64]:
+        """The model's all-reduce (with ``header`` summed alongside, if given): the summed header."""
+        if self._averager is None or self._learner is not learner:
+            self.adopt(learner)
+        assert self._averager is not None
+        with self._collective(f"averaging round {self.count + 1}"):
+            result = self._averager.average(weight, sums=header)
+        self.metrics.parameter_distance.labels(str(self.rank)).set(result.distance)
+        return result.sums
+
     def run(
         self,
         *,
@@ -319,27 +339,34 @@ class Rounds:
             if position is not None:
                 header[_HEADER + partition] = position + 1  # 0: not known
             header[_HEADER + partitions + partition] = durability.applied.get((topic, partition), 0)
-        reduced = torch.from_numpy(header.copy())  # (all_reduce writes into it; header stays ours)
-        with self._collective(f"averaging round {self.count + 1}"):
-            dist.all_reduce(reduced)
-        group = reduced.numpy()
         weight = float(header[_TRAINED])
         self._trained_at_last, self._read_at_last = trained, read
-        models = round(group[_HAS_MODEL])
-        if models:
+        if self._every_rank_has_model:
+            # One all-reduce: the header as the averager's summed extra (every rank takes this path:
+            # they all saw the same header last round, and a model, once made, stays).
             if learner is None:
-                n_features = round(group[_N_FEATURES] / models)
-                if n_features * models != round(group[_N_FEATURES]):
-                    raise ConfigurationError("the ranks' models disagree on the number of features")
                 if state.decoder.n_features is None:
-                    state.decoder = new_decoder(settings, n_features, settings.feature_names)
-                learner = state.learner = create_learner(n_features)
-            if self._averager is None or self._learner is not learner:
-                self.adopt(learner)
-            assert self._averager is not None
+                    state.decoder = new_decoder(settings, self._n_features, settings.feature_names)
+                learner = state.learner = create_learner(self._n_features)
+            group = self._average(learner, weight, header)
+        else:
+            reduced = torch.from_numpy(header.copy())  # (all_reduce writes into it; header stays ours)
             with self._collective(f"averaging round {self.count + 1}"):
-                result = self._averager.average(weight)
-            self.metrics.parameter_distance.labels(str(self.rank)).set(result.distance)
+                dist.all_reduce(reduced)
+            group = reduced.numpy()
+            models = round(group[_HAS_MODEL])
+            if models:
+                if learner is None:
+                    n_features = round(group[_N_FEATURES] / models)
+                    if n_features * models != round(group[_N_FEATURES]):
+                        raise ConfigurationError("the ranks' models disagree on the number of features")
+                    if state.decoder.n_features is None:
+                        state.decoder = new_decoder(settings, n_features, settings.feature_names)
+                    learner = state.learner = create_learner(n_features)
+                self._average(learner, weight, None)
+            if models == self.world_size:
+                self._every_rank_has_model = True
+                self._n_features = round(group[_N_FEATURES] / models)
         # Every partition's position and applied count, as its owner has them.
         owned = {partition for _, partition in membership.assigned}
         for partition in range(partitions):
