@@ -158,15 +158,23 @@ def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | N
             total = sum(n for n, _ in losses)
             whole = sum(n * loss for n, loss in losses) / total if total else float("nan")
             shares = re.findall(
-                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of", text
+                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of the [\d.]+ s "
+                r"since the [\w-]+(?:; warm-up: (\d+) round\(s\) in ([\d.]+) s, ([\d.]+) ms each)?",
+                text,
             )
             row = f"{model}, {ranks} rank(s)" if ranks else f"{model}, one plain worker"
             row += f", every {every} records" if every and ranks else ""
             print(f"{row}: whole-stream prequential loss {whole:.5f} over {total} records")
             for trained, seconds, rate in rates:
                 print(f"{row}: a rank trained {trained} records in {seconds} s: {rate} records/s")
-            for rank, count, ms, share in shares:
-                print(f"{row}: rank {rank}: {count} rounds, {ms} ms each, {share}% of its run")
+            for rank, count, ms, share, warm_rounds, warm_s, warm_ms in shares:
+                warm = (
+                    f"; warm-up {warm_rounds} rounds in {warm_s} s ({warm_ms} ms each)" if warm_rounds else ""
+                )
+                print(
+                    f"{row}: rank {rank}: {count} rounds, {ms} ms each, "
+                    f"{share}% of its run after the warm-up{warm}"
+                )
 
 
 def _stream(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:

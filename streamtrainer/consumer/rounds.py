@@ -175,6 +175,10 @@ class Rounds:
         # Seconds in rounds (the all-reduces and the wait for the other ranks), and since the start round.
         self.seconds = 0.0
         self._began = 0.0
+        # The warm-up's rounds, its seconds in them, and when it ended (perf_counter; 0: not yet).
+        self.warmup_rounds = 0
+        self.warmup_seconds = 0.0
+        self._warmup_ended = 0.0
         metrics.world_size.labels(str(rank)).set(world_size)
 
     # -- the process group and the start -----------------------------------------------
@@ -200,15 +204,27 @@ class Rounds:
     def close(self) -> None:
         """Leave the process group (after a summary line: rounds, and their share of the run)."""
         if self.count:
-            elapsed = time.perf_counter() - self._began
+            # The clock's rounds and their share of the time since the warm-up (if any) ended; the
+            # warm-up's apart: a cost once per model, not a share of every run.
+            since = self._warmup_ended or self._began
+            elapsed = time.perf_counter() - since
+            count, seconds = self.count - self.warmup_rounds, self.seconds - self.warmup_seconds
+            warmup = ""
+            if self.warmup_rounds:
+                warmup = (
+                    f"; warm-up: {self.warmup_rounds} round(s) in {since - self._began:.1f} s, "
+                    f"{1e3 * self.warmup_seconds / self.warmup_rounds:.2f} ms each"
+                )
             logger.info(
                 "rank %d: %d averaging round(s), %.2f ms each on average, %.2f%% of the %.1f s since "
-                "the start",
+                "the %s%s",
                 self.rank,
-                self.count,
-                1e3 * self.seconds / self.count,
-                100 * self.seconds / elapsed if elapsed > 0 else 0.0,
+                count,
+                1e3 * seconds / count if count else 0.0,
+                100 * seconds / elapsed if elapsed > 0 else 0.0,
                 elapsed,
+                "warm-up" if self._warmup_ended else "start",
+                warmup,
             )
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -389,7 +405,8 @@ class Rounds:
         interval = min(settings.average_interval_s, 2 * self._interval)
         if rate > 0:
             interval = min(interval, max(_MIN_INTERVAL_S, settings.average_every_records / rate))
-        if self.warmup_left > 0:
+        warming = self.warmup_left > 0
+        if warming:
             self.warmup_left = max(0, self.warmup_left - round(group[_TRAINED]))
             self._group_busy = group[_TRAINED] > 0
             interval = self._interval  # the clock's cadence starts where the warm-up ends
@@ -399,6 +416,11 @@ class Rounds:
         self.count += 1
         seconds = time.perf_counter() - started
         self.seconds += seconds
+        if warming:
+            self.warmup_rounds += 1
+            self.warmup_seconds += seconds
+            if self.warmup_left == 0:
+                self._warmup_ended = time.perf_counter()
         self.metrics.averaging_rounds.labels(str(self.rank)).inc()
         self.metrics.averaging_duration.labels(str(self.rank)).observe(seconds)
         logger.debug(
