@@ -16,7 +16,7 @@
    --average-every-records). Rounds come at the group's record counts where the worker's come at
    its clock: the same thing when the ranks train at one rate.
 
-Usage: python -m bench.distributed [rounds|worker|quality|all] [--records N]
+Usage: python -m bench.distributed [rounds|worker|quality|all] [--records N] [--stream stationary|drifting]
 """
 
 from __future__ import annotations
@@ -85,10 +85,8 @@ def bench_rounds(rounds: int = 500) -> None:
             )
 
 
-def _produce(bootstrap: str, topic: str, n: int) -> None:
-    rng = np.random.default_rng(7)
-    features = rng.normal(size=(n, D)).astype(np.float32)
-    labels = (features @ rng.normal(size=D) + 0.1 * rng.normal(size=n)).astype(np.float32)
+def _produce(bootstrap: str, topic: str, n: int, kind: str = "stationary") -> None:
+    features, labels = _stream(n, kind)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000})
     for i in range(n):
         value = encode_binary(Sample(features[i], float(labels[i])))
@@ -139,13 +137,15 @@ def _worker_run(
     return result.stdout + result.stderr
 
 
-def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | None) -> None:
+def bench_worker(
+    n: int, model: str, ranks_list: tuple[int, ...], every: int | None, kind: str = "stationary"
+) -> None:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
         topic = f"bench-distributed-{uuid.uuid4().hex[:8]}"
         admin = AdminClient({"bootstrap.servers": bootstrap})
         ensure_topic(admin, topic, partitions=PARTITIONS, timeout_s=30)
-        _produce(bootstrap, topic, n)
+        _produce(bootstrap, topic, n, kind)
         for ranks in ranks_list:
             extra = ["--average-every-records", str(every)] if every and ranks else []
             text = _worker_run(bootstrap, topic, ranks, Path(tmp), model, *extra)
@@ -162,7 +162,7 @@ def bench_worker(n: int, model: str, ranks_list: tuple[int, ...], every: int | N
                 r"since the [\w-]+(?:; warm-up: (\d+) round\(s\) in ([\d.]+) s, ([\d.]+) ms each)?",
                 text,
             )
-            row = f"{model}, {ranks} rank(s)" if ranks else f"{model}, one plain worker"
+            row = f"{kind}, {model}, {ranks} rank(s)" if ranks else f"{kind}, {model}, one plain worker"
             row += f", every {every} records" if every and ranks else ""
             print(f"{row}: whole-stream prequential loss {whole:.5f} over {total} records")
             for trained, seconds, rate in rates:
@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
     parser.add_argument("--ranks", default="0,1,2", help="launches: 0 is one plain worker")
     parser.add_argument("--every", type=int, default=None, help="--average-every-records")
+    parser.add_argument("--stream", default="stationary", choices=["stationary", "drifting"])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.what in ("rounds", "all"):
@@ -284,7 +285,8 @@ def main() -> None:
         quality_ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks != "0,1,2" else (2, 3)
         bench_quality(args.records, args.model, quality_ranks)
     if args.what in ("worker", "all"):
-        bench_worker(args.records, args.model, tuple(int(r) for r in args.ranks.split(",")), args.every)
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+        bench_worker(args.records, args.model, ranks, args.every, args.stream)
 
 
 if __name__ == "__main__":
