@@ -1,5 +1,9 @@
 """The online learner: predict, measure the loss, then take one gradient step per record.
 
+A learner trains a model named by its :class:`LearnerConfig` (built in, or a
+``package.module:factory``) or a module instance of the caller's
+(:meth:`OnlineLearner.from_module`, the Python API's way: docs/python-api.md).
+
 ``learn_one`` and ``learn_many`` share one private step, ``_learn``. In strict
 mode (the default) ``learn_many`` applies the records one at a time, exactly as
 ``learn_one`` would in a loop: the loss of each record is measured with the
