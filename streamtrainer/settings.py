@@ -8,6 +8,12 @@ environment variable (``STREAMTRAINER_WORKER_SEED``), the shared
 then ``[kafka]``, then top-level keys), then the default below. A list is written the same way in a flag and a
 variable (``a,b``, or JSON), and as a native array in the file. Settings objects
 are frozen: a running worker never sees its configuration change.
+
+Only :meth:`_Settings.load` (what the CLI calls) reads the environment and a
+``--config`` file. Settings built in code (``WorkerSettings(topic="t")``, in a
+user's process or in streamtrainer's own, such as the demo's worker) take their
+arguments and the defaults, nothing else: a ``STREAMTRAINER_*`` variable meant for
+a command-line worker on the same host never changes an embedded one.
 """
 
 from __future__ import annotations
@@ -98,7 +104,10 @@ class _Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Flags (init arguments) > the command's variables (when a command is loading) > the shared
-        variables > the --config file (when one is loading) > defaults."""
+        variables > the --config file (when one is loading) > defaults. Outside :meth:`load`
+        (settings built in code): the arguments and the defaults only."""
+        if not _READING_SOURCES.get():
+            return (init_settings,)
         scope = _ENV_SCOPE.get()
         command_env = (_CommandEnvSource(settings_cls, scope),) if scope is not None else ()
         sources = (init_settings, *command_env, env_settings, dotenv_settings, file_secret_settings)
@@ -110,9 +119,12 @@ class _Settings(BaseSettings):
     @classmethod
     def load(cls, flags: dict[str, Any], config_file: Path | None = None, scope: str | None = None) -> Self:
         """The settings from these flags, the environment (``scope``'s variables first, e.g.
-        ``WORKER``; default: the class's first) and ``config_file`` (a TOML file), in that order."""
+        ``WORKER``; default: the class's first) and ``config_file`` (a TOML file), in that order.
+
+        What the CLI calls; the one way to read the environment (``cls(**values)`` does not).
+        """
         scope = scope or (cls.env_scopes[0] if cls.env_scopes else None)
-        with _loading_config_file(config_file), _loading_scope(scope):
+        with _loading_config_file(config_file), _loading_scope(scope), _reading_sources():
             return cls(**flags)
 
     @field_validator("*", mode="before")
@@ -401,6 +413,7 @@ class ModelSettings(_Settings):
 
     @property
     def resolved_task(self) -> Task:
+        """The task trained: ``task``, or the one the built-in model implies (regression otherwise)."""
         if self.task is not None:
             return self.task
         return catalog.implied_task(self.model) or "regression"
@@ -946,6 +959,19 @@ _CONFIG_FILE: ContextVar[Path | None] = ContextVar("streamtrainer_config_file", 
 
 # The command whose STREAMTRAINER_<SCOPE>_* variables a settings class is loading (set by _Settings.load).
 _ENV_SCOPE: ContextVar[str | None] = ContextVar("streamtrainer_env_scope", default=None)
+
+
+# Whether a settings class reads the environment and the --config file (True only inside _Settings.load).
+_READING_SOURCES: ContextVar[bool] = ContextVar("streamtrainer_reading_sources", default=False)
+
+
+@contextmanager
+def _reading_sources() -> Iterator[None]:
+    token = _READING_SOURCES.set(True)
+    try:
+        yield
+    finally:
+        _READING_SOURCES.reset(token)
 
 
 @contextmanager

@@ -125,7 +125,7 @@ def test_every_streamtrainer_variable_is_a_setting_the_command_accepts(
             monkeypatch.delenv(key)
         for key, value in {**image_env, **ours}.items():
             monkeypatch.setenv(key, str(value))
-        settings = settings_class()
+        settings = settings_class.load({})  # as the CLI reads the environment
         assert settings.metrics_host == "0.0.0.0", f"{name}: metrics must be reachable from Prometheus"
 
 
@@ -203,7 +203,7 @@ def test_the_worker_compacts(model: dict[str, Any], monkeypatch: pytest.MonkeyPa
     for key, value in environment.items():
         if key.startswith(ENV_PREFIX):
             monkeypatch.setenv(key, str(value))
-    settings = WorkerSettings()  # type: ignore[call-arg]  # every field from the environment
+    settings = WorkerSettings.load({})  # every field from the environment, as the CLI reads it
     assert settings.compaction and settings.compaction_every_records
     assert env_name("compaction_every_records") in environment
 

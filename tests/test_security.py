@@ -57,10 +57,13 @@ def test_secrets_from_env_properties_and_secret_files_reach_librdkafka(
 ) -> None:
     for name, value in secret_sources["env"].items():  # type: ignore[attr-defined]
         monkeypatch.setenv(name, value)
-    settings = KafkaSettings(
-        bootstrap_servers="127.0.0.1:1",
-        kafka_config_file=secret_sources["properties"],
-        kafka_secret_file={"sasl.password": secret_sources["secret"]},
+    # load: the environment is read as the CLI reads it (settings built in code do not read it).
+    settings = KafkaSettings.load(
+        {
+            "bootstrap_servers": "127.0.0.1:1",
+            "kafka_config_file": secret_sources["properties"],
+            "kafka_secret_file": {"sasl.password": secret_sources["secret"]},
+        }
     )
     config = client_config(settings, **{"group.id": "g"})
     assert config["sasl.oauthbearer.client.secret"] == ENV_SECRET

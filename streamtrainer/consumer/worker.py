@@ -58,7 +58,7 @@ from streamtrainer.consumer.training_lane import TrainingLane
 from streamtrainer.exceptions import ConfigurationError, TopicError
 from streamtrainer.metrics import MetricsServer, WorkerMetrics
 from streamtrainer.records import BatchDecoder
-from streamtrainer.settings import WorkerSettings
+from streamtrainer.settings import NONLINEAR_COMPACTION, WorkerSettings
 from streamtrainer.training import (
     LearnerConfig,
     OnlineLearner,
@@ -69,6 +69,7 @@ from streamtrainer.training.checkpoint import Checkpoint, CheckpointStore
 from streamtrainer.training.drift import LossDriftDetector
 from streamtrainer.training.exceptions import DivergenceError, TrainingError
 from streamtrainer.training.learner import prepare_training
+from streamtrainer.training.models import ModelSource, build_module, module_name, n_outputs_for
 from streamtrainer.training.threads import set_intra_op_threads
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,28 @@ _LAG_INTERVAL_S = 5.0
 _LIVENESS_STALL_S = 300.0
 _READY_STALL_S = 30.0
 _RUN_LOG_INTERVAL_S = 1.0
+
+
+def settings_for_model(settings: WorkerSettings, model: ModelSource | None) -> WorkerSettings:
+    """The settings a worker given ``model`` as an object runs on: ``model`` named after it, and a
+    custom model's compaction schedule where the settings leave it (``NONLINEAR_COMPACTION``).
+
+    :class:`ConfigurationError` if ``settings.model`` is set as well, or ``settings.task`` is not.
+    """
+    if model is None:
+        return settings
+    if "model" in settings.model_fields_set:
+        raise ConfigurationError(
+            f"the worker was given a model object and settings.model {settings.model!r}: give one of them"
+        )
+    if settings.task is None:
+        raise ConfigurationError(
+            "a model given as an object needs settings.task (regression, binary or multiclass)"
+        )
+    update: dict[str, object] = {"model": module_name(model)}
+    if settings.compaction:
+        update.update({k: v for k, v in NONLINEAR_COMPACTION.items() if k not in settings.model_fields_set})
+    return settings.model_copy(update=update)
 
 
 def learner_config(s: WorkerSettings) -> LearnerConfig:
@@ -129,6 +152,7 @@ class WorkerStatus:
     compaction_loss_after: float | None
 
     def as_json(self) -> dict[str, object]:
+        """The snapshot as a JSON-able dict (a run log line): every field, the prequential report's too."""
         fields = {name: getattr(self, name) for name in self.__slots__}
         fields["prequential"] = self.prequential.as_json()
         return fields
@@ -163,9 +187,24 @@ class Worker:
         self,
         settings: WorkerSettings,
         *,
+        model: ModelSource | None = None,
         registry: CollectorRegistry | None = None,
         on_progress: Callable[[WorkerStatus], None] | None = None,
     ) -> None:
+        """A worker on ``settings``; ``run()`` starts it.
+
+        ``model``: train this model rather than ``settings.model``: an ``nn.Module`` instance (each
+        learner the worker makes, at the start, after a restore or a rollback, trains a deep copy
+        of it: ``worker.learner.model`` is the one being trained) or a factory called as
+        ``factory(n_features=..., n_outputs=...)``. ``settings.task`` must then be given, and
+        ``settings.model`` left unset (checkpoints and logs name the class or factory, ``module:Name``);
+        compaction follows a custom model's schedule unless the settings set it, as ``--model
+        package.module:factory`` does. ``registry``: where its Prometheus metrics are registered
+        (default: a registry of its own). ``on_progress``: called with a :class:`WorkerStatus`
+        about twice a second.
+        """
+        settings = settings_for_model(settings, model)
+        self._model_source = model
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
@@ -675,7 +714,15 @@ class Worker:
     def _create_learner(self, n_features: int) -> OnlineLearner:
         s = self.settings
         config = learner_config(s)
-        learner = OnlineLearner(config, n_features)
+        module = None
+        if self._model_source is not None:
+            module = build_module(
+                self._model_source,
+                n_features=n_features,
+                n_outputs=n_outputs_for(config.task, config.n_classes),
+                seed=config.seed,
+            )
+        learner = OnlineLearner(config, n_features, module=module)
         if self.rounds is not None:
             self.rounds.adopt(learner)  # before it trains: the first round's start (--average-reduction sum)
         logger.info(

@@ -1,5 +1,9 @@
 """The online learner: predict, measure the loss, then take one gradient step per record.
 
+A learner trains a model named by its :class:`LearnerConfig` (built in, or a
+``package.module:factory``) or a module instance of the caller's
+(:meth:`OnlineLearner.from_module`, the Python API's way: docs/python-api.md).
+
 ``learn_one`` and ``learn_many`` share one private step, ``_learn``. In strict
 mode (the default) ``learn_many`` applies the records one at a time, exactly as
 ``learn_one`` would in a loop: the loss of each record is measured with the
@@ -62,12 +66,13 @@ through the guarded autograd step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -77,14 +82,27 @@ from torch.nn import functional as F  # noqa: N812 - the conventional name
 
 from streamtrainer.training import catalog, guards, kernels, optimizers, paths
 from streamtrainer.training.exceptions import CompiledPathRefusedError, ModelSpecError, TrainingError
-from streamtrainer.training.models import build_model, n_outputs_for
+from streamtrainer.training.models import build_model, check_module, module_name, n_outputs_for
 from streamtrainer.training.scaler import RunningStandardizer, TargetStandardizer
 
 logger = logging.getLogger(__name__)
 
 
+# One record's features: an array or a sequence of numbers in the model's feature order, or a mapping
+# of feature names to numbers (its order fixed by the first mapping the learner sees).
+Row: TypeAlias = npt.ArrayLike | Mapping[str, float]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LearnerConfig:
+    """How a learner is built and learns: its model, task, loss, optimizer and guards.
+
+    ``model`` names a built-in model (``linear``, ``logistic``, ``softmax``, ``mlp``) or a
+    ``package.module:factory``; a learner made from a module instance
+    (:meth:`OnlineLearner.from_module`) names its class there. A checkpoint loads only into a
+    learner whose ``digest_fields`` agree.
+    """
+
     model: str = "linear"
     task: str = "regression"
     loss: str = "auto"
@@ -111,6 +129,7 @@ class LearnerConfig:
 
     @property
     def resolved_loss(self) -> str:
+        """The loss trained on: ``loss``, or the task's default (mse, bce, ce) for ``auto``."""
         if self.model == "audit":
             return "audit"
         return catalog.DEFAULT_LOSS[self.task] if self.loss == "auto" else self.loss  # type: ignore[index]
@@ -192,19 +211,37 @@ class StepResult:
 
     @property
     def skipped(self) -> npt.NDArray[np.intp]:
+        """Positions (within the call, ascending) of the records the guards did not learn from."""
         return self.skips.positions
 
     @property
     def skipped_reasons(self) -> tuple[str, ...]:
+        """Why each of ``skipped`` was refused: one of :data:`SKIP_REASONS` each."""
         return self.skips.reasons
 
     @property
     def skipped_thresholds(self) -> npt.NDArray[np.float64]:
+        """The spike threshold each ``loss_spike`` record's loss exceeded (NaN for ``non_finite_loss``)."""
         return self.skips.thresholds
 
 
 class OnlineLearner:
-    def __init__(self, config: LearnerConfig, n_features: int) -> None:
+    """A model learning from a stream, one record at a time: predict, measure the loss, then step.
+
+    Made from a :class:`LearnerConfig` (a built-in model or a factory, by name) or from a module
+    instance (:meth:`from_module`). ``learn_one`` / ``learn_many`` learn (test-then-train: each
+    record's loss and prediction are from before its update); ``predict_one`` / ``predict_many``
+    and, for a classifier, ``predict_proba_one`` / ``predict_proba_many`` predict without
+    learning. Features are standardized online and a regression's label too (``LearnerConfig``):
+    inputs and outputs are always in the data's own units. ``model`` is the module trained.
+    """
+
+    def __init__(self, config: LearnerConfig, n_features: int, *, module: nn.Module | None = None) -> None:
+        """A learner of ``config`` over ``n_features`` features.
+
+        ``module``: train this module (in place) instead of building ``config.model``; it must map
+        ``(n, n_features)`` to ``(n, n_outputs)`` raw scores (see :meth:`from_module`).
+        """
         loss = config.resolved_loss
         if config.task not in catalog.TASKS:
             raise ModelSpecError(f"unknown task {config.task!r}")
@@ -217,13 +254,23 @@ class OnlineLearner:
         self.n_features = n_features
         self.n_outputs = n_outputs_for(config.task, config.n_classes)
         self.device = torch.device(config.device)
-        self.model = build_model(
-            config.model,
-            n_features=n_features,
-            n_outputs=self.n_outputs,
-            hidden=config.hidden,
-            seed=config.seed,
-        ).to(self.device)
+        # A module given as an instance: its starting state, what a rollback with no checkpoint
+        # (reference_model(None)) goes back to; a built model is rebuilt from its seed instead.
+        self._initial_state: dict[str, torch.Tensor] | None = None
+        if module is None:
+            self.model = build_model(
+                config.model,
+                n_features=n_features,
+                n_outputs=self.n_outputs,
+                hidden=config.hidden,
+                seed=config.seed,
+            ).to(self.device)
+        else:
+            check_module(module, n_features=n_features, n_outputs=self.n_outputs, task=config.task)
+            self.model = module.to(self.device)
+            self._initial_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        # Feature names of mapping rows (learn_one({"a": 1.0, ...})), fixed by the first one seen.
+        self.feature_names: list[str] | None = None
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.scaler = RunningStandardizer(n_features) if config.standardize else None
         self.target_scaler = TargetStandardizer() if config.scales_target else None
@@ -249,6 +296,63 @@ class OnlineLearner:
         )
         logger.info("training path for %s: %s", config.model, self.path.describe())
 
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        task: str,
+        n_features: int | None = None,
+        n_classes: int | None = None,
+        loss: str = "auto",
+        optimizer: str = "adagrad",
+        lr: float = 0.1,
+        standardize: bool = True,
+        standardize_target: bool = True,
+        device: str = "cpu",
+        fused: bool = True,
+        clip_grad_norm: float | None = None,
+        spike_factor: float | None = None,
+        name: str | None = None,
+    ) -> OnlineLearner:
+        """A learner that trains ``module`` itself (in place), an ``nn.Module`` instance of the caller's.
+
+        ``module`` maps a float tensor of shape ``(n, n_features)`` to raw scores of shape ``(n, 1)``
+        (regression, binary: a logit) or ``(n, n_classes)`` (multiclass: logits): no sigmoid or
+        softmax, the losses take logits. ``task`` is ``regression``, ``binary`` or ``multiclass``.
+        ``n_features`` defaults to the ``in_features`` of the module's first ``nn.Linear``, and a
+        multiclass ``n_classes`` to the ``out_features`` of its last; the module is checked with one
+        forward pass on zeros (in eval mode, no gradient) before anything learns. ``optimizer``
+        (``adagrad``, ``adam`` or ``sgd``) and ``lr`` default to the worker's defaults; the other
+        options are :class:`LearnerConfig`'s. ``name`` (default: ``module:Class``) is what
+        checkpoints and logs call the model. Modules of known layers take the compiled paths as a
+        built-in model does (``path`` says which).
+        """
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if n_features is None:
+            if not linears or linears[0].in_features < 1:
+                raise ModelSpecError(
+                    f"cannot tell the number of features of {type(module).__name__}: pass n_features="
+                )
+            n_features = linears[0].in_features
+        if task == "multiclass" and n_classes is None and linears:
+            n_classes = linears[-1].out_features
+        config = LearnerConfig(
+            model=name or module_name(module),
+            task=task,
+            loss=loss,
+            optimizer=optimizer,
+            lr=lr,
+            n_classes=n_classes,
+            standardize=standardize,
+            standardize_target=standardize_target,
+            device=device,
+            fused=fused,
+            clip_grad_norm=clip_grad_norm,
+            spike_factor=spike_factor,
+        )
+        return cls(config, n_features, module=module)
+
     def prepare(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Start compiling this learner's path for steps of ``batch_sizes`` records, in the background.
 
@@ -261,19 +365,34 @@ class OnlineLearner:
 
     # -- public API ---------------------------------------------------------
 
-    def learn_one(self, features: npt.NDArray[np.float32], label: float) -> float:
-        result = self.learn_many(features.reshape(1, -1), np.array([label], dtype=np.float32))
+    def learn_one(self, features: Row, label: float) -> float:
+        """Learn from one record; returns its loss measured before the update (in the label's units).
+
+        ``features``: an array or sequence of ``n_features`` numbers, or a mapping of feature names
+        to numbers (the first mapping fixes the names and their order). ``label``: a value
+        (regression), 0 or 1 (binary) or a class index (multiclass). A loss of NaN: the record was
+        not finite and was not learned from (``learn_many``'s ``StepResult`` says more).
+        """
+        result = self.learn_many(self._row(features).reshape(1, -1), np.array([label], dtype=np.float32))
         return float(result.losses[0])
 
     def learn_many(
         self,
-        features: npt.NDArray[np.float32],
-        labels: npt.NDArray[np.float32],
+        features: npt.ArrayLike,
+        labels: npt.ArrayLike,
         *,
         batch_size: int = 1,
     ) -> StepResult:
-        """Learn from the rows in order, ``batch_size`` records per update (1: strict)."""
-        pending = self.start_learn_many(features, labels, batch_size=batch_size)
+        """Learn from the rows in order, ``batch_size`` records per update (1: strict).
+
+        ``features`` is ``(n, n_features)``, ``labels`` ``(n,)`` (anything ``numpy.asarray`` takes).
+        Returns each record's pre-update loss and prediction, and the records the guards refused.
+        """
+        pending = self.start_learn_many(
+            np.asarray(features, dtype=np.float32),
+            np.asarray(labels, dtype=np.float32),
+            batch_size=batch_size,
+        )
         pending.run_here()
         return pending.finish()
 
@@ -379,6 +498,14 @@ class OnlineLearner:
         rollback with no checkpoint goes back to. The global RNG is left as it was.
         """
         config = self.config
+        if self._initial_state is not None:  # a module given as an instance: a copy, at its start
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self._initial_state)
+            if tensors is not None:
+                model.load_state_dict(
+                    {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+                )
+            return model
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model = build_model(
                 config.model,
@@ -786,16 +913,61 @@ class OnlineLearner:
             self._learn(x_all[start:stop], y_all[start:stop], stream, out, offset + start)
 
     @torch.no_grad()
-    def predict_many(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """Predictions without learning: values, or class indices."""
-        if self.scaler is not None:
-            features = self.scaler.transform(features)
-        self.model.eval()
-        outputs = self.model(torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self._dtype))
+    def predict_many(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Predictions for ``(n, n_features)`` rows without learning: values (in the label's units),
+        or class indices (binary: 0 or 1)."""
+        outputs = self._outputs(features)
         predictions = self._predictions(outputs).cpu().numpy().astype(np.float64)
         if self.target_scaler is not None:
             return self.target_scaler.inverse(predictions)
         return predictions
+
+    @torch.no_grad()
+    def predict_proba_many(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Class probabilities for ``(n, n_features)`` rows without learning: ``(n, n_classes)``.
+
+        Binary: the columns are P(0) and P(1) (the sigmoid of the model's logit); multiclass: the
+        softmax of its logits. Each row sums to 1, and ``predict_many`` is its argmax. A regression
+        has none (:class:`TrainingError`).
+        """
+        task = self.config.task
+        if task not in ("binary", "multiclass"):
+            raise TrainingError(f"a {task} learner predicts values, not class probabilities (predict_many)")
+        outputs = self._outputs(features).double()
+        if task == "multiclass":
+            return torch.softmax(outputs, dim=-1).cpu().numpy()  # type: ignore[no-any-return]
+        positive = torch.sigmoid(outputs.reshape(-1)).cpu().numpy()
+        return np.stack([1.0 - positive, positive], axis=1)
+
+    def predict_proba_one(self, features: Row) -> npt.NDArray[np.float64]:
+        """Class probabilities of one record (``features`` as ``learn_one`` takes them): ``(n_classes,)``."""
+        return self.predict_proba_many(self._row(features).reshape(1, -1))[0]  # type: ignore[no-any-return]
+
+    def _outputs(self, features: npt.ArrayLike) -> torch.Tensor:
+        """The model's raw outputs for rows, scaled by the running statistics (not updated), eval mode."""
+        rows = np.asarray(features, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_features:
+            raise TrainingError(f"expected features of shape (n, {self.n_features}), got {rows.shape}")
+        if self.scaler is not None:
+            rows = self.scaler.transform(rows)
+        self.model.eval()
+        return self.model(torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, self._dtype))
+
+    def _row(self, features: Row) -> npt.NDArray[np.float32]:
+        """One record's features as a float32 vector (a mapping read in ``feature_names`` order)."""
+        if isinstance(features, Mapping):
+            if self.feature_names is None:
+                if len(features) != self.n_features:
+                    raise TrainingError(f"expected {self.n_features} features, got {len(features)}")
+                self.feature_names = [str(name) for name in features]
+            missing = [name for name in self.feature_names if name not in features]
+            if missing:
+                raise TrainingError(f"features missing from the record: {', '.join(missing)}")
+            return np.array([features[name] for name in self.feature_names], dtype=np.float32)
+        row = np.asarray(features, dtype=np.float32).reshape(-1)
+        if row.shape[0] != self.n_features:
+            raise TrainingError(f"expected {self.n_features} features, got {row.shape[0]}")
+        return row
 
     def _fused_ready(self, n: int, labels: npt.NDArray[np.float32], batch_size: int = 1) -> bool:
         """Whether this batch takes the learner's compiled path: there is one, compiled, on the CPU.
@@ -827,8 +999,10 @@ class OnlineLearner:
         )
         return False
 
-    def predict_one(self, features: npt.NDArray[np.float32]) -> float:
-        return float(self.predict_many(features.reshape(1, -1))[0])
+    def predict_one(self, features: Row) -> float:
+        """The prediction for one record without learning (``features`` as ``learn_one`` takes them):
+        a value in the label's units, or a class index."""
+        return float(self.predict_many(self._row(features).reshape(1, -1))[0])
 
     # -- batch epochs (compaction, replay) ---------------------------------------
 

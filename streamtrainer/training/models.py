@@ -8,6 +8,7 @@ The built-in models are the entries of :mod:`streamtrainer.training.catalog`.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 
@@ -17,8 +18,13 @@ from torch import nn
 from streamtrainer.training.catalog import MODELS, offered_models
 from streamtrainer.training.exceptions import ModelSpecError
 
+# What a worker may be given as its model in code (Worker(settings, model=...)): a module instance
+# (each learner the worker makes trains a copy of it) or a factory as --model names one.
+ModelSource = nn.Module | Callable[..., nn.Module]
+
 
 def n_outputs_for(task: str, n_classes: int | None) -> int:
+    """The model's outputs a task needs: ``n_classes`` logits for multiclass, else one score."""
     if task == "multiclass":
         if n_classes is None or n_classes < 2:
             raise ModelSpecError("a multiclass task needs n_classes >= 2")
@@ -76,3 +82,65 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ModelSpecError(f"{module_name!r} has no callable {attribute!r}")
     return factory  # type: ignore[no-any-return]
+
+
+def module_name(source: object) -> str:
+    """What checkpoints and logs call a model given as an object: ``module:Class`` of an instance,
+    ``module:function`` of a factory."""
+    target = source if not isinstance(source, nn.Module) and callable(source) else type(source)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def build_module(source: ModelSource, *, n_features: int, n_outputs: int, seed: int = 0) -> nn.Module:
+    """A fresh module from a model given as an object: a deep copy of an instance (its parameters as
+    given), or a factory called as ``factory(n_features=..., n_outputs=...)`` under ``seed`` in
+    float32, as ``build_model`` calls one named by ``--model``."""
+    if isinstance(source, nn.Module):
+        return copy.deepcopy(source)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = source(n_features=n_features, n_outputs=n_outputs)
+    except TypeError as error:
+        raise ModelSpecError(
+            f"factory {module_name(source)!r} must accept n_features= and n_outputs= keywords ({error})"
+        ) from None
+    finally:
+        torch.random.set_rng_state(generator_state)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"factory {module_name(source)!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model.to(torch.float32)
+
+
+def check_module(module: object, *, n_features: int, n_outputs: int, task: str) -> None:
+    """Raise :class:`ModelSpecError` unless ``module`` is an ``nn.Module`` with parameters that maps
+    ``(n, n_features)`` rows to ``n_outputs`` scores each (one forward pass on zeros, in eval mode,
+    without gradients; the module's mode is restored)."""
+    if not isinstance(module, nn.Module):
+        raise ModelSpecError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    parameter = next(module.parameters(), None)
+    if parameter is None:
+        raise ModelSpecError(f"{type(module).__name__} has no parameters to learn")
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            outputs = module(torch.zeros(2, n_features, dtype=parameter.dtype, device=parameter.device))
+    except Exception as error:  # noqa: BLE001 - whatever a user's forward raises, said in one line
+        raise ModelSpecError(
+            f"{type(module).__name__} failed on a batch of shape (2, {n_features}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    finally:
+        module.train(training)
+    if not isinstance(outputs, torch.Tensor):
+        raise ModelSpecError(f"{type(module).__name__} returned {type(outputs).__name__}, not a tensor")
+    expected = (2, n_outputs)
+    fits = tuple(outputs.shape) == expected or (n_outputs == 1 and tuple(outputs.shape) == (2,))
+    if not fits:
+        raise ModelSpecError(
+            f"{type(module).__name__} maps (2, {n_features}) to {tuple(outputs.shape)}; a {task} model "
+            f"must give {expected} (raw scores: no sigmoid or softmax)"
+        )
