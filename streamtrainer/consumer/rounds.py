@@ -118,7 +118,7 @@ def _launch_store(rank: int, world_size: int, timeout: timedelta) -> Store:
       port (MASTER_PORT) at every rendezvous round and rank 0 hosts a new store there, so no key
       of an earlier life is in it. The restart count must stay out of the keys: the agents' counts
       differ after a membership change (a new agent counts from 0, and a restart for a node that
-      joins counts on no agent: measured, counts 2 and 0 in the same life), and ranks that join
+      joins counts on no agent: measured, counts 1 and 0 in the same life), and ranks that join
       under different keys wait for each other until the timeout, life after life.
     """
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
