@@ -150,9 +150,9 @@ def launch_environment() -> tuple[int, int, int]:
     if nodes > 1 and _agent_store():
         raise ConfigurationError(
             f"--distributed on {nodes} nodes (torchrun agents) needs a store of each life's own: set "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on every node (with "
-            "torchrun's shared store, the agents' restart counts, which key each life of the ranks, "
-            "differ after a restart)"
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on every node, with "
+            "--rdzv-backend=c10d (the static rendezvous always shares its store; with a shared store "
+            "the agents' restart counts, which key each life of the ranks, differ after a restart)"
         )
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
