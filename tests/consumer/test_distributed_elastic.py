@@ -156,7 +156,8 @@ def _audit(
     n = sum(counts.values())
     extra = round(float(weight[0])) - n
     duplicates, losses = max(extra, 0), max(-extra, 0)
-    assert weight.tolist() == expected.tolist(), (weight, expected, log.read_text()[-3000:])
+    tail = log.read_text()[-3000:]
+    assert weight.tolist() == expected.tolist(), (duplicates, losses, weight, expected, tail)
     assert metadata["records_applied"] == n
     assert metadata["positions"] == {f"{topic}:{p}": counts[p] for p in counts}
     assert metadata["applied"] == {f"{topic}:{p}": counts[p] for p in counts}
@@ -228,9 +229,8 @@ def test_kill_minus_9_of_random_ranks_of_3_while_the_stream_is_produced_applies_
     at_kills: list[tuple[int, int]] = []  # (records produced, records durable) at each kill
     seen = 0  # lives seen so far: the next kill is in a newer one
     while killed < kills:
-        assert wait_until(lambda seen=seen: _newest_averaged(log, seen) is not None, 120), log.read_text()[
-            -5000:
-        ]
+        averaged = wait_until(lambda seen=seen: _newest_averaged(log, seen) is not None, 120)
+        assert averaged, log.read_text()[-5000:]
         assert process.poll() is None, log.read_text()[-5000:]
         life = _newest_averaged(log, seen)
         assert life is not None
