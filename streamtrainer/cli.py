@@ -439,10 +439,12 @@ def _describe_validation(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, process: str = "") -> None:
+    """Log lines to stderr; ``process`` (e.g. a rank and its pid) goes on each, after the level."""
+    tag = f"[{process}] " if process else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,
@@ -489,7 +491,10 @@ def produce(**given: Any) -> None:
 def worker(**given: Any) -> None:
     """Run the worker: learn online from every record of a topic, in a consumer group."""
     settings = build_settings(WorkerSettings, given)
-    _configure_logging(settings.log_level)
+    # --distributed: torchrun writes every rank's lines to one stream, over restarts: each line
+    # names its rank and process (a restart's ranks are new processes).
+    rank = os.environ.get("RANK", "?")
+    _configure_logging(settings.log_level, f"rank {rank} pid {os.getpid()}" if settings.distributed else "")
     from streamtrainer.consumer import Worker
     from streamtrainer.training.progressive import describe
 

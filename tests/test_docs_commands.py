@@ -63,6 +63,10 @@ EXEMPT: dict[str, str] = {
     r"^torchrun --nproc-per-node=2 -m streamtrainer worker --distributed": (
         "a torchrun launch of 2 ranks; tests/consumer/test_distributed_worker.py runs one"
     ),
+    r"^TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:4 ": (
+        "an elastic torchrun launch on several nodes; tests/consumer/test_distributed_elastic.py runs "
+        "one (two agents on one host)"
+    ),
     r"^kill -USR1 <": "a placeholder pid of a running worker; tests/test_compaction_trigger.py sends USR1",
     r"^curl -X POST http://127\.0\.0\.1:9464/compact": (
         "a running worker with --admin-endpoints; tests/metrics/test_endpoints.py posts /compact"

@@ -107,27 +107,49 @@ def collective(what: str, rank: int, timeout_s: float) -> Iterator[None]:
         ) from None
 
 
-def _launch_store(rank: int, world_size: int, timeout: timedelta) -> Store:
-    """torchrun's store, under a prefix of its own for each restart of the ranks.
+def _agent_store() -> bool:
+    """torchrun gives the ranks its agent's store (its default; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: not)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
 
-    torchrun restarts the ranks on the same store (its agent's), where the last life's ranks left
-    their gloo addresses under the same keys: a new rank could read a dead one's and wait in
-    ``connectFullMesh`` past any timeout (seen: over a minute, with a 30 s timeout, after a
-    ``kill -9``). The restart count makes each life's keys its own. (On several nodes the agents'
-    restart counts can differ after an elastic membership change: not covered yet.)
+
+def _launch_store(rank: int, world_size: int, timeout: timedelta) -> Store:
+    """The store the ranks join the process group on, under keys that are this life's alone.
+
+    A life is one start of the ranks by torchrun (the first, or a restart). Two cases, as torchrun
+    (checked with torch 2.13) hands the store to the ranks:
+
+    * **The agent's store** (torchrun's default; one node): one store for the whole launch, on
+      which torchrun restarts the ranks. The last life's ranks left their gloo addresses under the
+      same keys: a new rank could read a dead one's and wait in ``connectFullMesh`` past any
+      timeout (seen: over a minute, with a 30 s timeout, after a ``kill -9``). The agent's restart
+      count (TORCHELASTIC_RESTART_COUNT) makes each life's keys its own. It is the agent's own
+      count, so this holds on one node only: ``launch_environment`` refuses several.
+    * **A store of the life's own** (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's
+      environment: what several nodes need, ``--nnodes=MIN:MAX``): the rank-0 agent picks a new
+      port (MASTER_PORT) at every rendezvous round and rank 0 hosts a new store there, so no key
+      of an earlier life is in it. The restart count must stay out of the keys: the agents' counts
+      differ after a membership change (a new agent counts from 0, and a restart for a node that
+      joins counts on no agent: measured, counts 1 and 0 in the same life), and ranks that join
+      under different keys wait for each other until the timeout, life after life.
     """
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    agent_store = _agent_store()
     store = TCPStore(
         host, port, world_size=world_size, is_master=not agent_store and rank == 0, timeout=timeout
     )
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return PrefixStore(f"streamtrainer/{run}/{restart}/{world_size}/", store)
+    life = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "own"
+    return PrefixStore(f"streamtrainer/{run}/{life}/{world_size}/", store)
 
 
 def launch_environment() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a usage error without it."""
+    """(rank, world size, local rank) from torchrun's environment; a usage error without it.
+
+    Also a usage error: ranks on several nodes (torchrun agents) sharing the agent's store, whose
+    lives cannot be told apart (``_launch_store``); and, under torch 2.13, a node that joins such a
+    launch waits in the rendezvous itself for the store's address, which the running rank-0 agent
+    never writes for the new round (measured: both agents stuck until the store's read timeout).
+    """
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
@@ -135,6 +157,14 @@ def launch_environment() -> tuple[int, int, int]:
             "--distributed runs under torchrun (RANK and WORLD_SIZE unset): "
             "torchrun --nproc-per-node=N -m streamtrainer worker --distributed ..."
         ) from None
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes > 1 and _agent_store():
+        raise ConfigurationError(
+            f"--distributed on {nodes} nodes (torchrun agents) needs a store of each life's own: set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on every node, with "
+            "--rdzv-backend=c10d (the static rendezvous always shares its store; with a shared store "
+            "the agents' restart counts, which key each life of the ranks, differ after a restart)"
+        )
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 

@@ -44,3 +44,21 @@ def test_the_cli_says_how_to_launch_it() -> None:
     result = run_cli("worker", "--topic", "t", "--distributed", "--metrics-port", "-1")
     assert result.returncode == 2, result.stderr
     assert "torchrun --nproc-per-node=N -m streamtrainer worker --distributed" in result.stderr
+
+
+def test_several_nodes_on_torchruns_shared_store_are_a_usage_error_naming_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Restart counts key each life on the shared store, and agents count their own: one store per life."""
+    from streamtrainer.consumer.rounds import launch_environment
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "GROUP_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(ConfigurationError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        launch_environment()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that setting gives the ranks
+    assert launch_environment() == (1, 2, 0)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: the agent's restart count keys each life
+    assert launch_environment() == (1, 2, 0)
