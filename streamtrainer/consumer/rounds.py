@@ -102,16 +102,31 @@ def _launch_store(rank: int, world_size: int, timeout: timedelta) -> Store:
     torchrun restarts the ranks on the same store (its agent's), where the last life's ranks left
     their gloo addresses under the same keys: a new rank could read a dead one's and wait in
     ``connectFullMesh`` past any timeout (seen: over a minute, with a 30 s timeout, after a
-    ``kill -9``). The restart count makes each life's keys its own. (On several nodes the agents'
-    restart counts can differ after an elastic membership change: not covered yet.)
+    ``kill -9``). The restart count makes each life's keys its own.
+
+    On several nodes (torchrun agents) the restart counts differ: an agent counts the failures of
+    its own ranks only, and restarts for another node's failure without counting it, so one life's
+    ranks would join under different keys and wait for each other until the collective timeout,
+    life after life. Launched with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docker-compose.yml
+    does), torchrun gives each life a fresh port on rank 0's host and rank 0 hosts the store
+    itself: a store of that life alone, with no stale keys, so no restart count is needed.
     """
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = TCPStore(
         host, port, world_size=world_size, is_master=not agent_store and rank == 0, timeout=timeout
     )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if agent_store and local_world < world_size and rank == 0:
+        logger.warning(
+            "the %d ranks run under several torchrun agents on the agents' shared store: after a rank "
+            "fails their restart counts differ and no later life can join (each fails after "
+            "--collective-timeout-s); launch the agents with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(docs/semantics.md, several nodes)",
+            world_size,
+        )
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "own-store"
     return PrefixStore(f"streamtrainer/{run}/{restart}/{world_size}/", store)
 
 
