@@ -492,6 +492,7 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
     rank_log = tmp_path / "torchrun.log"
     for thread in threads:
         thread.start()
+    launched = time.monotonic()
     with open(rank_log, "wb") as out:
         ranks = subprocess.Popen(launch, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     rank = Target(WORKER_JOB, rank_settings.metrics_port, rank_settings)
@@ -500,6 +501,7 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
         targets = [Target(WORKER_JOB, int(w.metrics_server.port or 0), w.settings) for w in workers]
         _wait_for(lambda: _serves(rank) or ranks.poll() is not None, "the rank's metrics", 60)
         assert ranks.poll() is None, rank_log.read_text()[-3000:]
+        logger.info("the rank served /metrics %.1f s after torchrun started", time.monotonic() - launched)
         prometheus.start(_scrape_config([*targets, rank], producer, prometheus.port))
         yield LiveStack(prometheus, [*targets, rank], producer, {classification: 3, regression: 2, ranked: 2})
     finally:
@@ -721,10 +723,10 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
     """Label values must come from small fixed sets; the number of series must not grow with records."""
     problems: list[str] = []
     partitions = {topic: {str(p) for p in range(n)} for topic, n in stack.topics.items()}
-    before: dict[str, int] = {}
+    before: dict[str, set[tuple[str, tuple[tuple[str, str], ...]]]] = {}
     for target in [*stack.workers, stack.producer]:
         samples = target.exported()
-        before[target.address] = len(samples)
+        before[target.address] = {(name, tuple(sorted(labels.items()))) for name, labels in samples}
         buckets: dict[str, set[str]] = {}
         for name, labels in samples:
             for label, value in labels.items():
@@ -775,9 +777,11 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
         20,
     )
     for target in [*stack.workers, stack.producer]:
-        after = len(target.exported())
+        after = {(name, tuple(sorted(labels.items()))) for name, labels in target.exported()}
         if after != before[target.address]:
             problems.append(
-                f"{target.address}: {before[target.address]} series, then {after} after more records"
+                f"{target.address}: {len(before[target.address])} series, then {len(after)} after more "
+                f"records (new: {sorted(after - before[target.address])}, "
+                f"gone: {sorted(before[target.address] - after)})"
             )
     return problems
