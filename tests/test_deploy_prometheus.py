@@ -499,10 +499,12 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
     try:
         _wait_for(lambda: all(w.metrics_server.port is not None for w in workers), "worker metrics", 30)
         targets = [Target(WORKER_JOB, int(w.metrics_server.port or 0), w.settings) for w in workers]
-        _wait_for(lambda: _serves(rank) or ranks.poll() is not None, "the rank's metrics", 60)
+        # Scraping starts while the rank starts (torchrun and torch's import: 16-23 s measured here,
+        # under load): the rank is down (up 0) meanwhile, far from StreamtrainerWorkerDown's minute.
+        prometheus.start(_scrape_config([*targets, rank], producer, prometheus.port))
+        _wait_for(lambda: _serves(rank) or ranks.poll() is not None, "the rank's metrics", 50)
         assert ranks.poll() is None, rank_log.read_text()[-3000:]
         logger.info("the rank served /metrics %.1f s after torchrun started", time.monotonic() - launched)
-        prometheus.start(_scrape_config([*targets, rank], producer, prometheus.port))
         yield LiveStack(prometheus, [*targets, rank], producer, {classification: 3, regression: 2, ranked: 2})
     finally:
         stop.set()
