@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from streamtrainer.cli import build_settings, cli
 from streamtrainer.metrics import MetricsServer
 from streamtrainer.settings import ENV_PREFIX, ProducerSettings, WorkerSettings, _Settings, env_name
 
@@ -64,11 +65,22 @@ def model() -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
+def streamtrainer_arguments(service: dict[str, Any]) -> list[str]:
+    """The arguments of `streamtrainer` in a service: its command, or what torchrun runs (-m)."""
+    command = list(service["command"])
+    if service.get("entrypoint") == ["torchrun"]:
+        start = command.index("-m")
+        assert command[start + 1] == "streamtrainer", command
+        return command[start + 2 :]
+    assert service.get("entrypoint") is None, service.get("entrypoint")  # the image's: streamtrainer
+    return command
+
+
 def _streamtrainer_services(model: dict[str, Any]) -> dict[str, type[_Settings]]:
     services = {}
     for name, service in model["services"].items():
         if service.get("image") == STREAMTRAINER_IMAGE:
-            command = service["command"][0]
+            command = streamtrainer_arguments(service)[0]
             assert command in COMMANDS, f"{name} runs `streamtrainer {command}`"
             services[name] = COMMANDS[command]
     return services
@@ -114,12 +126,11 @@ def test_every_streamtrainer_variable_is_a_setting_the_command_accepts(
             assert not ours, f"{name} is not a streamtrainer service but sets {sorted(ours)}"
             continue
         accepted = {env_name(field) for field in settings_class.model_fields}
+        command = streamtrainer_arguments(service)[0]
         unknown = sorted(set(ours) - accepted)
-        assert not unknown, f"{name}: `streamtrainer {service['command'][0]}` has no setting {unknown}"
+        assert not unknown, f"{name}: `streamtrainer {command}` has no setting {unknown}"
         unknown = sorted(set(image_env) - accepted)
-        assert not unknown, (
-            f"Dockerfile ENV: `streamtrainer {service['command'][0]}` has no setting {unknown}"
-        )
+        assert not unknown, f"Dockerfile ENV: `streamtrainer {command}` has no setting {unknown}"
         # ... and the values parse: the settings load from exactly this environment.
         for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
             monkeypatch.delenv(key)
@@ -195,17 +206,75 @@ def test_producer_worker_and_topic_creation_agree_on_the_stream(model: dict[str,
     assert f"PLAINTEXT://{bootstrap}" in advertised.split(",")
 
 
-def test_the_worker_compacts(model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    # The dashboard's compaction row and the compaction alerts have something to show.
-    environment = {**_dockerfile_env(), **model["services"]["worker"]["environment"]}
+def _worker_settings(model: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
+    """The worker's settings as its container builds them: the image's and the service's
+    environment, and the flags torchrun passes to `streamtrainer worker` (parsed by its CLI)."""
+    service = model["services"]["worker"]
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
-    for key, value in environment.items():
+    for key, value in {**_dockerfile_env(), **service["environment"]}.items():
         if key.startswith(ENV_PREFIX):
             monkeypatch.setenv(key, str(value))
-    settings = WorkerSettings.load({})  # every field from the environment, as the CLI reads it
-    assert settings.compaction and settings.compaction_every_records
-    assert env_name("compaction_every_records") in environment
+    command, *flags = streamtrainer_arguments(service)
+    assert command == "worker"
+    context = cli.commands["worker"].make_context("worker", flags)  # an unknown flag raises here
+    return build_settings(WorkerSettings, context.params, "worker")
+
+
+def test_the_scaled_workers_are_the_ranks_of_one_torchrun_job(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: the worker service runs torchrun (elastic, c10d rendezvous at its first replica by
+    name), each replica one rank of `worker --distributed`: scaled, they train one model."""
+    services = model["services"]
+    worker = services["worker"]
+    assert worker["entrypoint"] == ["torchrun"]
+    # torchrun's own parser reads the command: every flag is one torchrun has.
+    from torch.distributed.run import get_args_parser
+
+    launch = get_args_parser().parse_args(worker["command"])
+    assert launch.module and launch.training_script == "streamtrainer"
+    assert launch.nproc_per_node == "1"  # one rank per replica: a replica is a node
+    low, high = (int(n) for n in launch.nnodes.split(":"))
+    created = services["topics"]["command"]
+    partitions = int(created[created.index("--partitions") + 1])
+    assert low == 1 and high == partitions, launch.nnodes  # starts with one, up to one per partition
+    assert launch.rdzv_backend == "c10d" and launch.rdzv_id
+    host, _, port = launch.rdzv_endpoint.rpartition(":")
+    # Compose names the first replica <project>-<service>-1; its agent hosts the rendezvous.
+    assert host == f"{model['name']}-worker-1" and int(port) == 29400, launch.rdzv_endpoint
+    assert launch.max_restarts >= 1
+    # Each life of the ranks gets a store of its own (consumer/rounds.py: _launch_store).
+    assert worker["environment"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+    settings = _worker_settings(model, monkeypatch)
+    assert settings.distributed and not settings.compaction
+    assert settings.group_instance_id is None  # partitions are assigned by rank, not by the group
+    # Checkpoints on the volume every replica mounts: rank 0 of any life finds the last one.
+    volumes = [v for v in worker["volumes"] if v["type"] == "volume"]
+    assert any(str(settings.checkpoint_dir).startswith(v["target"].rstrip("/") + "/") for v in volumes)
+    # The run log is each replica's own (ranks writing one shared file would interleave).
+    assert settings.run_log is not None
+    assert not any(str(settings.run_log).startswith(v["target"].rstrip("/") + "/") for v in volumes)
+    # One published host port per replica, up to the largest world.
+    (ports,) = worker["ports"]
+    first, _, last = str(ports["published"]).partition("-")
+    assert int(last) - int(first) + 1 == high and int(ports["target"]) == settings.metrics_port
+    producer_port = int(services["producer"]["environment"][env_name("metrics_port")])
+    assert not int(first) <= producer_port <= int(last)  # a replica would take the producer's port
+    # Scaled, each replica is a target of the worker job (DNS: the service name resolves to all).
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "streamtrainer-worker"]
+    assert job["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": settings.metrics_port, "refresh_interval": "15s"}
+    ]
+    assert "static_configs" not in job
+
+
+def test_the_worker_says_compaction_is_off(model: dict[str, Any]) -> None:
+    # Compaction epochs are refused with --distributed: the service says so rather than relying on
+    # the default.
+    assert model["services"]["worker"]["environment"][env_name("compaction")] == "false"
 
 
 def test_checkpoints_live_on_a_named_volume(model: dict[str, Any]) -> None:
@@ -222,10 +291,13 @@ def test_checkpoints_live_on_a_named_volume(model: dict[str, Any]) -> None:
 def test_prometheus_scrapes_the_ports_the_services_serve(model: dict[str, Any]) -> None:
     services = model["services"]
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    for job, service in (("streamtrainer-worker", "worker"), ("streamtrainer-producer", "producer")):
-        port = services[service]["environment"][env_name("metrics_port")]
-        assert jobs[job] == [f"{service}:{port}"], job
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    port = services["producer"]["environment"][env_name("metrics_port")]
+    assert jobs["streamtrainer-producer"]["static_configs"][0]["targets"] == [f"producer:{port}"]
+    # The worker's replicas, found by the service's name (test above).
+    port = services["worker"]["environment"][env_name("metrics_port")]
+    (found,) = jobs["streamtrainer-worker"]["dns_sd_configs"]
+    assert found["names"] == ["worker"] and found["port"] == int(port)
     mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
     assert Path(mounts["/etc/prometheus"]["source"]) == PROMETHEUS_CONFIG.parent
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
@@ -237,13 +309,14 @@ def test_prometheus_scrapes_the_ports_the_services_serve(model: dict[str, Any]) 
 
 def test_the_published_ports_are_the_documented_ones(model: dict[str, Any]) -> None:
     published = {
-        name: sorted(int(p["published"]) for p in service.get("ports", []))
+        # A range (the worker: one port per replica) by its first port.
+        name: sorted(int(str(p["published"]).partition("-")[0]) for p in service.get("ports", []))
         for name, service in model["services"].items()
     }
     assert published == {
         "kafka": [9092],
         "topics": [],
-        "worker": [9464],
+        "worker": [9466],  # 9466-9468: one per replica
         "producer": [9465],
         "prometheus": [9090],
         "grafana": [3000],
@@ -252,7 +325,7 @@ def test_the_published_ports_are_the_documented_ones(model: dict[str, Any]) -> N
         assert all(p.get("host_ip") == "127.0.0.1" for p in service.get("ports", []))
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Running the stack") :]
-    for port in (3000, 9090, 9092, 9464, 9465):
+    for port in (3000, 9090, 9092, 9464, 9465, 9466):
         assert str(port) in section, f"README does not mention port {port}"
 
 

@@ -147,6 +147,11 @@ def test_template_variables_select_job_instance_and_topic(dashboard: dict[str, A
         ("dead-lettered records", "streamtrainer_records_dead_lettered_total"),
         ("dead-letter write failures", "streamtrainer_dead_letter_write_failures_total"),
         ("workers blocked on the dead-letter topic", "streamtrainer_dead_letter_blocked"),
+        ("world size", "streamtrainer_world_size"),
+        ("averaging rounds", "streamtrainer_averaging_rounds_total"),
+        ("averaging duration quantiles", "streamtrainer_averaging_duration_seconds_bucket"),
+        ("time in averaging rounds", "streamtrainer_averaging_duration_seconds_sum"),
+        ("parameter distance before averaging", "streamtrainer_parameter_distance"),
     ],
 )
 def test_the_dashboard_shows(dashboard: dict[str, Any], what: str, metric: str) -> None:
@@ -219,6 +224,38 @@ def test_the_dead_letter_row_shows_reasons_share_failures_and_blocked_workers(
     assert blocked["type"] == "state-timeline"
     (mapping,) = blocked["fieldConfig"]["defaults"]["mappings"]
     assert mapping["options"]["1"]["text"] == "blocked" and mapping["options"]["0"]["text"] == "writing"
+
+
+def test_the_rank_row_shows_each_rank_of_one_model(dashboard: dict[str, Any]) -> None:
+    """worker --distributed (issue 18): world size, rounds, their duration, the parameter distance,
+    records/s and lag, each per rank (the records and lag series get the rank from the world size)."""
+    in_row = _row(dashboard, "One model across ranks")
+    exprs = {title: [t["expr"] for t in panel["targets"]] for title, panel in in_row.items()}
+    legends = [t["legendFormat"] for panel in in_row.values() for t in panel["targets"]]
+    assert len(in_row) == 7, sorted(in_row)
+    by_metric = {
+        "streamtrainer_world_size": "World size and ranks scraped",
+        "streamtrainer_averaging_rounds_total": "Averaging rounds/s per rank",
+        "streamtrainer_averaging_duration_seconds_bucket": "Averaging round duration per rank",
+        "streamtrainer_parameter_distance": "Parameter distance before averaging",
+        "streamtrainer_records_trained_total": "Trained records/s per rank",
+        "streamtrainer_consumer_lag_records": "Consumer lag per rank",
+    }
+    for metric, title in by_metric.items():
+        assert any(metric in e for e in exprs[title]), (title, exprs[title])
+    # Every query splits by rank, and every line says which rank it is.
+    for title, queries in exprs.items():
+        for expr in queries:
+            if expr.startswith("count("):
+                continue  # the number of ranks scraped: one line for the group
+            assert re.search(r"by \((le, )?rank\)", expr) or "group_left (rank)" in expr, (title, expr)
+    assert sum("{{rank}}" in legend for legend in legends) == len(legends) - 1, legends
+    duration = exprs["Averaging round duration per rank"]
+    quantiles = [m.group(1) for e in duration if (m := re.search(r"histogram_quantile\(([\d.]+)", e))]
+    assert quantiles == ["0.5", "0.9"]
+    assert any("_sum" in e and "_count" in e for e in duration), "no mean round duration"
+    (share,) = [p for p in in_row.values() if p["fieldConfig"]["defaults"]["unit"] == "percentunit"]
+    assert "averaging_duration_seconds_sum" in share["targets"][0]["expr"]
 
 
 def test_provisioning_points_at_the_compose_services() -> None:

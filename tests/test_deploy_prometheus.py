@@ -1,23 +1,30 @@
 """deploy/prometheus and the Grafana dashboard, checked by promtool and by a real Prometheus server.
 
 The live test starts Prometheus on loopback, scraping two workers (a classifier and a regressor,
-on two topics) that train from the embedded broker while a producer publishes, then asks the
-Prometheus HTTP API for every expression of the dashboard and of the alert rules. The workers
-compact every 1,000 records (a few seconds) and spill their compaction store to disk, so the
-compaction panels have data too. One record in 400 on each topic is bad (not JSON, the wrong
-number of features, a non-finite value): the workers dead-letter it, so the dead-letter panels
-have data too, while the invalid share (0.25%) stays under every alert threshold.
+on two topics) that train from the embedded broker while a producer publishes, and a third, a
+`worker --distributed` rank under torchrun (one rank: the rank series of the dashboard's "One
+model across ranks" row), on a third topic; then it asks the Prometheus HTTP API for every
+expression of the dashboard and of the alert rules. The first two workers compact every 1,000
+records (a few seconds) and spill their compaction store to disk, so the compaction panels have
+data too (compaction is not yet supported with --distributed). One record in 400 on each topic is
+bad (not JSON, the wrong number of features, a non-finite value): the workers dead-letter it, so
+the dead-letter panels have data too, while the invalid share (0.25%) stays under every alert
+threshold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -61,6 +68,11 @@ PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped
 # multi-class gauge is checked in tests/metrics/test_progressive_export.py.
 OTHER_TASKS = {"streamtrainer_prequential_macro_f1"}
 RATE_INTERVAL = "15s"  # what $__rate_interval becomes: many 1 s scrapes per window
+# The torchrun launch of the live stack's --distributed worker: its ranks (label rank: 0..RANKS-1).
+RANKS = 1
+# Rows of the dashboard only some workers have data for: compacting ones, --distributed ranks.
+COMPACTION_ROW = "Compaction"
+RANK_ROW = "One model across ranks"
 # Label values of streamtrainer_compactions_total (an unknown trigger counts as "other") and of
 # streamtrainer_compaction_store_records.
 COMPACTION_REASONS = {*COMPACTION_TRIGGERS, "other"}
@@ -97,6 +109,16 @@ def alert_rules() -> list[dict[str, Any]]:
 
 def dashboard_panels() -> list[dict[str, Any]]:
     return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def panels_of_row(title: str) -> set[str]:
+    """Titles of the panels in the dashboard row ``title``."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    rows = [p for p in panels if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == title]
+    start = row["gridPos"]["y"]
+    end = min((r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > start), default=10**6)
+    return {p["title"] for p in panels if p["type"] != "row" and start < p["gridPos"]["y"] < end}
 
 
 def dashboard_expressions() -> list[tuple[str, str]]:
@@ -371,6 +393,7 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
     _binary("prometheus")
     classification = topic_factory(partitions=3, prefix="deploy-cls")
     regression = topic_factory(partitions=2, prefix="deploy-reg")
+    ranked = topic_factory(partitions=2, prefix="deploy-rank")
     stop = threading.Event()
     threads: list[threading.Thread] = []
 
@@ -378,7 +401,7 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
     producer_metrics = ProducerMetrics(producer_registry)
     producer_server = MetricsServer(producer_registry, host="127.0.0.1", port=0).start()
     producer = Target(PRODUCER_JOB, int(producer_server.port or 0))
-    for topic, task in ((classification, "binary"), (regression, "regression")):
+    for topic, task in ((classification, "binary"), (regression, "regression"), (ranked, "binary")):
         # Many distinct record keys: none of them may turn up in a label.
         spec = SyntheticSpec(task=task, n_features=4, noise=0.05, seed=11, n_keys=500)
 
@@ -398,7 +421,7 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
     def produce_bad_records() -> None:
         """One bad record per BAD_EVERY good ones the producer delivered, on every topic."""
         bad = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-        sent = dict.fromkeys((classification, regression), 0)
+        sent = dict.fromkeys((classification, regression, ranked), 0)
         while not stop.is_set():
             for topic in sent:
                 delivered = producer_registry.get_sample_value(
@@ -436,21 +459,77 @@ def live_stack(bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
         worker = Worker(settings, registry=CollectorRegistry())
         workers.append(worker)
         threads.append(threading.Thread(target=worker.run, name=f"worker-{topic}", daemon=True))
+    # worker --distributed, as torchrun launches it: one rank, its metrics on a port of its own.
+    rank_settings = worker_settings(
+        bootstrap,
+        ranked,
+        f"group-{ranked}",
+        model="logistic",
+        lr=0.05,
+        distributed=True,
+        metrics_port=free_port(),
+        checkpoint_dir=tmp_path / f"checkpoints-{ranked}",
+        checkpoint_interval_s=1.0,
+        prequential_window=200,
+        average_interval_s=1.0,
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={RANKS}",
+        "-m",
+        "streamtrainer",
+        "worker",
+        "--distributed",
+        *(("--bootstrap-servers", bootstrap, "--topic", ranked, "--group", rank_settings.group)),
+        *(("--model", "logistic", "--lr", "0.05", "--prequential-window", "200")),
+        *(("--metrics-host", "127.0.0.1", "--metrics-port", str(rank_settings.metrics_port))),
+        *(("--checkpoint-dir", str(rank_settings.checkpoint_dir), "--checkpoint-interval-s", "1")),
+        *(("--average-interval-s", "1", "--max-seconds", "120")),
+    ]
+    rank_log = tmp_path / "torchrun.log"
     for thread in threads:
         thread.start()
+    launched = time.monotonic()
+    with open(rank_log, "wb") as out:
+        ranks = subprocess.Popen(launch, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    rank = Target(WORKER_JOB, rank_settings.metrics_port, rank_settings)
     try:
         _wait_for(lambda: all(w.metrics_server.port is not None for w in workers), "worker metrics", 30)
         targets = [Target(WORKER_JOB, int(w.metrics_server.port or 0), w.settings) for w in workers]
-        prometheus.start(_scrape_config(targets, producer, prometheus.port))
-        yield LiveStack(prometheus, targets, producer, {classification: 3, regression: 2})
+        # Scraping starts while the rank starts (torchrun and torch's import: 16-23 s measured here,
+        # under load): the rank is down (up 0) meanwhile, far from StreamtrainerWorkerDown's minute.
+        prometheus.start(_scrape_config([*targets, rank], producer, prometheus.port))
+        _wait_for(lambda: _serves(rank) or ranks.poll() is not None, "the rank's metrics", 50)
+        assert ranks.poll() is None, rank_log.read_text()[-3000:]
+        logger.info("the rank served /metrics %.1f s after torchrun started", time.monotonic() - launched)
+        yield LiveStack(prometheus, [*targets, rank], producer, {classification: 3, regression: 2, ranked: 2})
     finally:
         stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ranks.pid, signal.SIGTERM)  # torchrun passes it to its rank
+        try:
+            ranks.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ranks.pid, signal.SIGKILL)
+            ranks.wait()
         for worker in workers:
             worker.stop()
         for thread in threads:
             thread.join(timeout=30)
         prometheus.stop()
         producer_server.stop()
+
+
+def _serves(target: Target) -> bool:
+    """Whether ``target`` answers on /metrics yet."""
+    try:
+        target.exported()
+    except OSError:
+        return False
+    return True
 
 
 def _substitute(expr: str, variables: dict[str, str]) -> str:
@@ -478,28 +557,44 @@ def _has_finite_value(body: dict[str, Any]) -> bool:
 def _wait_until_scraped_enough(stack: LiveStack) -> None:
     prometheus = stack.prometheus
     n = len(stack.workers)
+    compacting = sum(1 for w in stack.workers if w.settings is not None and w.settings.compaction)
+    ranks = sum(1 for w in stack.workers if w.settings is not None and w.settings.distributed)
     window = f"[{RATE_INTERVAL}]"
+    # What each check counts, and how many workers it must count.
     checks = {
-        "both workers trained": (
-            f"count(sum by (instance) (rate(streamtrainer_records_trained_total{window})) > 0)"
+        "every worker trained": (
+            f"count(sum by (instance) (rate(streamtrainer_records_trained_total{window})) > 0)",
+            n,
         ),
-        "both workers checkpointed": "count(streamtrainer_last_checkpoint_timestamp_seconds > 0)",
-        "both workers checkpointing now": (
-            f"count(sum by (instance) (rate(streamtrainer_checkpoint_duration_seconds_count{window})) > 0)"
+        "every worker checkpointed": ("count(streamtrainer_last_checkpoint_timestamp_seconds > 0)", n),
+        "every worker checkpointing now": (
+            f"count(sum by (instance) (rate(streamtrainer_checkpoint_duration_seconds_count{window})) > 0)",
+            n,
         ),
-        "both workers compacting now": (
-            f"count(sum by (instance) (increase(streamtrainer_compactions_total{window})) > 0)"
+        "the compacting workers compacting now": (
+            f"count(sum by (instance) (increase(streamtrainer_compactions_total{window})) > 0)",
+            compacting,
         ),
-        "both workers spilled records to disk": (
-            'count(streamtrainer_compaction_store_records{location="disk"} > 0)'
+        "the compacting workers spilled records to disk": (
+            'count(streamtrainer_compaction_store_records{location="disk"} > 0)',
+            compacting,
         ),
-        "both workers dead-lettering now": (
-            f"count(sum by (instance) (increase(streamtrainer_records_dead_lettered_total{window})) > 0)"
+        "every worker dead-lettering now": (
+            f"count(sum by (instance) (increase(streamtrainer_records_dead_lettered_total{window})) > 0)",
+            n,
+        ),
+        "the ranks averaging now": (
+            f"count(sum by (instance) (rate(streamtrainer_averaging_rounds_total{window})) > 0)",
+            ranks,
+        ),
+        "the ranks measured their parameter distance": (
+            "count(streamtrainer_parameter_distance >= 0)",
+            ranks,
         ),
     }
 
     def ready() -> bool:
-        if any(prometheus.value(expr) != n for expr in checks.values()):
+        if any(prometheus.value(expr) != count for expr, count in checks.values()):
             return False
         if prometheus.value("min(count_over_time(up[1m]))") < 8:
             return False
@@ -514,9 +609,9 @@ def _wait_until_scraped_enough(stack: LiveStack) -> None:
         return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
 
     try:
-        _wait_for(ready, "a few scrapes of two training workers and a producer", 45)
+        _wait_for(ready, "a few scrapes of three training workers and a producer", 60)
     except AssertionError:
-        status = {what: prometheus.value(expr) for what, expr in checks.items()}
+        status = {what: (prometheus.value(expr), count) for what, (expr, count) in checks.items()}
         raise AssertionError(f"not enough data in Prometheus: {status}") from None
 
 
@@ -561,7 +656,10 @@ def test_prometheus_scrapes_live_workers_and_every_dashboard_and_alert_query_wor
             returned += 1
     logger.info("%d of %d dashboard expressions returned data", returned, len(dashboard_expressions()))
 
-    # One worker selected (instance and its topic): every panel still shows it.
+    # One worker selected (instance and its topic): every panel still shows it, but for the
+    # compaction panels of a worker that does not compact and the rank panels of one without
+    # --distributed.
+    compaction_panels, rank_panels = panels_of_row(COMPACTION_ROW), panels_of_row(RANK_ROW)
     for worker in stack.workers:
         assert worker.settings is not None
         one = {
@@ -570,6 +668,11 @@ def test_prometheus_scrapes_live_workers_and_every_dashboard_and_alert_query_wor
             "topic": _promql_regex([worker.settings.topic]),
         }
         for panel in dashboard_panels():
+            compaction_only = all("compaction" in t["expr"] for t in panel["targets"])
+            if panel["title"] in compaction_panels and compaction_only and not worker.settings.compaction:
+                continue
+            if panel["title"] in rank_panels and not worker.settings.distributed:
+                continue
             bodies = [prometheus.query_range(_substitute(t["expr"], one)) for t in panel["targets"]]
             if not any(body["status"] == "success" and _has_finite_value(body) for body in bodies):
                 problems.append(f"dashboard {panel['title']}: no data with only {worker.address} selected")
@@ -622,10 +725,10 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
     """Label values must come from small fixed sets; the number of series must not grow with records."""
     problems: list[str] = []
     partitions = {topic: {str(p) for p in range(n)} for topic, n in stack.topics.items()}
-    before: dict[str, int] = {}
+    before: dict[str, set[tuple[str, tuple[tuple[str, str], ...]]]] = {}
     for target in [*stack.workers, stack.producer]:
         samples = target.exported()
-        before[target.address] = len(samples)
+        before[target.address] = {(name, tuple(sorted(labels.items()))) for name, labels in samples}
         buckets: dict[str, set[str]] = {}
         for name, labels in samples:
             for label, value in labels.items():
@@ -643,6 +746,9 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
                     ok = value in PROGRESSIVE_SCOPES
                 elif label == "sign":
                     ok = value in LABEL_SIGNS
+                elif label == "rank":  # the torchrun RANK of a --distributed worker
+                    ok = target.settings is not None and target.settings.distributed
+                    ok = ok and value in {str(r) for r in range(RANKS)}
                 elif label == "le":
                     buckets.setdefault(name, set()).add(value)
                     ok = True
@@ -673,9 +779,11 @@ def _unbounded_labels(stack: LiveStack) -> list[str]:
         20,
     )
     for target in [*stack.workers, stack.producer]:
-        after = len(target.exported())
+        after = {(name, tuple(sorted(labels.items()))) for name, labels in target.exported()}
         if after != before[target.address]:
             problems.append(
-                f"{target.address}: {before[target.address]} series, then {after} after more records"
+                f"{target.address}: {len(before[target.address])} series, then {len(after)} after more "
+                f"records (new: {sorted(after - before[target.address])}, "
+                f"gone: {sorted(before[target.address] - after)})"
             )
     return problems

@@ -210,6 +210,10 @@ class Rounds:
         self.warmup_seconds = 0.0
         self._warmup_ended = 0.0
         metrics.world_size.labels(str(rank)).set(world_size)
+        # Exported at 0 from the start, not from the first round: a life of the ranks that never
+        # finishes one is then seen by StreamtrainerAveragingRoundsStopped (deploy/prometheus).
+        metrics.averaging_rounds.labels(str(rank))
+        metrics.averaging_duration.labels(str(rank))
 
     # -- the process group and the start -----------------------------------------------
 

@@ -82,6 +82,9 @@ def test_a_round_shares_positions_creates_the_model_paces_the_next_and_counts_by
         created.append(n)
         return OnlineLearner(learner_config(settings), n)
 
+    # The rounds counter is exported at 0 before any round (the rounds-stopped alert reads it).
+    assert registry.get_sample_value("streamtrainer_averaging_rounds_total", {"rank": "0"}) == 0
+    assert registry.get_sample_value("streamtrainer_averaging_duration_seconds_count", {"rank": "0"}) == 0
     rounds.begin(trained=0, read=0)
     assert registry.get_sample_value("streamtrainer_world_size", {"rank": "0"}) == 1
     # No model anywhere yet: the round shares positions only.
