@@ -270,7 +270,7 @@ def load_model(source: str | Path | VersionLike) -> Predictor:
             version = document.get("version")
             if not isinstance(version, int):
                 raise CheckpointError(f"{path} names no checkpoint version")
-            return _from_checkpoint(CheckpointStore(path.parent).load(version), str(path))
+            return from_checkpoint(CheckpointStore(path.parent).load(version), str(path))
         if isinstance(document, dict) and "sha256" in document and "checkpoint" in document:
             return _from_manifest(path, document)
         raise CheckpointError(f"{path} is neither a checkpoint nor a model version manifest")
@@ -350,17 +350,18 @@ def _from_directory(directory: Path) -> Predictor:
     checkpoint = store.load_latest()
     if checkpoint is None:
         raise CheckpointError(f"{directory}: no valid checkpoint there")
-    return _from_checkpoint(checkpoint, f"{directory} (checkpoint {checkpoint.version})")
+    return from_checkpoint(checkpoint, f"{directory} (checkpoint {checkpoint.version})")
 
 
-def _from_checkpoint(checkpoint: Checkpoint, source: str) -> Predictor:
+def from_checkpoint(checkpoint: Checkpoint, source: str | None = None) -> Predictor:
+    """A predictor from a loaded checkpoint (its version, its topic as the name)."""
     name = checkpoint.metadata.get("topic")
     return Predictor.from_state(
         checkpoint.tensors,
         checkpoint.metadata,
         version=checkpoint.version,
         name=str(name) if name is not None else None,
-        source=source,
+        source=source or str(checkpoint.path),
     )
 
 
