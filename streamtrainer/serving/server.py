@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import threading
-from types import TracebackType
+from collections.abc import Iterator
+from types import FrameType, TracebackType
 
 import uvicorn
 
@@ -17,6 +20,16 @@ from streamtrainer.serving.sources import CheckpointDirSource, ModelsTopicSource
 from streamtrainer.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling: :meth:`ModelServer.run` installs its own, so that
+    SIGTERM and SIGINT stop the server gracefully and the process exits 0 (uvicorn raises the signal
+    again once stopped: the process would die of it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ModelServer:
@@ -47,7 +60,7 @@ class ModelServer:
             access_log=False,
             timeout_graceful_shutdown=5,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         self._thread: threading.Thread | None = None
 
     @property
@@ -59,11 +72,21 @@ class ModelServer:
         """Serve in the foreground until SIGINT or SIGTERM (uvicorn's handlers), then stop the source."""
         self.source.start()
         logger.info("serving on %s", self.url)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._server.run(sockets=[self._socket])
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.source.stop()
             self._socket.close()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # The first asks for a graceful stop (requests in flight finish); a second forces it.
+        if self._server.should_exit:
+            self._server.force_exit = True
+        self._server.should_exit = True
+        logger.info("%s: stopping", signal.Signals(signum).name)
 
     def start(self) -> ModelServer:
         """Serve on a background thread (returns once the server listens)."""

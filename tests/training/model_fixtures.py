@@ -45,8 +45,13 @@ def rows(spec: SyntheticSpec, n: int) -> tuple[npt.NDArray[np.float32], npt.NDAr
     return features, labels
 
 
-def train(case: str, n: int = 1500, *, seed: int = 1, lr: float | None = None) -> Trained:
-    """A learner of ``case`` trained on ``n`` records (test-then-train, measured as the worker does)."""
+def train(
+    case: str, n: int = 1500, *, seed: int = 1, lr: float | None = None, noise: bool = False
+) -> Trained:
+    """A learner of ``case`` trained on ``n`` records (test-then-train, measured as the worker does).
+
+    ``noise``: the labels shuffled (nothing to learn: a model whose prequential figures are bad).
+    """
     model, task, classes = CASES[case]
     spec = SyntheticSpec(
         task=task, n_features=N_FEATURES, n_classes=classes or 3, nonlinear=model == "mlp", seed=seed
@@ -56,6 +61,8 @@ def train(case: str, n: int = 1500, *, seed: int = 1, lr: float | None = None) -
     features = features * 7.0 + 3.0
     if task == "regression":
         labels = labels * 40.0 + 100.0
+    if noise:
+        labels[:n] = np.random.default_rng(seed).permutation(labels[:n])
     config = LearnerConfig(model=model, task=task, n_classes=classes, hidden=16, fused=False)
     if lr is not None:
         config = LearnerConfig(model=model, task=task, n_classes=classes, hidden=16, fused=False, lr=lr)
