@@ -59,12 +59,9 @@ def test_serve_answers_with_each_version_the_worker_checkpoints(
         newer, learner = _restored(directory)
         assert newer > version
         # Measured from the worker's return (its last checkpoint is durable by then).
-        swap_s = wait_for(
-            lambda: post(f"{base}/predict", {"features": x[0].tolist()})[1]["version"] == newer, 5.0
-        )
-        print(
-            f"worker checkpoint dir: version {newer} served {time.monotonic() - written:.3f}s after the worker stopped"
-        )
+        wait_for(lambda: post(f"{base}/predict", {"features": x[0].tolist()})[1]["version"] == newer, 5.0)
+        swap_s = time.monotonic() - written
+        print(f"worker checkpoint dir: version {newer} served {swap_s:.3f}s after the worker stopped")
         status, answer = post(f"{base}/predict", {"instances": x.tolist()})
         assert answer["version"] == newer
         np.testing.assert_array_equal(np.asarray(answer["predictions"]), learner.predict_many(x))
