@@ -29,8 +29,8 @@ def _predictions(base: str, rows: np.ndarray) -> tuple[int, np.ndarray]:
 
 def test_serve_swaps_to_each_better_version_and_keeps_a_worse_one_out(tmp_path: Path) -> None:
     first = train("linear", 300)
-    better = train("linear", 1500)
-    worse = train("linear", 1500, noise=True)  # labels shuffled: its window rmse is far higher
+    better = train("linear", 900)
+    worse = train("linear", 900, noise=True)  # labels shuffled: its window rmse is far higher
     assert worse.measured.window_values()["rmse"] > 1.5 * better.measured.window_values()["rmse"]
     x = first.held_out.astype(np.float32)
     # The learner's own predictions, as JSON carries them (float32 features round-trip exactly).
@@ -64,7 +64,7 @@ def test_serve_swaps_to_each_better_version_and_keeps_a_worse_one_out(tmp_path: 
         assert sample_value(metrics, "streamtrainer_serve_swaps_total") == 2
 
         # A newer good version is compared with the served one (2), not the gated one, and served.
-        save(train("linear", 1600), tmp_path)
+        save(train("linear", 1000), tmp_path)
         wait_for(lambda: served_version(base, row) == 4, SWAP_LIMIT_S)
         metrics = get(f"{base}/metrics")[1]
         assert (

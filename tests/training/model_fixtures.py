@@ -45,9 +45,7 @@ def rows(spec: SyntheticSpec, n: int) -> tuple[npt.NDArray[np.float32], npt.NDAr
     return features, labels
 
 
-def train(
-    case: str, n: int = 1500, *, seed: int = 1, lr: float | None = None, noise: bool = False
-) -> Trained:
+def train(case: str, n: int = 600, *, seed: int = 1, noise: bool = False) -> Trained:
     """A learner of ``case`` trained on ``n`` records (test-then-train, measured as the worker does).
 
     ``noise``: the labels shuffled (nothing to learn: a model whose prequential figures are bad).
@@ -64,8 +62,6 @@ def train(
     if noise:
         labels[:n] = np.random.default_rng(seed).permutation(labels[:n])
     config = LearnerConfig(model=model, task=task, n_classes=classes, hidden=16, fused=False)
-    if lr is not None:
-        config = LearnerConfig(model=model, task=task, n_classes=classes, hidden=16, fused=False, lr=lr)
     learner = OnlineLearner(config, N_FEATURES)
     measured = ProgressiveMetrics(task, classes, window=500)
     result = learner.learn_many(features[:n], labels[:n])
