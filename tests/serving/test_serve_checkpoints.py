@@ -8,12 +8,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from streamtrainer.serving.server import ModelServer
 from streamtrainer.settings import ServeSettings
+from streamtrainer.training.predictor import Predictor
 from tests.serving.client import get, post, sample_value, served_version, wait_for
 from tests.training.model_fixtures import save, train
 
@@ -128,3 +132,32 @@ def test_the_serve_command_serves_until_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class _SlowPredictor(Predictor):
+    """A predictor that takes 0.5 s per request: a request still in flight when a swap happens."""
+
+    def predict_many(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        time.sleep(0.5)
+        return super().predict_many(features)
+
+
+def test_a_request_in_flight_during_a_swap_finishes_on_the_old_version(tmp_path: Path) -> None:
+    trained = train("linear", 200)
+    checkpoint = save(trained, tmp_path / "ckpt")
+    old = _SlowPredictor.from_state(checkpoint.tensors, checkpoint.metadata, version=1)
+    new = Predictor.from_state(checkpoint.tensors, checkpoint.metadata, version=2)
+    settings = ServeSettings(checkpoint_dir=tmp_path / "nothing-here", port=0, gate_metric="none")
+    with ModelServer(settings) as server:
+        server.slot.offer(old)
+        row = trained.held_out[0].tolist()
+        answers: list[dict[str, object]] = []
+        in_flight = threading.Thread(
+            target=lambda: answers.append(post(f"{server.url}/predict", {"features": row})[1])
+        )
+        in_flight.start()
+        time.sleep(0.2)  # the request holds version 1 now
+        assert server.slot.offer(new) is not None and server.slot.current is new
+        assert served_version(server.url, row) == 2  # a new request: the new version at once
+        in_flight.join(10)
+        assert answers and answers[0]["version"] == 1
