@@ -18,8 +18,11 @@ onnxruntime to run it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -128,7 +131,7 @@ def _onnx(folded: FoldedModel, example: torch.Tensor, output: Path, output_name:
         ) from None
     batch = torch.export.Dim("batch", min=1)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 folded,
                 (example,),
@@ -145,3 +148,19 @@ def _onnx(folded: FoldedModel, example: torch.Tensor, output: Path, output_name:
     if program is None:
         raise TrainingError("cannot export the model as ONNX: the exporter returned nothing")
     program.save(str(output))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch's ONNX exporter logs a warning per torchvision op it cannot register (torchvision is
+    not installed: four lines) and its own deprecation notices: noise on a command's stderr."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)
