@@ -36,11 +36,13 @@ from streamtrainer.settings import (
     DeadLetterSettings,
     DemoSettings,
     ErrorBudgetSettings,
+    ExportSettings,
     KafkaSettings,
     MetricsSettings,
     ModelSettings,
     ProducerSettings,
     ReplaySettings,
+    ServeSettings,
     WorkerSettings,
     _Settings,
     command_env_name,
@@ -300,7 +302,8 @@ def _config_option(scope: str) -> _SettingOption:
         envvar=CONFIG_VARIABLE,
         default=None,
         help="Settings from this TOML file: top-level keys, then [kafka], then this command's section "
-        "([worker], [replay], [produce], [dlq], [demo]); flags and variables override it. Each "
+        "([worker], [replay], [produce], [dlq], [demo], [serve], [export]); flags and variables "
+        "override it. Each "
         f"setting's variable may be this command's own: {ENV_PREFIX}{scope}_<NAME> overrides "
         f"{ENV_PREFIX}<NAME> [env: {CONFIG_VARIABLE}]",
     )
@@ -582,6 +585,45 @@ def replay(**given: Any) -> None:
         f"replayed {result.records} record(s) ({result.invalid} invalid) of {result.topic} "
         f"in {result.elapsed_s:.1f}s; epoch losses {losses}; holdout loss {holdout}; "
         f"checkpoint {result.checkpoint_version}; manifest {result.manifest_path}"
+    )
+
+
+@cli.command(cls=_SectionedCommand)
+@settings_options(ServeSettings)
+def serve(**given: Any) -> None:
+    """Serve predictions over HTTP from a checkpoint directory or the models topic, hot-swapping to
+    each newer version the promotion gate lets through (POST /predict, /healthz, /ready, /metrics)."""
+    settings = build_settings(ServeSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.serving.server import ModelServer
+
+    try:
+        server = ModelServer(settings)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}"
+        ) from None
+    click.echo(f"serving on {server.url} (Ctrl-C stops it)", err=True)
+    server.run()
+
+
+@cli.command(cls=_SectionedCommand)
+@settings_options(ExportSettings)
+def export(**given: Any) -> None:
+    """Write a trained model as one TorchScript or ONNX file: raw features in, the label's units
+    (or class probabilities) out, the standardizers folded in."""
+    settings = build_settings(ExportSettings, given)
+    _configure_logging(settings.log_level)
+    from streamtrainer.training.export import export_model
+    from streamtrainer.training.predictor import load_model
+
+    source = settings.checkpoint_dir if settings.checkpoint_dir is not None else settings.checkpoint
+    assert source is not None  # the settings hold one
+    predictor = load_model(source)
+    written = export_model(predictor, settings.output, settings.format)
+    click.echo(
+        f"exported {predictor.name or 'the model'} version {predictor.version} ({predictor.task}, "
+        f"{predictor.n_features} features) as {settings.format} to {written}"
     )
 
 

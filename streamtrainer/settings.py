@@ -890,6 +890,105 @@ class DemoSettings(MetricsSettings, KafkaSettings):
     )
 
 
+# The promotion gate's figures (training.progressive.TASK_METRICS): lower is better for these, higher
+# for the others (accuracy, r2, roc_auc, macro_f1). Listed here, not imported: no torch before a
+# usage error.
+GATE_LOWER_IS_BETTER = frozenset({"loss", "mae", "rmse"})
+GATE_FIGURES = frozenset({"loss", "mae", "rmse", "r2", "accuracy", "roc_auc", "macro_f1"})
+GATE_SCOPES = ("run", "window")
+
+
+class ServeSettings(KafkaSettings):
+    """`streamtrainer serve`: HTTP predictions from the newest model version that passes the gate."""
+
+    config_section: ClassVar[str | None] = "serve"
+    env_scopes: ClassVar[tuple[str, ...]] = ("SERVE",)
+
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Serve the newest valid checkpoint of this directory (a worker's --checkpoint-dir, "
+        "read without its lock) and each newer one.",
+    )
+    models_topic: str | None = Field(
+        default=None,
+        description="Serve the newest version of --model-name from this compacted models topic "
+        "(read_committed, from its beginning) and each newer one; needs --bootstrap-servers.",
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="The models topic's key to serve (default: the topic's name without its "
+        "'.models' suffix: the input topic's name, as the worker publishes it).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 to expose it).")
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="--checkpoint-dir: look for a newer checkpoint this often."
+    )
+    gate_metric: str = Field(
+        default="auto",
+        description="The prequential figure a new version is judged by: run.<figure> or "
+        "window.<figure> (loss, mae, rmse, r2, accuracy, roc_auc, macro_f1); auto: window.rmse for a "
+        "regression, window.loss (log loss) for a classification; none: every newer version is served.",
+    )
+    gate_margin: float = Field(
+        default=0.05,
+        ge=0,
+        description="A new version is served unless its --gate-metric is worse than the served "
+        "version's by more than this fraction of it (0.05: 5%).",
+    )
+    log_level: LogLevel = Field(default="info", description="Log level.")
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _check_gate_metric(cls, value: str) -> str:
+        if value in ("auto", "none"):
+            return value
+        scope, _, figure = value.partition(".")
+        if scope not in GATE_SCOPES or figure not in GATE_FIGURES:
+            raise ValueError(
+                f"{value!r}: use auto, none, or run.<figure> / window.<figure> with a figure of "
+                f"{', '.join(sorted(GATE_FIGURES))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ServeSettings:
+        if (self.checkpoint_dir is None) == (self.models_topic is None):
+            raise ValueError("give one model source: --checkpoint-dir or --models-topic")
+        return self
+
+
+ExportFormatName = Literal["torchscript", "onnx"]
+
+
+class ExportSettings(_Settings):
+    """`streamtrainer export`: a trained model as a TorchScript or ONNX file, standardizers folded in."""
+
+    config_section: ClassVar[str | None] = "export"
+    env_scopes: ClassVar[tuple[str, ...]] = ("EXPORT",)
+
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Export the newest valid checkpoint of this directory (a worker's --checkpoint-dir "
+        "or a replay's --out).",
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Export this checkpoint (its <version>.json) or model version manifest (.json).",
+    )
+    format: ExportFormatName = Field(
+        default="torchscript", description="torchscript (torch.jit.load) or onnx (onnxruntime)."
+    )
+    output: Path = Field(description="The file to write.")
+    log_level: LogLevel = Field(default="warning", description="Log level.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ExportSettings:
+        if (self.checkpoint_dir is None) == (self.checkpoint is None):
+            raise ValueError("give one model: --checkpoint-dir or --checkpoint")
+        return self
+
+
 def cli_fields(settings_class: type[_Settings]) -> dict[str, Any]:
     """The fields of a settings class (for building command-line flags)."""
     return dict(settings_class.model_fields)
@@ -949,6 +1048,8 @@ COMMAND_SETTINGS: dict[str, type[_Settings]] = {
     "replay": ReplaySettings,
     "dlq": DeadLetterSettings,
     "demo": DemoSettings,
+    "serve": ServeSettings,
+    "export": ExportSettings,
 }
 KAFKA_SECTION = "kafka"
 CONFIG_SECTIONS = (KAFKA_SECTION, *COMMAND_SETTINGS)

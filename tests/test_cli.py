@@ -11,8 +11,10 @@ import pytest
 
 from streamtrainer.settings import (
     DemoSettings,
+    ExportSettings,
     ProducerSettings,
     ReplaySettings,
+    ServeSettings,
     WorkerSettings,
     env_name,
     public_name,
@@ -135,6 +137,8 @@ def test_every_setting_has_an_env_name_and_a_flag() -> None:
         ("produce", ProducerSettings),
         ("demo", DemoSettings),
         ("replay", ReplaySettings),
+        ("serve", ServeSettings),
+        ("export", ExportSettings),
     ):
         help_text = run_cli(command, "--help").stdout
         for name, field in settings_class.model_fields.items():

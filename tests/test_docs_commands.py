@@ -81,6 +81,13 @@ EXEMPT: dict[str, str] = {
         "a time range needs Apache Kafka's time lookup and records of that day; "
         "tests/test_replay.py runs time ranges where the broker has it"
     ),
+    r"^streamtrainer serve\b": (
+        "serves until stopped; tests/serving/test_serve_checkpoints.py runs the command (SIGTERM: exit 0), "
+        "tests/serving/test_serve_models_topic.py serves from the models topic"
+    ),
+    r"^curl -s -X POST http://127\.0\.0\.1:8080/predict": (
+        "a running serve; tests/serving/test_serve_checkpoints.py posts /predict"
+    ),
     r"--source-offsets 0:1234,2:99": (
         "illustrative offsets of dead letters; tests/test_dead_letter.py redrives by offsets"
     ),
@@ -368,6 +375,7 @@ PHASES = {
     "worker": 12,
     "replay": 3,
     "replay-again": 1,
+    "export": 2,  # the checkpoints of a worker and a replay
     "dlq": 1,
     "plot": 2,
     "promtool": 1,

@@ -1,9 +1,9 @@
 """The data flow is visible in the imports: no lower layer imports a higher one.
 
-Flow: producer -> records (codec) -> consumer -> training -> metrics. The
-producer and the consumer are the top (they talk to Kafka); records, training
-and metrics are the foundations they build on and know nothing of them.
-Training knows nothing of Kafka.
+Flow: producer -> records (codec) -> consumer -> training -> metrics, and
+models out through serving. The producer, the consumer and serving are the top
+(they talk to Kafka); records, training and metrics are the foundations they
+build on and know nothing of them. Training knows nothing of Kafka.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamtrainer"
-LAYERS = ["producer", "records", "consumer", "training", "metrics"]
+LAYERS = ["producer", "records", "consumer", "training", "metrics", "serving"]
 # What each layer may import from the others.
 ALLOWED = {
     "producer": {"records", "metrics"},
@@ -22,6 +22,8 @@ ALLOWED = {
     "consumer": {"records", "training", "metrics"},
     "training": set(),
     "metrics": set(),
+    # `streamtrainer serve`: models from checkpoints (training) or the models topic (records, Kafka).
+    "serving": {"records", "training", "metrics"},
 }
 KAFKA_MODULES = ("confluent_kafka", "streamtrainer.connection", "streamtrainer.broker")
 
