@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from streamtrainer.consumer.worker import Worker, WorkerStatus
     from streamtrainer.settings import KafkaSettings, WorkerSettings
     from streamtrainer.training.learner import LearnerConfig, OnlineLearner, StepResult
-
     from streamtrainer.training.predictor import load_model  # issue 19, helper C's module
     from streamtrainer.training.progressive import ProgressiveMetrics, ProgressiveReport
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import json
 import subprocess
@@ -12,11 +12,6 @@ from typing import Any
 import pytest
 
 import streamtrainer
-
-# Helper C of issue 19 writes streamtrainer/training/predictor.py (load_model); until it is merged
-# the name is exported but its module is absent.
-# TODO(merge of issue19c): drop _PENDING and the skips that read it.
-_PENDING = {"load_model"} if importlib.util.find_spec("streamtrainer.training.predictor") is None else set()
 
 
 def _public_members(value: Any) -> list[tuple[str, Any]]:
@@ -37,8 +32,6 @@ def _public_members(value: Any) -> list[tuple[str, Any]]:
 def test_every_exported_name_resolves_to_the_object_its_module_defines() -> None:
     assert sorted(streamtrainer.__all__) == sorted(streamtrainer._EXPORTS)
     for name in streamtrainer.__all__:
-        if name in _PENDING:
-            continue
         module = importlib.import_module(streamtrainer._EXPORTS[name])
         assert getattr(streamtrainer, name) is getattr(module, name), name
         assert name in dir(streamtrainer)
@@ -52,8 +45,6 @@ def test_every_public_definition_has_a_docstring() -> None:
     checked = 0
     assert streamtrainer.__doc__
     for name in streamtrainer.__all__:
-        if name in _PENDING:
-            continue
         value = getattr(streamtrainer, name)
         checked += 1
         if not (inspect.getdoc(value) or "").strip():
@@ -67,7 +58,6 @@ def test_every_public_definition_has_a_docstring() -> None:
     assert checked > 60  # the classes' members were walked, not only the names
 
 
-@pytest.mark.skipif(bool(_PENDING), reason="streamtrainer.training.predictor (issue 19, helper C) not merged")
 def test_load_model_is_the_predictor_module_s() -> None:
     from streamtrainer.training import predictor
 

@@ -40,7 +40,7 @@ def test_every_python_example_runs(
     monkeypatch.delenv("STREAMTRAINER_LR", raising=False)
     topic = f"clicks-{uuid.uuid4().hex[:12]}"
     blocks = python_blocks(PAGE.read_text())
-    assert len(blocks) == 5, len(blocks)  # a block that is not found is not run: count them
+    assert len(blocks) == 6, len(blocks)  # a block that is not found is not run: count them
     namespace: dict[str, Any] = {"__name__": "python_api_example"}
     took = []
     for index, block in enumerate(blocks, 1):

@@ -25,6 +25,7 @@ compares.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -140,11 +141,15 @@ class Predictor:
         metrics: Mapping[str, float] | None = None,
         name: str | None = None,
         source: str = "checkpoint",
+        module: nn.Module | None = None,
     ) -> Predictor:
         """A predictor from a learner's ``state()`` (a checkpoint's tensors and metadata).
 
         ``metrics``: None reads them from the checkpoint's progressive state (see
-        :func:`checkpoint_metrics`). Raises :class:`CheckpointError` (naming ``source``) for a
+        :func:`checkpoint_metrics`). ``module``: the architecture to load the weights into (a copy
+        of it), for a model trained from a module instance (``Worker(settings, model=module)``,
+        ``OnlineLearner.from_module``), whose checkpoint names only its class; None rebuilds the
+        model the checkpoint names. Raises :class:`CheckpointError` (naming ``source``) for a
         checkpoint that holds no model or one this cannot rebuild.
         """
         n_features = metadata.get("n_features")
@@ -155,11 +160,15 @@ class Predictor:
         n_classes = learner.get("n_classes")
         n_classes = int(n_classes) if isinstance(n_classes, int) else None
         try:
-            model = build_model(
-                str(learner["model"]),
-                n_features=n_features,
-                n_outputs=n_outputs_for(task, n_classes),
-                hidden=int(learner.get("hidden", 128)),
+            model = (
+                copy.deepcopy(module)
+                if module is not None
+                else build_model(
+                    str(learner["model"]),
+                    n_features=n_features,
+                    n_outputs=n_outputs_for(task, n_classes),
+                    hidden=int(learner.get("hidden", 128)),
+                )
             )
             model.load_state_dict(
                 {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
@@ -250,17 +259,18 @@ class Predictor:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_model(source: str | Path | VersionLike) -> Predictor:
+def load_model(source: str | Path | VersionLike, *, module: nn.Module | None = None) -> Predictor:
     """A :class:`Predictor` from a checkpoint directory, a checkpoint's ``.json``, a models-topic
     :class:`ModelVersion`, or a model version's manifest ``.json`` (see the module's docstring).
 
-    Raises :class:`CheckpointError` when there is no valid model there.
+    ``module``: for a model trained from a module instance, that module (its weights are replaced
+    by the checkpoint's, in a copy). Raises :class:`CheckpointError` when there is no valid model there.
     """
     if not isinstance(source, str | Path):
-        return from_model_version(source)
+        return from_model_version(source, module=module)
     path = Path(source)
     if path.is_dir():
-        return _from_directory(path)
+        return _from_directory(path, module)
     if path.suffix == ".json" and path.is_file():
         try:
             document = json.loads(path.read_bytes())
@@ -270,16 +280,19 @@ def load_model(source: str | Path | VersionLike) -> Predictor:
             version = document.get("version")
             if not isinstance(version, int):
                 raise CheckpointError(f"{path} names no checkpoint version")
-            return from_checkpoint(CheckpointStore(path.parent).load(version), str(path))
+            return from_checkpoint(CheckpointStore(path.parent).load(version), str(path), module=module)
         if isinstance(document, dict) and "sha256" in document and "checkpoint" in document:
-            return _from_manifest(path, document)
+            return _from_manifest(path, document, module)
         raise CheckpointError(f"{path} is neither a checkpoint nor a model version manifest")
     raise CheckpointError(f"{path}: no such checkpoint directory, checkpoint .json or model version manifest")
 
 
-def from_model_version(version: VersionLike, artifact: bytes | None = None) -> Predictor:
+def from_model_version(
+    version: VersionLike, artifact: bytes | None = None, *, module: nn.Module | None = None
+) -> Predictor:
     """A predictor from a decoded models-topic record; ``artifact``: its bytes when not inline
-    (None: read from its ``file://`` uri). The bytes' SHA-256 and size are checked."""
+    (None: read from its ``file://`` uri); ``module``: as :func:`load_model` takes it. The bytes'
+    SHA-256 and size are checked."""
     where = f"model {version.model!r} version {version.version}"
     payload = artifact if artifact is not None else version.artifact
     if payload is None:
@@ -294,6 +307,7 @@ def from_model_version(version: VersionLike, artifact: bytes | None = None) -> P
         metrics={k: float(v) for k, v in version.metrics.items()},
         name=version.model,
         source=where,
+        module=module,
     )
 
 
@@ -343,18 +357,21 @@ def metrics_of(measured: ProgressiveMetrics) -> dict[str, float]:
     return figures
 
 
-def _from_directory(directory: Path) -> Predictor:
+def _from_directory(directory: Path, module: nn.Module | None = None) -> Predictor:
     store = CheckpointStore(directory)  # never opened: no lock (a worker may hold it)
     if not store.versions() and (directory / _REPLAY_CHECKPOINTS).is_dir():
         store = CheckpointStore(directory / _REPLAY_CHECKPOINTS)
     checkpoint = store.load_latest()
     if checkpoint is None:
         raise CheckpointError(f"{directory}: no valid checkpoint there")
-    return from_checkpoint(checkpoint, f"{directory} (checkpoint {checkpoint.version})")
+    return from_checkpoint(checkpoint, f"{directory} (checkpoint {checkpoint.version})", module=module)
 
 
-def from_checkpoint(checkpoint: Checkpoint, source: str | None = None) -> Predictor:
-    """A predictor from a loaded checkpoint (its version, its topic as the name)."""
+def from_checkpoint(
+    checkpoint: Checkpoint, source: str | None = None, *, module: nn.Module | None = None
+) -> Predictor:
+    """A predictor from a loaded checkpoint (its version, its topic as the name; ``module``: as
+    :func:`load_model` takes it)."""
     name = checkpoint.metadata.get("topic")
     return Predictor.from_state(
         checkpoint.tensors,
@@ -362,10 +379,11 @@ def from_checkpoint(checkpoint: Checkpoint, source: str | None = None) -> Predic
         version=checkpoint.version,
         name=str(name) if name is not None else None,
         source=source or str(checkpoint.path),
+        module=module,
     )
 
 
-def _from_manifest(path: Path, manifest: dict[str, Any]) -> Predictor:
+def _from_manifest(path: Path, manifest: dict[str, Any], module: nn.Module | None = None) -> Predictor:
     beside = path.with_suffix(".safetensors")
     where = str(path)
     payload = beside.read_bytes() if beside.is_file() else read_artifact_uri(manifest.get("uri"), where)
@@ -382,7 +400,7 @@ def _from_manifest(path: Path, manifest: dict[str, Any]) -> Predictor:
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: not a model version manifest ({error})") from None
-    return from_model_version(version, payload)
+    return from_model_version(version, payload, module=module)
 
 
 def _tensors_of(payload: bytes, where: str) -> dict[str, torch.Tensor]:
