@@ -138,15 +138,20 @@ def _worker_run(
 
 
 def bench_worker(
-    n: int, model: str, ranks_list: tuple[int, ...], every: int | None, kind: str = "stationary"
+    n: int,
+    model: str,
+    ranks_list: tuple[int, ...],
+    everies: tuple[int | None, ...] = (None,),
+    kind: str = "stationary",
 ) -> None:
+    """One produced topic; for each launch size (0: one plain worker) and each K, one run."""
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
         topic = f"bench-distributed-{uuid.uuid4().hex[:8]}"
         admin = AdminClient({"bootstrap.servers": bootstrap})
         ensure_topic(admin, topic, partitions=PARTITIONS, timeout_s=30)
         _produce(bootstrap, topic, n, kind)
-        for ranks in ranks_list:
+        for ranks, every in [(r, k) for r in ranks_list for k in (everies if r else (None,))]:
             extra = ["--average-every-records", str(every)] if every and ranks else []
             text = _worker_run(bootstrap, topic, ranks, Path(tmp), model, *extra)
             rates = re.findall(r"trained (\d+) record\(s\) .*? in ([\d.]+)s, ([\d,]+) records/s", text)
@@ -167,6 +172,10 @@ def bench_worker(
             print(f"{row}: whole-stream prequential loss {whole:.5f} over {total} records")
             for trained, seconds, rate in rates:
                 print(f"{row}: a rank trained {trained} records in {seconds} s: {rate} records/s")
+            aggregate = (
+                sum(int(t) for t, _, _ in rates) / max(float(s) for _, s, _ in rates) if rates else 0.0
+            )
+            print(f"{row}: aggregate {aggregate:,.0f} records/s (all records / the slowest rank's time)")
             for rank, count, ms, share, warm_rounds, warm_s, warm_ms in shares:
                 warm = (
                     f"; warm-up {warm_rounds} rounds in {warm_s} s ({warm_ms} ms each)" if warm_rounds else ""
@@ -275,7 +284,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400_000)
     parser.add_argument("--model", default="mlp", choices=["mlp", "linear"])
     parser.add_argument("--ranks", default="0,1,2", help="launches: 0 is one plain worker")
-    parser.add_argument("--every", type=int, default=None, help="--average-every-records")
+    parser.add_argument("--every", default="", help="--average-every-records, comma-separated (default: its)")
     parser.add_argument("--stream", default="stationary", choices=["stationary", "drifting"])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -286,7 +295,8 @@ def main() -> None:
         bench_quality(args.records, args.model, quality_ranks)
     if args.what in ("worker", "all"):
         ranks = tuple(int(r) for r in args.ranks.split(","))
-        bench_worker(args.records, args.model, ranks, args.every, args.stream)
+        everies = tuple(int(k) for k in args.every.split(",")) if args.every else (None,)
+        bench_worker(args.records, args.model, ranks, everies, args.stream)
 
 
 if __name__ == "__main__":
