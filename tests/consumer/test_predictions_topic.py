@@ -126,6 +126,8 @@ def test_predictions_stay_exactly_once_across_kill_minus_9(
         *("--model", "audit", "--optimizer", "sgd", "--lr", "1", "--no-standardize", "--no-compaction"),
         *("--predictions-topic", predictions_topic),
         *("--checkpoint-every-records", "700", "--checkpoint-interval-s", "0.3", "--poll-batch", "500"),
+        # Widens the moment between the predictions' commit and the checkpoint's marker (see below).
+        env={"STREAMTRAINER_TEST_CHECKPOINT_WRITE_DELAY_S": "0.1"},
     )
     rng = random.Random(19)
 
@@ -133,15 +135,29 @@ def test_predictions_stay_exactly_once_across_kill_minus_9(
         state = latest_state(checkpoints)
         return int(state[0]["records_applied"]) if state else 0  # type: ignore[call-overload]
 
-    kills = 0
+    def writing() -> bool:
+        """A checkpoint is half written (tensors without their marker): the predictions before it are
+        committed already, the checkpoint is not."""
+        names = {p.name for p in checkpoints.iterdir()}
+        stems = {name.split(".")[0] for name in names if name.endswith(".json")}
+        return any(".tmp-" in name for name in names) or any(
+            name.endswith(".safetensors") and name.split(".")[0] not in stems for name in names
+        )
+
+    kills = mid_write = 0
     while kills < 4 and applied() < n * 0.8:
         before = applied()
         worker.start()
         log = tmp_path / "worker.log"
         assert wait_until(lambda b=before: applied() > b, timeout=60), log.read_text()[-3000:]
-        time.sleep(rng.uniform(0.0, 1.0))
+        if kills % 2:
+            # Between the commit and the checkpoint: the restart must find these and not write them again.
+            wait_until(writing, timeout=10, interval=0.002)
+        else:
+            time.sleep(rng.uniform(0.0, 1.0))
         worker.kill()
         kills += 1
+        mid_write += writing()
     worker.start()
     assert wait_until(lambda: applied() >= n, timeout=120), (tmp_path / "worker.log").read_text()[-3000:]
     assert worker.terminate() == 0
@@ -154,6 +170,7 @@ def test_predictions_stay_exactly_once_across_kill_minus_9(
     expected = {(p, o) for p, o in produced if o < ends[p]}
     report = {
         "kills": kills,
+        "kills_between_commit_and_checkpoint": mid_write,
         "records": n,
         "predictions": len(seen),
         "duplicates": len(identities) - len(unique),
@@ -161,7 +178,8 @@ def test_predictions_stay_exactly_once_across_kill_minus_9(
         "recovered_at_restart": (tmp_path / "worker.log").read_text().count("not written again"),
     }
     print("predictions crash test:", json.dumps(report))
-    assert kills >= 3
+    assert kills >= 3 and mid_write >= 1
+    assert report["recovered_at_restart"] >= 1  # the read-back path ran
     assert sum(ends.values()) == n  # every partition's last record was predicted
     assert report["duplicates"] == 0 and report["missing"] == 0
     assert len(seen) == n
