@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from pathlib import Path
@@ -189,3 +190,28 @@ def test_a_restart_publishes_the_newest_checkpoint_if_it_was_not_and_only_once(
     versions = [decode(value) for _, value in read_versions(bootstrap, f"{topic}.models")]
     assert [v.version for v in versions] == [last]
     assert versions[0].sha256 == CheckpointStore(checkpoints).load(last).metadata["tensors_sha256"]
+
+
+def test_with_two_ranks_rank_0_alone_publishes_each_checkpoint(
+    bootstrap: str, topic_factory, group_id: str, tmp_path: Path
+) -> None:
+    from tests.consumer.test_distributed_worker import PARTITIONS, _command, _start
+    from tests.test_crash_recovery import _audit_samples
+
+    topic = topic_factory(partitions=PARTITIONS)
+    samples, _ = _audit_samples(6_000, seed=8)
+    produce(bootstrap, topic, samples, codec="binary")
+    checkpoints, log = tmp_path / "ckpt", tmp_path / "torchrun.log"
+    extra = ("--stop-at-end", "--collective-timeout-s", "60", "--publish-models")
+    command = _command(bootstrap, topic, group_id, checkpoints, *extra)
+    assert _start(command, log).wait(timeout=240) == 0, log.read_text()[-5000:]
+    versions = [decode(value) for _, value in read_versions(bootstrap, f"{topic}.models")]
+    store = CheckpointStore(checkpoints)
+    assert [v.version for v in versions] == list(range(1, store.latest_version() + 1))  # each once, in order
+    text = log.read_text()
+    assert len(re.findall(r"published \S+ version \d+ to", text)) == len(versions)  # not once per rank
+    assert versions[-1].records_applied == 6_000
+    last = store.load(versions[-1].version)
+    tensors = load_tensors(versions[-1].artifact or b"")
+    assert tensors.keys() == last.tensors.keys()
+    assert all(torch.equal(tensors[name], tensor) for name, tensor in last.tensors.items())
