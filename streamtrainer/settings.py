@@ -43,6 +43,7 @@ from pydantic_settings import (
 )
 
 from streamtrainer.exceptions import ConfigurationError
+from streamtrainer.records.model_version import DEFAULT_INLINE_LIMIT_BYTES
 from streamtrainer.security import redact
 from streamtrainer.training import catalog
 from streamtrainer.training.catalog import Task
@@ -609,6 +610,42 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
     max_value_bytes: int = Field(
         default=1_048_576, ge=1, description="Larger record values are dead-lettered as oversize."
     )
+    predictions_topic: str | None = Field(
+        default=None,
+        description="Write each trained record's test-then-train prediction (made before its update) "
+        "here, keyed like its input, JSON; exactly once, visible when its checkpoint commits "
+        "(docs/predictions-and-versions.md).",
+    )
+    publish_models: bool = Field(
+        default=False,
+        description="Publish model versions (a manifest and the safetensors artifact) to the compacted "
+        "models topic at checkpoints (--models-topic, default <topic>.models).",
+    )
+    models_topic: str | None = Field(
+        default=None,
+        description="The compacted models topic (default <topic>.models); naming it turns "
+        "--publish-models on.",
+    )
+    model_name: str | None = Field(
+        default=None, description="The models topic's record key for this model (default: the topic's name)."
+    )
+    models_every_checkpoints: int = Field(
+        default=1,
+        ge=1,
+        description="Publish the checkpoints whose version is a multiple of N (1: every checkpoint).",
+    )
+    models_inline_limit_bytes: int = Field(
+        default=DEFAULT_INLINE_LIMIT_BYTES,
+        ge=0,
+        description="Artifacts up to this size go inline in the models topic's record; larger ones are "
+        "written to <checkpoint-dir>/versions/ and the record carries their file:// uri.",
+    )
+    models_keep_files: int = Field(
+        default=10,
+        ge=1,
+        description="Artifact files kept in <checkpoint-dir>/versions/ (the newest N; not expired with "
+        "checkpoints).",
+    )
     worker_id: str | None = Field(
         default=None, description="Names this worker in dead-letter headers (default: host and a random id)."
     )
@@ -759,6 +796,13 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
             raise ValueError("the audit model counts each record exactly once: use --no-compaction")
         if self.distributed and self.compaction:
             raise ValueError("compaction is not supported with --distributed yet: use --no-compaction")
+        if self.predictions_topic is not None and self.distributed:
+            # TODO(issue 19): each rank's predictions would commit with rank 0's checkpoint after a round.
+            raise ValueError("--predictions-topic is not supported with --distributed yet")
+        outputs = {self.predictions_topic, self.resolved_models_topic} - {None}
+        wanted = (self.predictions_topic is not None) + self.publishes_models
+        if self.topic in outputs or len(outputs) < wanted:
+            raise ValueError("--predictions-topic, --models-topic and --topic must name different topics")
         if self.compaction and self.compaction_device is not None:
             _check_device("--compaction-device", self.compaction_device)
         retained = self.compaction_memory_records + (self.compaction_retain_records or 0)
@@ -768,6 +812,23 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
                 f"({self.compaction_memory_records} in memory + {self.compaction_retain_records} on disk)"
             )
         return self
+
+    @property
+    def publishes_models(self) -> bool:
+        """Whether checkpoints are published to the models topic (--publish-models or --models-topic)."""
+        return self.publish_models or self.models_topic is not None
+
+    @property
+    def resolved_models_topic(self) -> str | None:
+        """The models topic (None: not publishing): --models-topic, else ``<topic>.models``."""
+        if not self.publishes_models:
+            return None
+        return self.models_topic or f"{self.topic}.models"
+
+    @property
+    def resolved_model_name(self) -> str:
+        """The models topic's record key: --model-name, else the input topic's name."""
+        return self.model_name or self.topic
 
 
 class ReplaySettings(KafkaSettings, ModelSettings, ErrorBudgetSettings):

@@ -226,3 +226,18 @@ def test_a_misspelled_variable_is_named_with_the_likely_intended_one() -> None:
         "streamtrainer: warning: unknown environment variable STREAMTRAINER_CHECKPIONT_DIR ignored "
         "(did you mean STREAMTRAINER_CHECKPOINT_DIR?)"
     ], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--predictions-topic", "t"), "must name different topics"),
+        (("--predictions-topic", "p", "--models-topic", "p"), "must name different topics"),
+        (("--publish-models", "--predictions-topic", "t.models"), "must name different topics"),
+        (("--predictions-topic", "p", "--distributed", "--no-compaction"), "not supported with --distrib"),
+    ],
+)
+def test_output_topics_that_cannot_work_are_usage_errors(flags: tuple[str, ...], expected: str) -> None:
+    result = run_cli("worker", "--topic", "t", *UNREACHABLE, *flags)
+    assert result.returncode == 2, result.stderr
+    assert expected in _one_line_error(result)

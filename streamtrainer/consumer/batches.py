@@ -287,6 +287,10 @@ class Batches:
             losses, predictions = losses[learned], predictions[learned]
         trained = int(index.shape[0])
         self.records_trained += trained
+        stream = self.durability.predictions
+        if stream is not None and trained:
+            # Pre-update predictions, in the transaction that commits with the next checkpoint.
+            stream.write(records, index, predictions, losses, labels, self.durability.next_version)
         measured = np.isfinite(losses)  # a non-finite loss is no measurement of the model
         if measured.all():
             sums = self.prequential.update(losses, predictions, labels.astype(np.float64))

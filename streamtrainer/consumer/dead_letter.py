@@ -493,6 +493,14 @@ def _scan(
         consumer.close()
 
 
+def scan_topic(
+    settings: KafkaSettings, topic: str, *, start: Mapping[int, int], idle_s: float = _SCAN_STALL_S
+) -> Iterator[Message]:
+    """The committed records of any ``topic`` from ``start`` to its end (the worker's output topics
+    read back: consumer/outputs.py); as :func:`_scan`."""
+    return _scan(settings, topic, start=start, idle_s=idle_s)
+
+
 def read_dead_letters(
     settings: KafkaSettings, topic: str, *, idle_s: float = _SCAN_STALL_S
 ) -> Iterator[DeadLetter]:

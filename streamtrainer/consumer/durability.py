@@ -25,7 +25,12 @@ from streamtrainer.consumer.error_budget import ErrorBudget
 from streamtrainer.consumer.exceptions import DeadLetterError
 from streamtrainer.consumer.membership import Membership
 from streamtrainer.consumer.model_state import ModelState, new_decoder, new_drift_detector
+from streamtrainer.consumer.model_versions import PUBLISHED_KEY as MODELS_PUBLISHED
+from streamtrainer.consumer.model_versions import VersionPublisher
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.outputs import OutputError
+from streamtrainer.consumer.predictions import END_OFFSETS_KEY as PREDICTIONS_END_OFFSETS
+from streamtrainer.consumer.predictions import PredictionStream
 from streamtrainer.exceptions import ConfigurationError
 from streamtrainer.metrics import WorkerMetrics
 from streamtrainer.settings import WorkerSettings
@@ -89,6 +94,18 @@ class Durability:
         # The dead-letter topic's end offsets (per partition) the next checkpoint records.
         self.dlq_ends: dict[int, int] | None = None
         self.dlq_ends_stale = False
+        # --predictions-topic and the models topic (opened by the worker's run()): the predictions'
+        # transaction commits right before a checkpoint is saved, a version is published right after.
+        self.predictions: PredictionStream | None = None
+        self.versions: VersionPublisher | None = None
+        self._next_version: int | None = None
+
+    @property
+    def next_version(self) -> int:
+        """The version the next checkpoint gets (what the records trained now land in)."""
+        if self._next_version is None:
+            self._next_version = self.store.latest_version() + 1
+        return self._next_version
 
     # -- at start -----------------------------------------------------------------
 
@@ -335,6 +352,14 @@ class Durability:
             self.note_dead_letter_ends()
         if self.dlq_ends is not None:
             metadata["dlq_end_offsets"] = {str(p): o for p, o in self.dlq_ends.items()}
+        if self.predictions is not None:
+            # Before the checkpoint: a crash between the two leaves the predictions visible and the
+            # restarted worker finds them (recover); the other way round they would be lost.
+            self.predictions.commit()
+            if (ends := self.predictions.checkpoint_metadata()) is not None:
+                metadata[PREDICTIONS_END_OFFSETS] = ends
+        if self.versions is not None and (published := self.versions.checkpoint_metadata()) is not None:
+            metadata[MODELS_PUBLISHED] = published
         compaction = self.compactor.checkpoint_metadata(settings.topic) if self.compactor else None
         if compaction is not None:
             metadata["compaction"] = compaction
@@ -354,7 +379,10 @@ class Durability:
             logger.error("checkpoint failed, offsets not committed: %s", error)
             return
         self.model_version = checkpoint.version
+        self._next_version = checkpoint.version + 1
         self.guard_rolled_back = False
+        if self.predictions is not None:
+            self.predictions.checkpointed(state.offsets.positions())
         if self.dead_lettered:
             # A rollback goes back no further than this checkpoint: forget what it cannot read again.
             topic, positions = settings.topic, state.offsets.positions()
@@ -368,6 +396,12 @@ class Durability:
         self.dirty = False
         self.since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
+        if self.versions is not None and self.versions.due(checkpoint.version):
+            try:
+                self.versions.publish(checkpoint, self.prequential.report())
+            except (OutputError, KafkaException, OSError) as error:
+                # Not fatal: the checkpoint stands; a restart publishes its newest one if missing.
+                logger.error("model version %d not published: %s", checkpoint.version, error)
         self.commit()
         self.metrics.checkpoints.inc()
         self.metrics.model_version.set(checkpoint.version)

@@ -51,7 +51,10 @@ from streamtrainer.consumer.durability import Durability
 from streamtrainer.consumer.error_budget import ErrorBudget
 from streamtrainer.consumer.membership import Membership, describe
 from streamtrainer.consumer.model_state import ModelState, fresh_state
+from streamtrainer.consumer.model_versions import VersionPublisher
 from streamtrainer.consumer.offsets import OffsetTracker, Partition
+from streamtrainer.consumer.outputs import TransactionalOutputs, transactional_id
+from streamtrainer.consumer.predictions import PredictionStream
 from streamtrainer.consumer.rank_membership import RankMembership
 from streamtrainer.consumer.rounds import Rounds, launch_environment
 from streamtrainer.consumer.training_lane import TrainingLane
@@ -457,6 +460,8 @@ class Worker:
         dead_letters = self.durability.dead_letters = self._open_dead_letters()
         stack.callback(dead_letters.close)
         self.durability.find_dead_lettered_since(checkpoint)
+        if rounds is None or rounds.rank == 0:
+            self._open_outputs(stack, checkpoint)
         if self.compactor is not None:
             stack.enter_context(self.compactor)
         self._heartbeat = time.monotonic()
@@ -660,6 +665,35 @@ class Worker:
             group=settings.group,
         )
 
+    def _open_outputs(self, stack: ExitStack, checkpoint: Checkpoint | None) -> None:
+        """The predictions and models topics (when asked for): their transactional producer, and
+        what a restart owes them (predictions readers see already, the newest version if unpublished)."""
+        settings = self.settings
+        models_topic = settings.resolved_models_topic
+        if settings.predictions_topic is None and models_topic is None:
+            return
+        admin = admin_client(settings)
+        timeout = settings.startup_timeout_s
+        outputs = TransactionalOutputs(settings, transactional_id(settings.checkpoint_dir, settings.group))
+        stack.callback(outputs.close)  # aborts a transaction still open: nothing past the checkpoint
+        if settings.predictions_topic is not None:
+            # As many partitions as the input: keyed alike, a prediction lands beside its record's key.
+            partitions = topic_partitions(admin, settings.topic, timeout) or 1
+            ensure_topic(admin, settings.predictions_topic, partitions=partitions, timeout_s=timeout)
+            stream = PredictionStream(settings, outputs, settings.predictions_topic)
+            stack.callback(stream.close)
+            stream.recover(checkpoint)
+            self.durability.predictions = stream
+            logger.info("predictions go to %s", settings.predictions_topic)
+        if models_topic is not None:
+            ensure_topic(
+                admin, models_topic, partitions=1, timeout_s=timeout, config={"cleanup.policy": "compact"}
+            )
+            publisher = VersionPublisher(settings, outputs, models_topic)
+            publisher.recover(checkpoint, self.prequential.report())
+            self.durability.versions = publisher
+            logger.info("model versions of %s go to %s", publisher.model, models_topic)
+
     @contextlib.contextmanager
     def _signals_stop_the_loop(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -805,8 +839,12 @@ class Worker:
                 "torchrun restarts the ranks from it"
             )
         self.batching.discard()
-        self._restore(self.durability.latest_checkpoint())
+        checkpoint = self.durability.latest_checkpoint()
+        self._restore(checkpoint)
         self.durability.forget_since_checkpoint()
+        if self.durability.predictions is not None:
+            # The predictions since the checkpoint are aborted; what readers see of them stays out.
+            self.durability.predictions.recover(checkpoint)
         self._abort_compaction = True
         if self.compactor is not None:
             self.compactor.forget()

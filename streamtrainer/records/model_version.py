@@ -129,3 +129,14 @@ def decode(value: bytes) -> ModelVersion:
         artifact=artifact,
         uri=manifest.get("uri"),
     )
+
+
+def schema_hash(n_features: int | None, feature_names: list[str] | None, task: str) -> str:
+    """The ``schema_hash`` of a model that takes ``n_features`` features (named ``feature_names``,
+    None: unnamed) for ``task``: the SHA-256 of their canonical JSON."""
+    canonical = json.dumps(
+        {"feature_names": feature_names, "n_features": n_features, "task": task},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
