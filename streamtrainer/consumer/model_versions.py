@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
-from pathlib import Path
 
 import orjson
 from confluent_kafka import Message
@@ -39,7 +37,7 @@ from streamtrainer.records.model_version import (
 )
 from streamtrainer.settings import WorkerSettings
 from streamtrainer.training import ProgressiveReport
-from streamtrainer.training.checkpoint import Checkpoint
+from streamtrainer.training.checkpoint import Checkpoint, write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +170,11 @@ class VersionPublisher:
         """Write a too-large artifact (and its manifest) durably; keep the newest files; its uri."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{version.version}.safetensors"
-        _write_durably(path, artifact)
+        write_durably(path, artifact, sync_directory=True)
         manifest = {**version.manifest(), "uri": path.resolve().as_uri(), "inline": False}
-        _write_durably(path.with_suffix(".json"), orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        write_durably(
+            path.with_suffix(".json"), orjson.dumps(manifest, option=orjson.OPT_INDENT_2), sync_directory=True
+        )
         kept = sorted(
             (int(entry.stem) for entry in self.directory.glob("*.safetensors") if entry.stem.isdigit()),
         )
@@ -182,17 +182,3 @@ class VersionPublisher:
             (self.directory / f"{old}.json").unlink(missing_ok=True)
             (self.directory / f"{old}.safetensors").unlink(missing_ok=True)
         return path.resolve().as_uri()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

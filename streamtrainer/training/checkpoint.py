@@ -107,7 +107,7 @@ class CheckpointStore:
         contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         payload = save_tensors(contiguous)
         tensor_file = self.directory / f"{stem}.safetensors"
-        _write_durably(tensor_file, payload)
+        write_durably(tensor_file, payload)
         _fsync_directory(self.directory)  # the tensors' name is durable before the marker names them
         delay = os.environ.get(_TEST_DELAY_ENV)
         if delay:
@@ -120,7 +120,7 @@ class CheckpointStore:
             "tensors_sha256": hashlib.sha256(payload).hexdigest(),
             **metadata,
         }
-        _write_durably(
+        write_durably(
             self.directory / f"{stem}.json", json.dumps(document, indent=1, sort_keys=True).encode()
         )
         _fsync_directory(self.directory)
@@ -198,13 +198,17 @@ class CheckpointStore:
                     entry.unlink()
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes, *, sync_directory: bool = False) -> None:
+    """``data`` at ``path`` whole or not at all: a temporary file, fsynced, renamed over ``path``
+    (and, with ``sync_directory``, the directory fsynced so the rename itself survives a crash)."""
     temporary = path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if sync_directory:
+        _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:
