@@ -267,12 +267,12 @@ def test_one_shell_runs_produce_then_worker(bootstrap: str, group_id: str) -> No
     assert "warning" not in trained.stderr
 
 
-def test_the_readme_example_gives_each_command_its_own_values(
+def test_the_documented_example_gives_each_command_its_own_values(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """README.md's "One shell, several commands" block, its exports applied as a shell would."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### One shell, several commands", 1)[1]
+    """docs/configuration.md's "One shell, several commands" block, its exports applied as a shell would."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    section = page.split("## One shell, several commands", 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     for line in block.splitlines():
         if line.startswith("export "):

@@ -46,11 +46,11 @@ CLI = f"{shlex.quote(sys.executable)} -m streamtrainer.cli"
 
 # pattern (searched in the command as written) -> why it is not run here
 _ENV_BLOCK = (
-    "set by variables; tests/test_cli_env_scopes.py (test_the_readme_example_gives_each_command_its_"
-    "own_values) builds each command's settings from that block's exports"
+    "set by variables; tests/test_cli_env_scopes.py (test_the_documented_example_gives_each_command_"
+    "its_own_values) builds each command's settings from that block's exports"
 )
 EXEMPT: dict[str, str] = {
-    # The block that sets everything by variables (README, "one shell, or one .env file"): its
+    # The block that sets everything by variables (docs/configuration.md, "one shell, or one .env file"): its
     # commands take their broker and topic from the exports, not from flags this test can add.
     r"^export STREAMTRAINER_": _ENV_BLOCK,
     r"^streamtrainer produce --partitions 3 --max-records 100000 &$": _ENV_BLOCK,
@@ -101,7 +101,7 @@ REWRITES: list[tuple[str, str]] = [
     (r"--max-records 100000\b", "--max-records 3000"),
     (r"--drift-at 50000\b", "--drift-at 1500"),
     # The 3,000 records spread over 3 partitions by the sticky partitioner: one partition held 777
-    # once (a CI run), short of the README's offset 800. 500 is in every partition here.
+    # once (a CI run), short of docs/replay.md's offset 800. 500 is in every partition here.
     (r"--to 0:800,1:800\b", "--to 0:500,1:500"),
 ]
 
@@ -121,7 +121,7 @@ SAMPLES_JSONL = "".join(
     '{"features": [' + ", ".join(str((i * j) % 7 / 7) for j in range(16)) + f'], "label": {i % 2}}}\n'
     for i in range(200)
 )
-CUSTOM_MODEL = '''"""A factory named by the README's custom-model example."""
+CUSTOM_MODEL = '''"""A factory named by docs/cli.md's custom-model example."""
 
 from torch import nn
 
@@ -271,7 +271,7 @@ def _limited(command: DocCommand, expanded: str, number: int, scratch: Path, boo
 def _environment(models: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTRAINER_")}
     env["STREAMTRAINER_METRICS_PORT"] = "0"  # commands run side by side: any free port
-    # the checkout, and the folder of the README's custom model (mypackage/), as the README says
+    # the checkout, and the folder of docs/cli.md's custom model (mypackage/), as that page says
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(models), os.environ.get("PYTHONPATH", "")])
     return env
 

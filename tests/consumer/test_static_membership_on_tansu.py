@@ -1,7 +1,7 @@
 """Static membership on the embedded broker is warned about (issue #15, case 11).
 
 Tansu 0.6.0 can leave a group of static members at "joining group" for minutes
-after kills and restarts (measured in README.md, "Crash safety"): the worker says
+after kills and restarts (measured in docs/semantics.md, "Crash safety"): the worker says
 so when it is given a ``--group-instance-id`` on Tansu, and stays quiet on Apache Kafka.
 """
 
