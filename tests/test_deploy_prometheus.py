@@ -711,7 +711,7 @@ def test_prometheus_scrapes_live_workers_and_every_dashboard_and_alert_query_wor
     problems += _unbounded_labels(stack)
     assert not problems, "\n".join(problems)
 
-    # deploy/grafana/preview.py (the README's picture of the dashboard) still draws it.
+    # deploy/grafana/preview.py (docs/deploy.md's picture of the dashboard) still draws it.
     spec = importlib.util.spec_from_file_location("preview", ROOT / "deploy" / "grafana" / "preview.py")
     assert spec is not None and spec.loader is not None
     preview = importlib.util.module_from_spec(spec)

@@ -65,7 +65,7 @@ def test_anchors_are_made_as_github_makes_them() -> None:
     """Headings with code, punctuation and a repeat give GitHub's anchors (checked by hand on GitHub)."""
     page = ROOT / "docs" / "semantics.md"
     assert "one-model-across-ranks---distributed" in anchors(page)
-    assert "one-model-on-many-workers---distributed" in anchors(ROOT / "README.md")
+    assert "one-model-on-many-workers---distributed" in anchors(ROOT / "docs" / "distributed.md")
 
 
 @pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
