@@ -240,14 +240,17 @@ class Rounds:
         if self.count:
             # The clock's rounds and their share of the time since the warm-up (if any) ended; the
             # warm-up's apart: a cost once per model, not a share of every run.
-            since = self._warmup_ended or self._began
-            elapsed = time.perf_counter() - since
+            # (A run that ends in the warm-up, e.g. stopped early: the warm-up lasted until now.)
+            now = time.perf_counter()
+            since = self._warmup_ended or (now if self.warmup_rounds else self._began)
+            elapsed = now - since
             count, seconds = self.count - self.warmup_rounds, self.seconds - self.warmup_seconds
             warmup = ""
             if self.warmup_rounds:
                 warmup = (
                     f"; warm-up: {self.warmup_rounds} round(s) in {since - self._began:.1f} s, "
                     f"{1e3 * self.warmup_seconds / self.warmup_rounds:.2f} ms each"
+                    f"{'' if self._warmup_ended else ' (unfinished)'}"
                 )
             logger.info(
                 "rank %d: %d averaging round(s), %.2f ms each on average, %.2f%% of the %.1f s since "
@@ -257,7 +260,7 @@ class Rounds:
                 1e3 * seconds / count if count else 0.0,
                 100 * seconds / elapsed if elapsed > 0 else 0.0,
                 elapsed,
-                "warm-up" if self._warmup_ended else "start",
+                "warm-up" if self.warmup_rounds else "start",
                 warmup,
             )
         if dist.is_initialized():

@@ -12,7 +12,6 @@ counting it: the ranks of the next life must still find each other (consumer/rou
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import signal
@@ -26,7 +25,8 @@ import pytest
 from torch._C._distributed_c10d import TCPStore
 
 from streamtrainer.broker import free_port
-from streamtrainer.consumer.rounds import _launch_store
+from streamtrainer.consumer.rounds import _launch_store, launch_environment
+from streamtrainer.exceptions import ConfigurationError
 from tests.consumer.test_distributed_worker import (
     _LAUNCHED,
     PARTITIONS,
@@ -42,39 +42,41 @@ from tests.test_crash_recovery import _audit_samples, _per_partition_truth
 
 
 def test_a_life_keys_its_store_by_restart_only_on_the_agents_shared_store(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The agents' shared store: keys of each restart (and a warning on several agents); a store of
-    the life's own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the same keys on every node, whatever
+    """The agents' shared store: keys of each restart (several agents on it: a usage error); a store
+    of the life's own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the same keys on every node, whatever
     each agent's restart count."""
     timeout = timedelta(seconds=10)
     agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     # One agent, two local ranks, on the agent's store: the restart count keys the life.
     monkeypatch.setenv("MASTER_PORT", str(agent.port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with caplog.at_level(logging.WARNING, logger="streamtrainer.consumer.rounds"):
-        _launch_store(0, 2, timeout).set("k", "one agent")
-        assert agent.get("streamtrainer/job/3/2//k") == b"one agent"  # (PrefixStore adds a "/")
-        assert not caplog.records
-        # Two agents of one rank each, on the shared store: said to be unsafe.
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        _launch_store(0, 2, timeout).set("k", "two agents")
-        assert agent.get("streamtrainer/job/3/2//k") == b"two agents"
-        (warning,) = caplog.records
-        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in warning.getMessage()
-        caplog.clear()
-        # A store of the life's own: rank 0 hosts it on the port torchrun found; no restart count.
-        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        own = _launch_store(0, 1, timeout)
-        own.set("k", "own")
-        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another agent's count, same life
-        assert _launch_store(1, 1, timeout).get("k") == b"own"
-        assert not caplog.records
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert launch_environment() == (0, 2, 0)
+    _launch_store(0, 2, timeout).set("k", "one agent")
+    assert agent.get("streamtrainer/job/3/2//k") == b"one agent"  # (PrefixStore adds a "/")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "4")  # the next life: keys of its own
+    _launch_store(0, 2, timeout).set("k", "next life")
+    assert agent.get("streamtrainer/job/3/2//k") == b"one agent"
+    assert agent.get("streamtrainer/job/4/2//k") == b"next life"
+    # Two agents (nodes) on the shared store: refused before any store is joined.
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    with pytest.raises(ConfigurationError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        launch_environment()
+    # A store of the life's own: rank 0 hosts it on the port torchrun found; no restart count.
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert launch_environment() == (0, 2, 0)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    own = _launch_store(0, 1, timeout)
+    own.set("k", "own")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another agent's count, same life
+    assert _launch_store(1, 1, timeout).get("k") == b"own"
 
 
 def _agent(command: list[str], endpoint: str, log: Path) -> subprocess.Popen[bytes]:

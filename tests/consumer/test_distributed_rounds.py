@@ -8,6 +8,8 @@ group's rate, the end when every rank is done, and the per-rank metrics.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -35,7 +37,8 @@ def group() -> Iterator[None]:
     store = TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(seconds=10))
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=10))
     yield
-    dist.destroy_process_group()
+    if dist.is_initialized():  # (Rounds.close leaves it)
+        dist.destroy_process_group()
 
 
 def _parts(tmp_path: Path) -> tuple[WorkerSettings, CollectorRegistry, Rounds, RankMembership, Durability]:
@@ -129,3 +132,29 @@ def test_a_round_shares_positions_creates_the_model_paces_the_next_and_counts_by
     assert registry.get_sample_value("streamtrainer_averaging_rounds_total", {"rank": "0"}) == 2
     assert registry.get_sample_value("streamtrainer_averaging_duration_seconds_count", {"rank": "0"}) == 2
     assert registry.get_sample_value("streamtrainer_parameter_distance", {"rank": "0"}) == 0.0
+
+
+def test_a_run_that_ends_in_the_warm_up_reports_the_warm_up_s_time_as_unfinished(
+    group: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, _, rounds, membership, durability = _parts(tmp_path)
+    rounds.begin(trained=0, read=0)
+    rounds.warmup_left = 2_000  # (what share_checkpoint sets for a new model on 2+ ranks)
+    time.sleep(0.3)
+    rounds.run(
+        membership=membership,
+        durability=durability,
+        trained=1,
+        read=1,
+        done=False,
+        stop=False,
+        create_learner=lambda n: OnlineLearner(learner_config(settings), n),
+    )
+    assert rounds.warmup_left == 1_999 and rounds.warmup_rounds == 1
+    with caplog.at_level(logging.INFO, logger="streamtrainer.consumer.rounds"):
+        rounds.close()
+    (line,) = [r.getMessage() for r in caplog.records if "averaging round(s)" in r.getMessage()]
+    # No clock round yet; the warm-up lasted from the start round to the end (not 0 s).
+    assert line.startswith("rank 0: 0 averaging round(s)") and "since the warm-up" in line, line
+    found = re.search(r"warm-up: 1 round\(s\) in ([\d.]+) s, [\d.]+ ms each \(unfinished\)$", line)
+    assert found is not None and float(found[1]) >= 0.3, line
