@@ -119,7 +119,7 @@ def _worker_run(
         "--group",
         f"bench-{uuid.uuid4().hex[:8]}",
         "--checkpoint-dir",
-        str(directory / f"ckpt-{model}-{ranks}"),
+        str(directory / f"ckpt-{model}-{ranks}-{uuid.uuid4().hex[:8]}"),  # a new model each run
         "--metrics-port",
         "-1",
         "--model",
