@@ -163,7 +163,7 @@ def bench_worker(
             total = sum(n for n, _ in losses)
             whole = sum(n * loss for n, loss in losses) / total if total else float("nan")
             shares = re.findall(
-                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of the [\d.]+ s "
+                r"rank (\d+): (\d+) averaging round\(s\), ([\d.]+) ms each .*?, ([\d.]+)% of the ([\d.]+) s "
                 r"since the [\w-]+(?:; warm-up: (\d+) round\(s\) in ([\d.]+) s, ([\d.]+) ms each)?",
                 text,
             )
@@ -176,7 +176,7 @@ def bench_worker(
                 sum(int(t) for t, _, _ in rates) / max(float(s) for _, s, _ in rates) if rates else 0.0
             )
             print(f"{row}: aggregate {aggregate:,.0f} records/s (all records / the slowest rank's time)")
-            for rank, count, ms, share, warm_rounds, warm_s, warm_ms in shares:
+            for rank, count, ms, share, _, warm_rounds, warm_s, warm_ms in shares:
                 warm = (
                     f"; warm-up {warm_rounds} rounds in {warm_s} s ({warm_ms} ms each)" if warm_rounds else ""
                 )
@@ -184,6 +184,13 @@ def bench_worker(
                     f"{row}: rank {rank}: {count} rounds, {ms} ms each, "
                     f"{share}% of its run after the warm-up{warm}"
                 )
+            if shares and rates:
+                # The records after the warm-up (--average-warmup-records, 2,000, before it) over the
+                # longest time since it: the rate a long-running group keeps.
+                warmed = 2_000 if any(w for *_, w, _, _ in shares) else 0
+                since = max(float(s[4]) for s in shares)
+                after = (sum(int(t) for t, _, _ in rates) - warmed) / since
+                print(f"{row}: after the warm-up: {after:,.0f} records/s aggregate")
 
 
 def _stream(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
