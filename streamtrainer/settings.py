@@ -797,7 +797,8 @@ class WorkerSettings(KafkaSettings, MetricsSettings, ModelSettings, ErrorBudgetS
         if self.distributed and self.compaction:
             raise ValueError("compaction is not supported with --distributed yet: use --no-compaction")
         if self.predictions_topic is not None and self.distributed:
-            # TODO(issue 19): each rank's predictions would commit with rank 0's checkpoint after a round.
+            # Not yet: only rank 0 checkpoints, so each rank's predictions would have to commit when
+            # a round tells it rank 0's checkpoint holds their records (docs/semantics.md).
             raise ValueError("--predictions-topic is not supported with --distributed yet")
         outputs = {self.predictions_topic, self.resolved_models_topic} - {None}
         wanted = (self.predictions_topic is not None) + self.publishes_models
