@@ -105,7 +105,9 @@ def test_class_probabilities_sum_to_one_and_their_argmax_is_the_prediction(task:
     np.testing.assert_array_equal(probabilities.argmax(axis=1), learner.predict_many(x[1000:]))
     accuracy = float((probabilities.argmax(axis=1) == y[1000:]).mean())
     assert accuracy > 0.8, accuracy  # held out: the probabilities mean something
-    np.testing.assert_allclose(learner.predict_proba_one(x[1000]), probabilities[0], rtol=1e-12)
+    # One row alone and the same row in a batch go through different float32 kernels (seen on CI:
+    # 9.5e-7 relative apart): equal to float32 rounding, not to the bit.
+    np.testing.assert_allclose(learner.predict_proba_one(x[1000]), probabilities[0], rtol=1e-5, atol=1e-9)
 
 
 def test_a_regression_has_no_class_probabilities() -> None:
