@@ -34,7 +34,7 @@ lint: setup
 # brokers, group joins and subprocesses (CPU ~45% of one core serially), so on 2 cores it goes from
 # 18 m 35 s serially to 6 m 57 s (measured 2026-12-07, 717 tests).
 test: lint
-	$(BIN)/python -m pytest -n 3
+	$(BIN)/python -m pytest -n 3 --dist worksteal
 
 # The fast subset: no test that talks to a broker (those are marked `integration`, see tests/conftest.py).
 unit: setup

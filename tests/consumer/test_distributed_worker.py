@@ -249,9 +249,12 @@ def _averaging(log: Path, life: int) -> bool:
 def test_kill_minus_9_of_random_ranks_applies_every_record_exactly_once(
     bootstrap: str, topic_factory, group_id: str, tmp_path: Path
 ) -> None:
-    """10 ``kill -9`` of a random rank while 2 ranks train: every record durably applied once."""
+    """4 ``kill -9`` of a random rank while 2 ranks train: every record durably applied once.
+
+    (The audit of 10 kills is the 3-rank one, tests/consumer/test_distributed_elastic.py, with the
+    stream produced while the ranks run; this one keeps the one-node, two-rank launch covered.)"""
     topic = topic_factory(partitions=PARTITIONS)
-    n, kills = 30_000, 10
+    n, kills = 12_000, 4
     samples, _ = _audit_samples(n, seed=9)
     produce(bootstrap, topic, samples, codec="binary")
     truth = _per_partition_truth(bootstrap, topic, PARTITIONS, n)
@@ -280,7 +283,7 @@ def test_kill_minus_9_of_random_ranks_applies_every_record_exactly_once(
             os.kill(pids[rng.choice(sorted(pids))], signal.SIGKILL)
             killed += 1
     assert process.wait(timeout=300) == 0, log.read_text()[-5000:]
-    assert killed >= 5, killed  # the run outlived most of the kills
+    assert killed >= 2, killed  # the run outlived most of the kills
     assert "joining the process group failed" not in log.read_text()  # each life joined at once
     _check(checkpoints, topic, truth, counts, log)
     assert _committed(bootstrap, topic, group_id) == counts
