@@ -89,3 +89,11 @@ def test_a_link_to_a_moved_section_is_caught(tmp_path: Path) -> None:
         "other.md#training-guards (no such heading)",
         "nothing.md (no such file)",
     ]
+
+
+def test_readme_lists_every_docs_page() -> None:
+    """README is the front page: a page in docs/ that it does not link is a page nobody finds."""
+    readme = (ROOT / "README.md").read_text()
+    linked = {target.split("#")[0] for target in LINK.findall(readme)}
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"docs/{p.name}" not in linked]
+    assert not missing, f"README.md links no: {', '.join(missing)}"
