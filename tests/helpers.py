@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -79,3 +81,35 @@ def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
         consumer.close()
     # A partition with no commit reports OFFSET_INVALID (-1001): nothing of it was consumed.
     return {tp.partition: max(tp.offset, 0) for tp in offsets}
+
+
+def read_to_end(
+    bootstrap: str, topic: str, *, isolation: str = "read_committed", idle_s: float = 5.0
+) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of every record a reader of ``isolation`` sees in ``topic``, to each partition's end."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "isolation.level": isolation,
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    out: list[tuple[bytes | None, bytes]] = []
+    pending, idle = set(partitions), time.monotonic()
+    while pending and time.monotonic() - idle < idle_s:
+        message = consumer.poll(0.2)
+        if message is None:
+            continue
+        idle = time.monotonic()
+        if message.error() is not None:
+            if message.error().code() == KafkaError._PARTITION_EOF:
+                pending.discard(message.partition())
+            continue
+        out.append((message.key(), message.value()))
+    consumer.close()
+    assert not pending, f"partitions {pending} of {topic} not read to their end"
+    return out

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import torch
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from safetensors.torch import load as load_tensors
 
 from streamtrainer.connection import ensure_topic
@@ -21,39 +19,14 @@ from streamtrainer.producer.synthetic import SyntheticSpec, generate
 from streamtrainer.records.model_version import ModelVersion, decode
 from streamtrainer.settings import KafkaSettings
 from streamtrainer.training.checkpoint import CheckpointStore
-from tests.helpers import produce, worker_settings
+from tests.helpers import produce, read_to_end, worker_settings
 
 pytestmark = pytest.mark.integration
 
 
 def read_versions(bootstrap: str, topic: str, isolation: str = "read_committed") -> list[tuple[bytes, bytes]]:
     """(key, value) of every record a reader of ``isolation`` sees in ``topic``, to its end."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "isolation.level": isolation,
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    out: list[tuple[bytes, bytes]] = []
-    pending, idle = set(partitions), time.monotonic()
-    while pending and time.monotonic() - idle < 5:
-        message = consumer.poll(0.2)
-        if message is None:
-            continue
-        idle = time.monotonic()
-        if message.error() is not None:
-            if message.error().code() == KafkaError._PARTITION_EOF:
-                pending.discard(message.partition())
-            continue
-        out.append((message.key(), message.value()))
-    consumer.close()
-    assert not pending
-    return out
+    return [(key or b"", value) for key, value in read_to_end(bootstrap, topic, isolation=isolation)]
 
 
 def _run(bootstrap: str, topic: str, group: str, checkpoints: Path, **overrides: object) -> int:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamtrainer.consumer import Worker
 from streamtrainer.records import Sample
-from tests.helpers import produce, worker_settings
+from tests.helpers import produce, read_to_end, worker_settings
 from tests.processes import WorkerProcess, kill_survivors, latest_state, wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,32 +37,7 @@ def audit_samples(n: int, seed: int) -> tuple[list[Sample], np.ndarray]:
 
 def read_committed(bootstrap: str, topic: str, idle_s: float = 5.0) -> list[tuple[bytes | None, dict]]:
     """Every record a read_committed reader sees in ``topic``, to its end: (key, JSON value)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    out: list[tuple[bytes | None, dict]] = []
-    pending, idle = set(partitions), time.monotonic()
-    while pending and time.monotonic() - idle < idle_s:
-        message = consumer.poll(0.2)
-        if message is None:
-            continue
-        idle = time.monotonic()
-        if message.error() is not None:
-            if message.error().code() == KafkaError._PARTITION_EOF:
-                pending.discard(message.partition())
-            continue
-        out.append((message.key(), orjson.loads(message.value())))
-    consumer.close()
-    assert not pending, f"partitions {pending} of {topic} not read to their end"
-    return out
+    return [(key, orjson.loads(value)) for key, value in read_to_end(bootstrap, topic, idle_s=idle_s)]
 
 
 def test_each_trained_record_has_its_pre_update_prediction_once(
